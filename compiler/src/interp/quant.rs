@@ -1,0 +1,127 @@
+//! QuantizeLinear, DequantizeLinear (per-tensor, per-axis, blocked) and
+//! DynamicQuantizeLinear.
+
+use super::math::round_half_even;
+use super::normalize::norm_axis;
+use crate::ir::{DType, Data, Tensor};
+
+/// For each element of `x`, the index of its scale: one scale, one per slice along
+/// `axis`, or one per `block` consecutive elements along `axis`.
+fn scale_index(x: &[usize], scale: &Tensor, axis: i64, block: i64) -> Result<Vec<usize>, String> {
+    let n: usize = x.iter().product();
+    if scale.len() == 1 && block == 0 {
+        return Ok(vec![0; n]);
+    }
+    let ax = norm_axis(axis, x.len())?;
+    let inner: usize = x[ax + 1..].iter().product();
+    let dim = x[ax];
+    if block == 0 {
+        if scale.rank() != 1 || scale.len() != dim {
+            return Err(format!("per-axis scale of shape {:?} does not match axis {ax} of {x:?}", scale.shape));
+        }
+        return Ok((0..n).map(|i| (i / inner) % dim).collect());
+    }
+    // Blocked: scale has x's shape with axis `ax` divided into ceil(dim/block).
+    let b = block as usize;
+    let mut want = x.to_vec();
+    want[ax] = dim.div_ceil(b);
+    if scale.shape != want {
+        return Err(format!("blocked scale of shape {:?} does not match {want:?}", scale.shape));
+    }
+    let ss = crate::ir::tensor::strides(&want);
+    let xs = crate::ir::tensor::strides(x);
+    Ok((0..n)
+        .map(|i| (0..x.len()).map(|a| ((i / xs[a]) % x[a] / if a == ax { b } else { 1 }) * ss[a]).sum())
+        .collect())
+}
+
+fn zero_points(zp: Option<&Tensor>, n: usize) -> Result<Vec<i64>, String> {
+    match zp {
+        Some(z) => z.to_i64_vec(),
+        None => Ok(vec![0; n.max(1)]),
+    }
+}
+
+pub fn quantize_linear(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    axis: i64,
+    block: i64,
+    output_dtype: Option<DType>,
+) -> Result<Tensor, String> {
+    let out = match (output_dtype, zp) {
+        (Some(d), Some(z)) if d != z.dtype() => return Err("output_dtype differs from the zero point's type".into()),
+        (Some(d), _) => d,
+        (None, Some(z)) => z.dtype(),
+        (None, None) => DType::U8,
+    };
+    let (lo, hi) = match out {
+        DType::U8 => (0.0, 255.0),
+        DType::I8 => (-128.0, 127.0),
+        d => return Err(format!("quantizing to {d} is not supported")),
+    };
+    let si = scale_index(&x.shape, scale, axis, block)?;
+    let s = scale.to_f64_vec();
+    let z = zero_points(zp, s.len())?;
+    if z.len() != s.len() {
+        return Err("scale and zero point have different sizes".into());
+    }
+    let xv = x.to_f64_vec();
+    // Saturating round-half-to-even of x / scale + zero_point, computed in f32 like the spec.
+    let q: Vec<f64> = xv
+        .iter()
+        .zip(&si)
+        .map(|(&v, &i)| {
+            let scaled = (v as f32 / s[i] as f32) as f64;
+            (round_half_even(scaled) + z[i] as f64).clamp(lo, hi)
+        })
+        .collect();
+    Ok(Tensor::from_vec(x.shape.clone(), q).cast(out))
+}
+
+pub fn dequantize_linear(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, axis: i64, block: i64) -> Result<Tensor, String> {
+    if let Some(z) = zp {
+        if z.dtype() != x.dtype() {
+            return Err("the zero point must have the input's type".into());
+        }
+    }
+    if !matches!(x.dtype(), DType::I8 | DType::U8 | DType::I32) {
+        return Err(format!("dequantizing {} is not supported", x.dtype()));
+    }
+    let si = scale_index(&x.shape, scale, axis, block)?;
+    let s = scale.to_f64_vec();
+    let z = zero_points(zp, s.len())?;
+    if z.len() != s.len() {
+        return Err("scale and zero point have different sizes".into());
+    }
+    let xv = x.to_i64_vec()?;
+    let v: Vec<f32> = xv.iter().zip(&si).map(|(&q, &i)| ((q - z[i]) as f32) * s[i] as f32).collect();
+    let out = Tensor::from_vec(x.shape.clone(), v);
+    Ok(match scale.data {
+        Data::F64(_) => out.cast(DType::F64),
+        _ => out,
+    })
+}
+
+/// uint8 quantization with a scale and zero point from the tensor's range (which
+/// always includes 0), as the ONNX spec defines it.
+pub fn dynamic_quantize_linear(x: &Tensor) -> Result<Vec<Tensor>, String> {
+    let v = x.as_slice::<f32>()?;
+    let min = v.iter().cloned().fold(0.0f32, f32::min);
+    let max = v.iter().cloned().fold(0.0f32, f32::max);
+    let scale = (max - min) / 255.0;
+    let zp = if scale == 0.0 { 0.0 } else { round_half_even((0.0 - min as f64 / scale as f64).clamp(0.0, 255.0)) };
+    let q: Vec<u8> = v
+        .iter()
+        .map(|&e| {
+            let s = if scale == 0.0 { 0.0 } else { (e / scale) as f64 };
+            (round_half_even(s) + zp).clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    Ok(vec![
+        Tensor::from_vec(x.shape.clone(), q),
+        Tensor::scalar(scale),
+        Tensor::scalar(zp as u8),
+    ])
+}

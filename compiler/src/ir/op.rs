@@ -1,0 +1,380 @@
+//! IR operations with typed attributes. Import normalises every supported ONNX
+//! opset version (13..=28) to one variant per semantic, e.g. ReduceMean's axes
+//! attribute (< 18) and input (>= 18) both map to `Op::Reduce`.
+
+use super::dtype::DType;
+use super::tensor::Tensor;
+
+/// Index into the graph's constant store.
+pub type ConstId = usize;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Graph input number `index`.
+    Input { index: usize },
+    /// A weight or folded constant.
+    Const { id: ConstId },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// Min, Max, Sum, Mean over any number of broadcast inputs.
+    Variadic(VariadicOp),
+    Where,
+    /// Inputs: x, min (optional), max (optional).
+    Clip,
+    Cast { to: DType },
+    CastLike,
+    Identity,
+    /// Inference-mode dropout: identity, plus an all-true mask when asked for.
+    Dropout,
+    MatMul,
+    MatMulInteger,
+    Gemm { alpha: f32, beta: f32, trans_a: bool, trans_b: bool },
+    Softmax { axis: i64 },
+    LogSoftmax { axis: i64 },
+    LayerNorm { axis: i64, epsilon: f32 },
+    /// Axes come from the attribute (opset < 18, except ReduceSum) or input 1.
+    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool, noop_with_empty_axes: bool },
+    ArgReduce { max: bool, axis: i64, keepdims: bool, select_last_index: bool },
+    Transpose { perm: Option<Vec<i64>> },
+    Reshape { allowzero: bool },
+    Flatten { axis: i64 },
+    /// Axes from input 1 (opset >= 13); all size-1 dims when absent.
+    Squeeze,
+    Unsqueeze,
+    Concat { axis: i64 },
+    /// Sizes from input 1, else `num_outputs` (opset 18) or the node's output count.
+    Split { axis: i64, num_outputs: Option<i64> },
+    /// Inputs: data, starts, ends, axes (optional), steps (optional).
+    Slice,
+    Expand,
+    Tile,
+    Shape { start: i64, end: Option<i64> },
+    Size,
+    ConstantOfShape { value: Tensor },
+    Range,
+    Gather { axis: i64 },
+    GatherElements { axis: i64 },
+    GatherND { batch_dims: i64 },
+    Trilu { upper: bool },
+    CumSum { exclusive: bool, reverse: bool },
+    QuantizeLinear { axis: i64, saturate: bool, block_size: i64, output_dtype: Option<DType> },
+    DequantizeLinear { axis: i64, block_size: i64 },
+    DynamicQuantizeLinear,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Sqrt,
+    Reciprocal,
+    Exp,
+    Log,
+    Erf,
+    Tanh,
+    Sigmoid,
+    Relu,
+    Not,
+    IsNaN,
+    IsInf { detect_negative: bool, detect_positive: bool },
+    Floor,
+    Ceil,
+    Round,
+    Sign,
+    Sin,
+    Cos,
+    Softplus,
+    HardSwish,
+    LeakyRelu { alpha: f32 },
+    Elu { alpha: f32 },
+    HardSigmoid { alpha: f32, beta: f32 },
+    Gelu { tanh_approx: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Mod { fmod: bool },
+    Equal,
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    And,
+    Or,
+    Xor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VariadicOp {
+    Min,
+    Max,
+    Sum,
+    Mean,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceKind {
+    Mean,
+    Sum,
+    Max,
+    Min,
+    Prod,
+    L2,
+    SumSquare,
+}
+
+impl BinaryOp {
+    pub fn is_comparison(self) -> bool {
+        use BinaryOp::*;
+        matches!(self, Equal | Less | LessOrEqual | Greater | GreaterOrEqual)
+    }
+    pub fn is_logical(self) -> bool {
+        matches!(self, BinaryOp::And | BinaryOp::Or | BinaryOp::Xor)
+    }
+}
+
+impl UnaryOp {
+    pub fn name(&self) -> &'static str {
+        use UnaryOp::*;
+        match self {
+            Neg => "Neg",
+            Abs => "Abs",
+            Sqrt => "Sqrt",
+            Reciprocal => "Reciprocal",
+            Exp => "Exp",
+            Log => "Log",
+            Erf => "Erf",
+            Tanh => "Tanh",
+            Sigmoid => "Sigmoid",
+            Relu => "Relu",
+            Not => "Not",
+            IsNaN => "IsNaN",
+            IsInf { .. } => "IsInf",
+            Floor => "Floor",
+            Ceil => "Ceil",
+            Round => "Round",
+            Sign => "Sign",
+            Sin => "Sin",
+            Cos => "Cos",
+            Softplus => "Softplus",
+            HardSwish => "HardSwish",
+            LeakyRelu { .. } => "LeakyRelu",
+            Elu { .. } => "Elu",
+            HardSigmoid { .. } => "HardSigmoid",
+            Gelu { .. } => "Gelu",
+        }
+    }
+}
+
+impl Op {
+    /// The operation's name in the IR text form (the ONNX op type where one exists).
+    pub fn name(&self) -> &'static str {
+        use Op::*;
+        match self {
+            Input { .. } => "Input",
+            Const { .. } => "Const",
+            Unary(u) => u.name(),
+            Binary(b) => match b {
+                BinaryOp::Add => "Add",
+                BinaryOp::Sub => "Sub",
+                BinaryOp::Mul => "Mul",
+                BinaryOp::Div => "Div",
+                BinaryOp::Pow => "Pow",
+                BinaryOp::Mod { .. } => "Mod",
+                BinaryOp::Equal => "Equal",
+                BinaryOp::Less => "Less",
+                BinaryOp::LessOrEqual => "LessOrEqual",
+                BinaryOp::Greater => "Greater",
+                BinaryOp::GreaterOrEqual => "GreaterOrEqual",
+                BinaryOp::And => "And",
+                BinaryOp::Or => "Or",
+                BinaryOp::Xor => "Xor",
+            },
+            Variadic(v) => match v {
+                VariadicOp::Min => "Min",
+                VariadicOp::Max => "Max",
+                VariadicOp::Sum => "Sum",
+                VariadicOp::Mean => "Mean",
+            },
+            Where => "Where",
+            Clip => "Clip",
+            Cast { .. } => "Cast",
+            CastLike => "CastLike",
+            Identity => "Identity",
+            Dropout => "Dropout",
+            MatMul => "MatMul",
+            MatMulInteger => "MatMulInteger",
+            Gemm { .. } => "Gemm",
+            Softmax { .. } => "Softmax",
+            LogSoftmax { .. } => "LogSoftmax",
+            LayerNorm { .. } => "LayerNormalization",
+            Reduce { kind, .. } => match kind {
+                ReduceKind::Mean => "ReduceMean",
+                ReduceKind::Sum => "ReduceSum",
+                ReduceKind::Max => "ReduceMax",
+                ReduceKind::Min => "ReduceMin",
+                ReduceKind::Prod => "ReduceProd",
+                ReduceKind::L2 => "ReduceL2",
+                ReduceKind::SumSquare => "ReduceSumSquare",
+            },
+            ArgReduce { max: true, .. } => "ArgMax",
+            ArgReduce { max: false, .. } => "ArgMin",
+            Transpose { .. } => "Transpose",
+            Reshape { .. } => "Reshape",
+            Flatten { .. } => "Flatten",
+            Squeeze => "Squeeze",
+            Unsqueeze => "Unsqueeze",
+            Concat { .. } => "Concat",
+            Split { .. } => "Split",
+            Slice => "Slice",
+            Expand => "Expand",
+            Tile => "Tile",
+            Shape { .. } => "Shape",
+            Size => "Size",
+            ConstantOfShape { .. } => "ConstantOfShape",
+            Range => "Range",
+            Gather { .. } => "Gather",
+            GatherElements { .. } => "GatherElements",
+            GatherND { .. } => "GatherND",
+            Trilu { .. } => "Trilu",
+            CumSum { .. } => "CumSum",
+            QuantizeLinear { .. } => "QuantizeLinear",
+            DequantizeLinear { .. } => "DequantizeLinear",
+            DynamicQuantizeLinear => "DynamicQuantizeLinear",
+        }
+    }
+
+    /// Attributes as `key=value` strings for the text form; defaults are shown too,
+    /// so a printed line says everything the op does.
+    pub fn attrs(&self) -> Vec<String> {
+        use Op::*;
+        fn list(v: &[i64]) -> String {
+            let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+            format!("[{}]", items.join(","))
+        }
+        match self {
+            Input { index } => vec![format!("index={index}")],
+            Const { .. } => vec![],
+            Unary(u) => match u {
+                UnaryOp::IsInf { detect_negative, detect_positive } => vec![
+                    format!("detect_negative={detect_negative}"),
+                    format!("detect_positive={detect_positive}"),
+                ],
+                UnaryOp::LeakyRelu { alpha } | UnaryOp::Elu { alpha } => vec![format!("alpha={alpha}")],
+                UnaryOp::HardSigmoid { alpha, beta } => {
+                    vec![format!("alpha={alpha}"), format!("beta={beta}")]
+                }
+                UnaryOp::Gelu { tanh_approx } => {
+                    vec![format!("approximate={}", if *tanh_approx { "tanh" } else { "none" })]
+                }
+                _ => vec![],
+            },
+            Binary(BinaryOp::Mod { fmod }) => vec![format!("fmod={fmod}")],
+            Cast { to } => vec![format!("to={to}")],
+            Gemm { alpha, beta, trans_a, trans_b } => vec![
+                format!("alpha={alpha}"),
+                format!("beta={beta}"),
+                format!("trans_a={trans_a}"),
+                format!("trans_b={trans_b}"),
+            ],
+            Softmax { axis } | LogSoftmax { axis } | Concat { axis } | Gather { axis }
+            | GatherElements { axis } | Flatten { axis } => vec![format!("axis={axis}")],
+            LayerNorm { axis, epsilon } => vec![format!("axis={axis}"), format!("epsilon={epsilon:e}")],
+            Reduce { axes, keepdims, noop_with_empty_axes, .. } => {
+                let mut a = Vec::new();
+                if let Some(axes) = axes {
+                    a.push(format!("axes={}", list(axes)));
+                }
+                a.push(format!("keepdims={keepdims}"));
+                if *noop_with_empty_axes {
+                    a.push("noop_with_empty_axes=true".into());
+                }
+                a
+            }
+            ArgReduce { axis, keepdims, select_last_index, .. } => vec![
+                format!("axis={axis}"),
+                format!("keepdims={keepdims}"),
+                format!("select_last_index={select_last_index}"),
+            ],
+            Transpose { perm } => perm.iter().map(|p| format!("perm={}", list(p))).collect(),
+            Reshape { allowzero } => {
+                if *allowzero { vec!["allowzero=true".into()] } else { vec![] }
+            }
+            Split { axis, num_outputs } => {
+                let mut a = vec![format!("axis={axis}")];
+                if let Some(n) = num_outputs {
+                    a.push(format!("num_outputs={n}"));
+                }
+                a
+            }
+            Shape { start, end } => {
+                let mut a = Vec::new();
+                if *start != 0 {
+                    a.push(format!("start={start}"));
+                }
+                if let Some(e) = end {
+                    a.push(format!("end={e}"));
+                }
+                a
+            }
+            ConstantOfShape { value } => vec![format!("value={value:?}")],
+            GatherND { batch_dims } => vec![format!("batch_dims={batch_dims}")],
+            Trilu { upper } => vec![format!("upper={upper}")],
+            CumSum { exclusive, reverse } => {
+                vec![format!("exclusive={exclusive}"), format!("reverse={reverse}")]
+            }
+            QuantizeLinear { axis, saturate, block_size, output_dtype } => {
+                let mut a = vec![format!("axis={axis}")];
+                if *block_size != 0 {
+                    a.push(format!("block_size={block_size}"));
+                }
+                if !saturate {
+                    a.push("saturate=false".into());
+                }
+                if let Some(d) = output_dtype {
+                    a.push(format!("output_dtype={d}"));
+                }
+                a
+            }
+            DequantizeLinear { axis, block_size } => {
+                let mut a = vec![format!("axis={axis}")];
+                if *block_size != 0 {
+                    a.push(format!("block_size={block_size}"));
+                }
+                a
+            }
+            _ => vec![],
+        }
+    }
+
+    /// How many inputs the op takes: (required, maximum).
+    pub fn arity(&self) -> (usize, usize) {
+        use Op::*;
+        match self {
+            Input { .. } | Const { .. } => (0, 0),
+            Unary(_) | Cast { .. } | Identity | Transpose { .. } | Flatten { .. }
+            | Shape { .. } | Size | ConstantOfShape { .. } | Softmax { .. }
+            | LogSoftmax { .. } | ArgReduce { .. } | DynamicQuantizeLinear => (1, 1),
+            Binary(_) | CastLike | MatMul | Reshape { .. } | Unsqueeze | Expand | Tile
+            | Gather { .. } | GatherElements { .. } | GatherND { .. } => (2, 2),
+            Variadic(_) => (1, usize::MAX),
+            Concat { .. } => (1, usize::MAX),
+            Where | Range => (3, 3),
+            Clip => (1, 3),
+            Dropout => (1, 3),
+            MatMulInteger => (2, 4),
+            Gemm { .. } => (2, 3),
+            LayerNorm { .. } => (2, 3),
+            Reduce { .. } | Squeeze | Trilu { .. } => (1, 2),
+            Split { .. } => (1, 2),
+            Slice => (3, 5),
+            CumSum { .. } => (2, 2),
+            QuantizeLinear { .. } | DequantizeLinear { .. } => (2, 3),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The pass manager and the IR-to-IR passes, one file each.
+//!
+//! A pipeline is a list of pass names. After every pass the graph is verified,
+//! so a pass that breaks an invariant is named in the error, and an observer
+//! can print the IR between passes (`edgec inspect --after PASS`).
+
+pub mod const_fold;
+pub mod cse;
+pub mod dce;
+pub mod shape_infer;
+
+use crate::error::{Error, Result};
+use crate::ir::{verify::verify, Graph};
+
+/// What a pass did, for reports and `--print-stats`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassStats {
+    /// Nodes the pass removed, replaced or rewrote.
+    pub changed: usize,
+}
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, g: &mut Graph) -> Result<PassStats>;
+}
+
+struct ShapeInference;
+impl Pass for ShapeInference {
+    fn name(&self) -> &'static str {
+        "shape-inference"
+    }
+    fn run(&self, g: &mut Graph) -> Result<PassStats> {
+        shape_infer::infer_shapes(g)?;
+        Ok(PassStats::default())
+    }
+}
+
+/// Every pass, by the name pipelines use.
+pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
+    Some(match name {
+        "shape-inference" => Box::new(ShapeInference),
+        "const-fold" => Box::new(const_fold::ConstFold),
+        "dce" => Box::new(dce::Dce),
+        "cse" => Box::new(cse::Cse),
+        _ => return None,
+    })
+}
+
+pub const ALL_PASSES: &[&str] = &["shape-inference", "const-fold", "dce", "cse"];
+
+/// The pipeline `edgec` runs by default.
+pub const DEFAULT_PIPELINE: &[&str] = &["shape-inference", "const-fold", "cse", "dce"];
+
+pub struct PassManager {
+    passes: Vec<Box<dyn Pass>>,
+}
+
+impl PassManager {
+    /// A pipeline from a comma-separated list; `default` names the default pipeline.
+    pub fn parse(list: &str) -> Result<PassManager> {
+        let mut passes = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if name == "default" {
+                passes.extend(DEFAULT_PIPELINE.iter().map(|n| pass_by_name(n).expect("known pass")));
+                continue;
+            }
+            let p = pass_by_name(name).ok_or_else(|| {
+                Error::invalid(format!("unknown pass '{name}' (passes: default, {})", ALL_PASSES.join(", ")))
+            })?;
+            passes.push(p);
+        }
+        Ok(PassManager { passes })
+    }
+
+    pub fn default_pipeline() -> PassManager {
+        PassManager::parse("default").expect("the default pipeline parses")
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+
+    /// Runs every pass in order, verifying after each and calling `observe`
+    /// with the pass name and the graph it produced.
+    pub fn run(&self, g: &mut Graph, observe: &mut dyn FnMut(&str, &PassStats, &Graph)) -> Result<Vec<(&'static str, PassStats)>> {
+        let mut report = Vec::new();
+        for p in &self.passes {
+            let stats = p.run(g)?;
+            verify(g).map_err(|e| Error::invalid(format!("the graph is invalid after pass '{}': {e}", p.name())))?;
+            observe(p.name(), &stats, g);
+            report.push((p.name(), stats));
+        }
+        Ok(report)
+    }
+}
