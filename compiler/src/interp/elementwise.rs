@@ -99,7 +99,11 @@ macro_rules! float_arith {
             BinaryOp::Div => zip::<$t, $t>($a, $b, $s, |x, y| x / y),
             BinaryOp::Pow => zip::<$t, $t>($a, $b, $s, |x, y| x.powf(y)),
             BinaryOp::Mod { fmod: true } => zip::<$t, $t>($a, $b, $s, |x, y| x % y),
-            BinaryOp::Mod { fmod: false } => Err("Mod of floats needs fmod=1".into()),
+            // fmod=0 on floats: the remainder takes the divisor's sign (Python's %).
+            BinaryOp::Mod { fmod: false } => zip::<$t, $t>($a, $b, $s, |x, y| {
+                let r = x % y;
+                if r != 0.0 && ((r < 0.0) != (y < 0.0)) { r + y } else { r }
+            }),
             _ => Err(format!("{:?} is not defined for floats", $op)),
         }
     };

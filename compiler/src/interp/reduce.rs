@@ -58,12 +58,20 @@ pub fn reduce(
     } else {
         let v = x.cast(DType::I64);
         let v = v.as_slice::<i64>()?;
+        // An empty Max/Min yields the type's lowest/highest value.
+        let (lowest, highest) = match dtype {
+            DType::I8 => (i8::MIN as i64, i8::MAX as i64),
+            DType::U8 => (0, u8::MAX as i64),
+            DType::I32 => (i32::MIN as i64, i32::MAX as i64),
+            DType::Bool => (0, 1),
+            _ => (i64::MIN, i64::MAX),
+        };
         let (init, step): (i64, fn(i64, i64) -> i64) = match kind {
             ReduceKind::Sum | ReduceKind::Mean => (0, |a, b| a.wrapping_add(b)),
             ReduceKind::SumSquare | ReduceKind::L2 => (0, |a, b| a.wrapping_add(b.wrapping_mul(b))),
             ReduceKind::Prod => (1, |a, b| a.wrapping_mul(b)),
-            ReduceKind::Max => (i64::MIN, |a, b| a.max(b)),
-            ReduceKind::Min => (i64::MAX, |a, b| a.min(b)),
+            ReduceKind::Max => (lowest, |a, b| a.max(b)),
+            ReduceKind::Min => (highest, |a, b| a.min(b)),
         };
         let mut acc = vec![init; out_n];
         for (i, &val) in v.iter().enumerate() {
@@ -74,7 +82,6 @@ pub fn reduce(
             ReduceKind::L2 => acc.iter_mut().for_each(|a| *a = (*a as f64).sqrt() as i64),
             _ => {}
         }
-        // An empty Max/Min has no integer identity: clamp to the type's range.
         Tensor::from_vec(out_shape.clone(), acc).cast(dtype)
     };
     Ok(result)

@@ -75,9 +75,17 @@ fn declared_type(vi: &ValueInfoProto) -> std::result::Result<TensorType, String>
 }
 
 pub fn import_model(model: ModelProto, base: Option<&Path>, what: &str) -> Result<Graph> {
-    let opset = default_opset(&model).ok_or_else(|| malformed(what, "no opset_import for the default ONNX domain"))?;
     let gp = model.graph.as_ref().ok_or_else(|| malformed(what, "the model has no graph"))?;
     let gname = gp.name.clone().unwrap_or_else(|| "main".into());
+    let Some(opset) = default_opset(&model) else {
+        let domains: Vec<String> = model.opset_import.iter().map(|o| o.domain.clone().unwrap_or_default()).collect();
+        return Err(Error::Unsupported(vec![Unsupported {
+            node: gname,
+            op: "(model)".into(),
+            opset: 0,
+            reason: format!("imports only the op domains [{}], none of them the default ONNX domain", domains.join(", ")),
+        }]));
+    };
     if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
         return Err(Error::Unsupported(vec![Unsupported {
             node: gname,

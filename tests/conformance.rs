@@ -1,0 +1,219 @@
+//! The ONNX backend node tests, generated from the onnx wheel by
+//! `scripts/gen-conformance.sh` into data/onnx-node/.
+//!
+//! Every case whose ops the importer supports runs through the reference
+//! interpreter twice: as imported, and after the default pass pipeline (so
+//! constant folding, CSE and DCE are checked on ~1000 graphs too). Outputs are
+//! compared with the ONNX backend's default tolerance (rtol 1e-3, atol 1e-7).
+//! Cases that are known to fail are listed, each with a reason, in
+//! tests/conformance/exclusions.txt; a listed case that passes fails the test
+//! too, so the list stays exact.
+
+mod common;
+
+use edgec::interp::Interpreter;
+use edgec::ir::{Graph, Tensor};
+use edgec::onnx::proto::TensorProto;
+use edgec::passes::PassManager;
+use edgec::Error;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const RTOL: f64 = 1e-3;
+const ATOL: f64 = 1e-7;
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("EDGEC_ONNX_NODE_DIR").map(PathBuf::from).unwrap_or_else(|| common::repo_root().join("data/onnx-node"))
+}
+
+/// Exclusion patterns (`*` wildcard) with their reasons.
+fn exclusions() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(common::repo_root().join("tests/conformance/exclusions.txt")).unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (pat, reason) = l.split_once('#').unwrap_or_else(|| panic!("exclusion '{l}' needs '# reason'"));
+            (pat.trim().to_string(), reason.trim().to_string())
+        })
+        .collect()
+}
+
+fn glob_match(pat: &str, s: &str) -> bool {
+    match pat.split_once('*') {
+        None => pat == s,
+        Some((head, tail)) => {
+            s.starts_with(head) && (0..=s.len() - head.len()).any(|i| glob_match(tail, &s[head.len() + i..]))
+        }
+    }
+}
+
+fn read_pb(path: &Path) -> Result<Tensor, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let t = TensorProto::decode(&bytes[..]).map_err(|e| format!("{}: {e}", path.display()))?;
+    edgec::onnx::tensor::tensor_from_proto(&t, None)
+}
+
+fn numbered(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    (0..).map(|i| dir.join(format!("{prefix}_{i}.pb"))).take_while(|p| p.exists()).collect()
+}
+
+fn run_graph(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+    let names: Vec<String> = g.inputs.iter().map(|&n| g.g[n].outputs[0].name.clone()).collect();
+    if names.len() != inputs.len() {
+        return Err(format!("{} inputs in test data, {} in the graph", inputs.len(), names.len()));
+    }
+    let feeds: Vec<(String, Tensor)> = names.into_iter().zip(inputs.iter().cloned()).collect();
+    let interp = Interpreter::new(g).map_err(|e| e.to_string())?;
+    Ok(interp.run(&feeds).map_err(|e| e.to_string())?.into_iter().map(|(_, t)| t).collect())
+}
+
+enum Outcome {
+    Unsupported(String),
+    Pass,
+    Fail(String),
+}
+
+fn run_case(dir: &Path) -> Outcome {
+    let g = match edgec::onnx::load_model(&dir.join("model.onnx")) {
+        Ok(g) => g,
+        Err(Error::Unsupported(u)) => {
+            let mut ops: Vec<String> = u.iter().map(|u| u.op.clone()).collect();
+            ops.dedup();
+            return Outcome::Unsupported(ops.join(","));
+        }
+        Err(e) => return Outcome::Fail(format!("import: {e}")),
+    };
+    let set = dir.join("test_data_set_0");
+    let inputs: Result<Vec<Tensor>, String> = numbered(&set, "input").iter().map(|p| read_pb(p)).collect();
+    let expected: Result<Vec<Tensor>, String> = numbered(&set, "output").iter().map(|p| read_pb(p)).collect();
+    let (inputs, expected) = match (inputs, expected) {
+        (Ok(i), Ok(e)) => (i, e),
+        (Err(e), _) | (_, Err(e)) => return Outcome::Unsupported(format!("test data: {e}")),
+    };
+    let mut optimized = g.clone();
+    let variants = match PassManager::default_pipeline().run(&mut optimized, &mut |_, _, _| {}) {
+        Ok(_) => vec![("as imported", g), ("after passes", optimized)],
+        Err(e) => return Outcome::Fail(format!("passes: {e}")),
+    };
+    for (label, graph) in &variants {
+        let got = match run_graph(graph, &inputs) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Fail(format!("{label}: {e}")),
+        };
+        if got.len() != expected.len() {
+            return Outcome::Fail(format!("{label}: {} outputs, expected {}", got.len(), expected.len()));
+        }
+        for (i, (g, w)) in got.iter().zip(&expected).enumerate() {
+            if let Err(e) = common::compare(g, w, RTOL, ATOL) {
+                return Outcome::Fail(format!("{label}: output {i}: {e}"));
+            }
+        }
+    }
+    Outcome::Pass
+}
+
+/// The op a case tests: the longest supported op type whose snake_case name
+/// prefixes the case name (test_reduce_mean_... -> ReduceMean).
+fn case_op(case: &str) -> String {
+    fn snake(op: &str) -> String {
+        let mut s = String::new();
+        for (i, c) in op.chars().enumerate() {
+            let prev_lower = i > 0 && op.chars().nth(i - 1).is_some_and(|p| p.is_lowercase() || p.is_ascii_digit());
+            if c.is_uppercase() && prev_lower {
+                s.push('_');
+            }
+            s.push(c.to_ascii_lowercase());
+        }
+        s
+    }
+    let name = case.trim_start_matches("test_");
+    edgec::onnx::ops::SUPPORTED_OPS
+        .iter()
+        .filter(|op| {
+            let s = snake(op);
+            name == s || name.starts_with(&format!("{s}_"))
+        })
+        .max_by_key(|op| op.len())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "(other)".into())
+}
+
+#[test]
+fn onnx_node_conformance() {
+    let dir = data_dir();
+    assert!(
+        dir.join(".complete").exists(),
+        "ONNX conformance data missing at {}: run scripts/gen-conformance.sh (the README's test command does)",
+        dir.display()
+    );
+    let excl = exclusions();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    cases.sort();
+    let mut per_op: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (mut passed, mut unsupported, mut excluded) = (0, 0, 0);
+    let mut problems = Vec::new();
+    let mut used_patterns = std::collections::HashSet::new();
+    let mut unsupported_ops: BTreeMap<String, usize> = BTreeMap::new();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let exclusion = excl.iter().find(|(p, _)| glob_match(p, &name));
+        if std::env::var_os("EDGEC_CONFORMANCE_VERBOSE").is_some() {
+            eprint!("{name} ... ");
+        }
+        let t0 = std::time::Instant::now();
+        let outcome = run_case(case);
+        if std::env::var_os("EDGEC_CONFORMANCE_VERBOSE").is_some() {
+            eprintln!("{:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Some((p, _)) = exclusion {
+            used_patterns.insert(p.clone());
+        }
+        match (outcome, exclusion) {
+            (Outcome::Unsupported(ops), _) => {
+                unsupported += 1;
+                *unsupported_ops.entry(ops).or_default() += 1;
+            }
+            (Outcome::Pass, None) => {
+                passed += 1;
+                let e = per_op.entry(case_op(&name)).or_default();
+                e.0 += 1;
+                e.1 += 1;
+            }
+            (Outcome::Pass, Some((p, _))) => problems.push(format!("{name}: passes but is excluded by '{p}': remove the exclusion")),
+            (Outcome::Fail(msg), None) => {
+                per_op.entry(case_op(&name)).or_default().1 += 1;
+                problems.push(format!("{name}: {msg}"));
+            }
+            (Outcome::Fail(_), Some(_)) => {
+                excluded += 1;
+                per_op.entry(case_op(&name)).or_default().1 += 1;
+            }
+        }
+    }
+    for (p, _) in &excl {
+        if !used_patterns.contains(p) {
+            problems.push(format!("exclusion '{p}' matches no failing case: remove it"));
+        }
+    }
+    let mut report = format!(
+        "| op | passed | supported cases |\n|---|---|---|\n"
+    );
+    for (op, (p, n)) in &per_op {
+        report.push_str(&format!("| {op} | {p} | {n} |\n"));
+    }
+    report.push_str(&format!(
+        "\n{} cases: {passed} passed, {excluded} excluded (listed with reasons), {unsupported} use unsupported ops or types\n",
+        cases.len()
+    ));
+    report.push_str("\nUnsupported (op or type, cases): ");
+    let list: Vec<String> = unsupported_ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    report.push_str(&list.join("; "));
+    report.push('\n');
+    let out = common::repo_root().join("target/conformance-report.md");
+    std::fs::write(&out, &report).unwrap();
+    println!("{report}");
+    assert!(problems.is_empty(), "{} conformance problem(s):\n{}", problems.len(), problems.join("\n"));
+    assert!(passed > 0, "no conformance case ran");
+}
