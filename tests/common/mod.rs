@@ -43,3 +43,103 @@ pub fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), 
         Some((i, _)) => Err(format!("element {i}: got {} expected {} (rtol {rtol}, atol {atol})", g[i], w[i])),
     }
 }
+
+use edgec::onnx::proto::{
+    tensor_shape_proto::{dimension::Value as DimValue, Dimension},
+    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+
+/// A tensor-typed value_info; dims are numbers or symbolic names.
+pub fn value_info(name: &str, elem_type: i32, dims: &[&str]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d.parse::<i64>() {
+                Ok(v) => DimValue::DimValue(v),
+                Err(_) => DimValue::DimParam(d.to_string()),
+            }),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem_type),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("{op}_{}", outputs.first().copied().unwrap_or(""))),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn f32_initializer(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn model(opset: i64, nodes: Vec<NodeProto>, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, init: Vec<TensorProto>) -> ModelProto {
+    ModelProto {
+        ir_version: Some(10),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        graph: Some(GraphProto {
+            name: Some("test".into()),
+            node: nodes,
+            input: inputs,
+            output: outputs,
+            initializer: init,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The fixtures in models/tiny: (name, folder).
+pub fn tiny_models() -> Vec<(String, PathBuf)> {
+    let dir = repo_root().join("models/tiny");
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("model.onnx").exists())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), p))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every `.npy` in a folder, by file stem, sorted.
+pub fn read_npy_dir(dir: &std::path::Path) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), edgec::npy::read_npy(&p).unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub fn attr_int(name: &str, v: i64) -> edgec::onnx::proto::AttributeProto {
+    edgec::onnx::proto::AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(2), ..Default::default() }
+}
+
+pub fn attr_ints(name: &str, v: &[i64]) -> edgec::onnx::proto::AttributeProto {
+    edgec::onnx::proto::AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(7), ..Default::default() }
+}

@@ -29,13 +29,23 @@ fn human_bytes(n: usize) -> String {
     }
 }
 
+/// Floats in plain notation when short, scientific when huge or tiny (-3.4028235e38, not 39 digits).
+fn float_str(x: f32) -> String {
+    let a = x.abs();
+    if a != 0.0 && a.is_finite() && !(1e-4..1e6).contains(&a) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 /// Inline values for tiny tensors, a statistical summary for weights.
 fn const_summary(t: &Tensor, bytes: usize) -> String {
     if t.len() <= 8 {
         let v: Vec<String> = t
             .to_f64_vec()
             .iter()
-            .map(|x| if t.dtype().is_float() { format!("{}", *x as f32) } else { format!("{x}") })
+            .map(|&x| if t.dtype().is_float() { float_str(x as f32) } else { format!("{x}") })
             .collect();
         return format!("[{}]", v.join(", "));
     }
