@@ -2,6 +2,17 @@
 
 use crate::ir::tensor::strides;
 
+/// The largest tensor the interpreter materialises (4 GiB of f32): a corrupt or
+/// hostile shape becomes an error instead of an allocation failure.
+pub const MAX_ELEMENTS: usize = 1 << 30;
+
+pub fn check_size(shape: &[usize]) -> Result<(), String> {
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(()),
+        _ => Err(format!("a tensor of shape {shape:?} is larger than the interpreter's limit of {MAX_ELEMENTS} elements")),
+    }
+}
+
 pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, String> {
     let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut out = vec![1usize; rank];
@@ -16,6 +27,7 @@ pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, String> {
             }
         }
     }
+    check_size(&out)?;
     Ok(out)
 }
 

@@ -67,6 +67,9 @@ fn batched<T: MulAcc>(
     let nb: usize = batch.iter().product();
     let ia = broadcast_index(a_batch, &batch);
     let ib = broadcast_index(b_batch, &batch);
+    let mut out_shape = batch.clone();
+    out_shape.extend([m, n]);
+    super::broadcast::check_size(&out_shape)?;
     let mut out = vec![T::default(); nb * m * n];
     for bi in 0..nb {
         let (ao, bo) = (ia[bi] * m * k, ib[bi] * k * n);

@@ -1,7 +1,7 @@
 //! Data movement: every op here computes, for each output element, which input
 //! element it copies, then calls `Tensor::take`. Plain and easy to check.
 
-use super::broadcast::{broadcast_index, broadcast_shapes};
+use super::broadcast::{broadcast_index, broadcast_shapes, check_size, MAX_ELEMENTS};
 use super::normalize::norm_axis;
 use crate::ir::tensor::strides;
 use crate::ir::{DType, Data, Tensor};
@@ -136,6 +136,7 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor, String> {
     let inner: usize = first.shape[ax + 1..].iter().product();
     let mut shape = first.shape.clone();
     shape[ax] = xs.iter().map(|x| x.shape[ax]).sum();
+    check_size(&shape)?;
     macro_rules! cat {
         ($variant:ident) => {{
             let mut out = Vec::with_capacity(shape.iter().product());
@@ -264,7 +265,8 @@ pub fn tile(x: &Tensor, repeats: &Tensor) -> Result<Tensor, String> {
     if reps.len() != x.rank() || reps.iter().any(|&r| r < 0) {
         return Err(format!("Tile repeats {reps:?} do not fit rank {}", x.rank()));
     }
-    let shape: Vec<usize> = x.shape.iter().zip(&reps).map(|(&d, &r)| d * r as usize).collect();
+    let shape: Vec<usize> = x.shape.iter().zip(&reps).map(|(&d, &r)| d.saturating_mul(r as usize)).collect();
+    check_size(&shape)?;
     let st = strides(&x.shape);
     let n: usize = shape.iter().product();
     let ost = strides(&shape);
@@ -294,6 +296,7 @@ pub fn constant_of_shape(shape: &Tensor, value: &Tensor) -> Result<Tensor, Strin
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension {d}")))
         .collect::<Result<_, _>>()?;
+    check_size(&dims)?;
     let n: usize = dims.iter().product();
     Ok(value.take(dims, &vec![0; n]))
 }
@@ -311,7 +314,11 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, S
         if d == 0.0 {
             return Err("Range delta cannot be 0".into());
         }
-        let n = ((l - s) / d).ceil().max(0.0) as usize;
+        let n = ((l - s) / d).ceil().max(0.0);
+        if !(n <= MAX_ELEMENTS as f64) {
+            return Err(format!("Range({s}, {l}, {d}) would have {n} elements"));
+        }
+        let n = n as usize;
         // Computed in the element type, like the spec's reference (start + i*delta).
         let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
         return Ok(Tensor::from_vec(vec![n], v).cast(dtype));
@@ -322,7 +329,7 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, S
     }
     let span = l as i128 - s as i128;
     let n = ((span + d as i128 - d.signum() as i128) / d as i128).max(0) as usize;
-    if n > 1 << 31 {
+    if n > MAX_ELEMENTS {
         return Err(format!("Range would have {n} elements"));
     }
     Ok(Tensor::from_vec(vec![n], (0..n as i64).map(|i| s + i * d).collect::<Vec<i64>>()).cast(dtype))
