@@ -123,32 +123,36 @@ def tensor_out(name, *last):
 # ======================================================================================
 LLAMA = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128,
              eps=1e-6, theta=10000.0)
+# SmolLM2-135M's shape (134.5M parameters, tied embeddings) with random weights of std `std`,
+# for benches/interp_llama135m.sh; written by `--llama-135m`, never to models/tiny.
+LLAMA_135M = dict(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, ffn=1536,
+                  eps=1e-5, theta=100000.0, max_pos=2048, std=0.02)
 
 
-def llama_weights(b: Builder) -> dict[str, np.ndarray]:
-    c = LLAMA
+def llama_weights(b: Builder, c=LLAMA) -> dict[str, np.ndarray]:
     h, hd = c["hidden"], c["head_dim"]
-    w = {"model.embed_tokens.weight": b.randn(c["vocab"], h, std=0.5)}
+    std = c.get("std")  # one std for embeddings and Linear weights; the fixtures: 0.5 and fan_in**-0.5
+    linear_weight = b.linear_weight if std is None else (lambda out_f, in_f: b.randn(out_f, in_f, std=std))
+    w = {"model.embed_tokens.weight": b.randn(c["vocab"], h, std=std or 0.5)}
     for i in range(c["layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = b.randn(h, std=0.1, mean=1.0)
-        w[p + "self_attn.q_proj.weight"] = b.linear_weight(c["heads"] * hd, h)
-        w[p + "self_attn.k_proj.weight"] = b.linear_weight(c["kv_heads"] * hd, h)
-        w[p + "self_attn.v_proj.weight"] = b.linear_weight(c["kv_heads"] * hd, h)
-        w[p + "self_attn.o_proj.weight"] = b.linear_weight(h, c["heads"] * hd)
+        w[p + "self_attn.q_proj.weight"] = linear_weight(c["heads"] * hd, h)
+        w[p + "self_attn.k_proj.weight"] = linear_weight(c["kv_heads"] * hd, h)
+        w[p + "self_attn.v_proj.weight"] = linear_weight(c["kv_heads"] * hd, h)
+        w[p + "self_attn.o_proj.weight"] = linear_weight(h, c["heads"] * hd)
         w[p + "post_attention_layernorm.weight"] = b.randn(h, std=0.1, mean=1.0)
-        w[p + "mlp.gate_proj.weight"] = b.linear_weight(c["ffn"], h)
-        w[p + "mlp.up_proj.weight"] = b.linear_weight(c["ffn"], h)
-        w[p + "mlp.down_proj.weight"] = b.linear_weight(h, c["ffn"])
+        w[p + "mlp.gate_proj.weight"] = linear_weight(c["ffn"], h)
+        w[p + "mlp.up_proj.weight"] = linear_weight(c["ffn"], h)
+        w[p + "mlp.down_proj.weight"] = linear_weight(h, c["ffn"])
     w["model.norm.weight"] = b.randn(h, std=0.1, mean=1.0)
     return w
 
 
-def build_llama() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    c = LLAMA
+def build_llama(c=LLAMA, seed=1) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     nq, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
-    b = Builder(opset=18, seed=1)
-    W = llama_weights(b)
+    b = Builder(opset=18, seed=seed)
+    W = llama_weights(b, c)
 
     def rms_norm(x, weight, rsqrt="Div"):
         # hidden.to(float32); x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps); weight * x
@@ -223,7 +227,7 @@ def build_llama() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         mask = causal_mask("input_ids", "attention_mask")
         with b.scope("rotary_emb"):  # cos_cached[position_ids].unsqueeze(1)
             theta = c["theta"] ** -(np.arange(0, hd, 2) / hd)
-            ang = np.outer(np.arange(MAX_POS), theta)
+            ang = np.outer(np.arange(c.get("max_pos", MAX_POS)), theta)
             ang = np.concatenate([ang, ang], axis=-1)
             cos = b.op("Gather", b.init("cos_cached", np.cos(ang).astype(np.float32)), "position_ids")
             sin = b.op("Gather", b.init("sin_cached", np.sin(ang).astype(np.float32)), "position_ids")
@@ -255,14 +259,14 @@ def build_llama() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     model = b.model(
         [tensor_in("input_ids"), tensor_in("attention_mask"), tensor_in("position_ids")],
         [tensor_out("logits", c["vocab"])],
-        "Tiny Llama (GQA 4q/2kv heads, RoPE, SwiGLU, RMSNorm), opset 18, TorchScript/Optimum style.",
+        "Tiny Llama (GQA 4q/2kv heads, RoPE, SwiGLU, RMSNorm), opset 18, TorchScript/Optimum style."
+        if c is LLAMA else f"Llama {c}, random weights (seed {seed}), opset 18, TorchScript/Optimum style.",
     )
     return model, W
 
 
-def llama_numpy(W, input_ids, attention_mask, position_ids) -> np.ndarray:
+def llama_numpy(W, input_ids, attention_mask, position_ids, c=LLAMA) -> np.ndarray:
     """Independent float64 numpy forward pass of LlamaForCausalLM (eager semantics)."""
-    c = LLAMA
     nq, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
     W = {k: v.astype(np.float64) for k, v in W.items()}
     bsz, s = input_ids.shape
