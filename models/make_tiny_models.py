@@ -8,13 +8,20 @@ The graphs mimic torch.onnx (TorchScript) / HuggingFace Optimum exports: scoped 
 stored transposed as "onnx::MatMul_N" initializers, Shape->Gather->Unsqueeze->Concat->Reshape
 chains, masks built from attention_mask. Weights come from a fixed seed: reruns write the
 same bytes. Run via models/make-tiny-models.sh (which sets up the venv).
+
+`--llama-135m [OUT_DIR]` instead writes only a benchmark model: the same Llama graph at
+SmolLM2-135M's size with random weights (model.onnx + model.onnx.data, ~540 MB) and batch-1
+inputs, by default to data/bench/llama135m/ (see benches/interp_llama135m.sh).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import shutil
+import subprocess
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 OUT = Path(__file__).resolve().parent / "tiny"
+REPO = OUT.parent.parent
 BATCH, SEQ = 2, 7
 MAX_POS = 32  # size of position tables / causal buffers
 F32_MIN = float(np.finfo(np.float32).min)  # what transformers uses to mask
@@ -659,5 +667,67 @@ def main():
     print(f"wrote {len(models)} models to {OUT} ({total:,} bytes)")
 
 
+def write_llama_135m(out: Path, seq: int, check_ort: bool):
+    """The Llama graph at SmolLM2-135M's size, batch 1: for speed benchmarks, not a fixture."""
+    c = LLAMA_135M
+    assert seq <= c["max_pos"]
+    t0 = time.perf_counter()
+    model, W = build_llama(c, seed=135)
+    n_params = sum(w.size for w in W.values())
+    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    for f in (path, out / "model.onnx.data"):  # external data is appended to, so start clean
+        f.unlink(missing_ok=True)
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    del model
+    onnx.checker.check_model(str(path), full_check=True)
+    feeds = {"input_ids": np.random.default_rng(1234).integers(0, c["vocab"], (1, seq)).astype(np.int64),
+             "attention_mask": np.ones((1, seq), np.int64),
+             "position_ids": np.arange(seq, dtype=np.int64)[None]}
+    for k, v in feeds.items():
+        np.save(out / "inputs" / f"{k}.npy", v)
+    size = sum(f.stat().st_size for f in (path, out / "model.onnx.data"))
+    print(f"wrote {path} ({n_params:,} parameters, {size:,} B with data, T={seq}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    if not check_ort:
+        return
+    t0 = time.perf_counter()
+    logits = run_ort(path, feeds)["logits"]
+    print(f"onnxruntime (ORT_DISABLE_ALL, 1 thread, incl. session creation): {time.perf_counter() - t0:.2f} s")
+    (out / "expected").mkdir(exist_ok=True)
+    np.save(out / "expected" / "logits.npy", logits)
+    ref = llama_numpy(W, feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"], c)
+    print(f"ORT vs numpy float64 reference: max |diff| = {np.abs(logits - ref).max():.2e} "
+          f"(logits max |x| {np.abs(ref).max():.2f})")
+    edgec = REPO / "target" / "release" / "edgec"
+    if not edgec.exists():
+        print(f"{edgec} not built: skipping the edgec comparison")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(edgec), "run", str(path), "--output-dir", tmp]
+        cmd += [a for k in feeds for a in ("-i", f"{k}={out / 'inputs' / f'{k}.npy'}")]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"edgec failed:\n{run.stderr}")
+        ours = np.load(Path(tmp) / "logits.npy")
+    print(f"edgec: {run.stderr.strip()}")
+    print(f"edgec vs ORT: max |diff| = {np.abs(ours - logits).max():.2e}; "
+          f"vs numpy float64: {np.abs(ours - ref).max():.2e}")
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-135m", nargs="?", type=Path, const=REPO / "data" / "bench" / "llama135m",
+                    metavar="OUT_DIR", help="write only the SmolLM2-135M-sized Llama benchmark model "
+                    "(default OUT_DIR: data/bench/llama135m)")
+    ap.add_argument("--seq", type=int, default=32, help="sequence length of the --llama-135m inputs")
+    ap.add_argument("--check-ort", action="store_true", help="with --llama-135m: run onnxruntime and "
+                    "compare it with a numpy reference and target/release/edgec (if built)")
+    args = ap.parse_args()
+    if (args.check_ort or args.seq != 32) and not args.llama_135m:
+        ap.error("--check-ort and --seq only apply to --llama-135m")
+    if args.llama_135m:
+        write_llama_135m(args.llama_135m.resolve(), args.seq, args.check_ort)
+    else:
+        main()
