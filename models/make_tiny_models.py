@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import subprocess
@@ -688,6 +689,7 @@ def write_llama_135m(out: Path, seq: int, check_ort: bool):
     for k, v in feeds.items():
         np.save(out / "inputs" / f"{k}.npy", v)
     size = sum(f.stat().st_size for f in (path, out / "model.onnx.data"))
+    (out / "model.json").write_text(json.dumps(dict(parameters=int(n_params), seq=seq, seed=135, **c)) + "\n")
     print(f"wrote {path} ({n_params:,} parameters, {size:,} B with data, T={seq}) "
           f"in {time.perf_counter() - t0:.1f} s")
     if not check_ort:

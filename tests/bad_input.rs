@@ -93,7 +93,13 @@ fn all_unsupported_ops_are_listed_at_once() {
 #[test]
 fn opset_outside_range_is_unsupported() {
     use common::{model, node, value_info};
-    let m = model(11, vec![node("Relu", &["x"], &["y"])], vec![value_info("x", 1, &["2"])], vec![value_info("y", 1, &["2"])], vec![]);
+    let m = model(
+        11,
+        vec![node("Relu", &["x"], &["y"])],
+        vec![value_info("x", 1, &["2"])],
+        vec![value_info("y", 1, &["2"])],
+        vec![],
+    );
     let err = edgec::onnx::load_model_bytes(m.encode_to_vec().into(), None, "old.onnx").unwrap_err();
     assert!(err.to_string().contains("opset 11 is outside the supported range 13..=28"), "{err}");
 }
@@ -101,7 +107,13 @@ fn opset_outside_range_is_unsupported() {
 #[test]
 fn dangling_input_names_the_node() {
     use common::{model, node, value_info};
-    let m = model(17, vec![node("Add", &["x", "nowhere"], &["y"])], vec![value_info("x", 1, &["2"])], vec![value_info("y", 1, &["2"])], vec![]);
+    let m = model(
+        17,
+        vec![node("Add", &["x", "nowhere"], &["y"])],
+        vec![value_info("x", 1, &["2"])],
+        vec![value_info("y", 1, &["2"])],
+        vec![],
+    );
     let err = edgec::onnx::load_model_bytes(m.encode_to_vec().into(), None, "m.onnx").unwrap_err().to_string();
     assert!(err.contains("node 'Add_y' (Add, opset 17)") && err.contains("'nowhere'"), "{err}");
 }

@@ -30,7 +30,8 @@ fn inspect_prints_the_ir_and_passes() {
     assert!(out.contains("input %") && out.contains("\"input_ids\": i64[batch_size,sequence_length]"), "{out}");
     assert!(out.contains("output \"logits\" = %") && out.contains("f32[batch_size,sequence_length,128]"));
 
-    let (ok, out, err) = edgec(&["inspect", "models/tiny/llama/model.onnx", "--passes", "default", "--after", "const-fold"]);
+    let (ok, out, err) =
+        edgec(&["inspect", "models/tiny/llama/model.onnx", "--passes", "default", "--after", "const-fold"]);
     assert!(ok, "{err}");
     assert!(out.contains("# after const-fold (changed "), "{out}");
 

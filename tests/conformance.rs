@@ -24,7 +24,9 @@ const RTOL: f64 = 1e-3;
 const ATOL: f64 = 1e-7;
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("EDGEC_ONNX_NODE_DIR").map(PathBuf::from).unwrap_or_else(|| common::repo_root().join("data/onnx-node"))
+    std::env::var_os("EDGEC_ONNX_NODE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("data/onnx-node"))
 }
 
 /// Exclusion patterns (`*` wildcard) with their reasons.
@@ -147,7 +149,8 @@ fn onnx_node_conformance() {
         dir.display()
     );
     let excl = exclusions();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut cases: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     cases.sort();
     let mut per_op: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let (mut passed, mut unsupported, mut excluded) = (0, 0, 0);
@@ -179,7 +182,9 @@ fn onnx_node_conformance() {
                 e.0 += 1;
                 e.1 += 1;
             }
-            (Outcome::Pass, Some((p, _))) => problems.push(format!("{name}: passes but is excluded by '{p}': remove the exclusion")),
+            (Outcome::Pass, Some((p, _))) => {
+                problems.push(format!("{name}: passes but is excluded by '{p}': remove the exclusion"))
+            }
             (Outcome::Fail(msg), None) => {
                 per_op.entry(case_op(&name)).or_default().1 += 1;
                 problems.push(format!("{name}: {msg}"));
@@ -195,9 +200,7 @@ fn onnx_node_conformance() {
             problems.push(format!("exclusion '{p}' matches no failing case: remove it"));
         }
     }
-    let mut report = format!(
-        "| op | passed | supported cases |\n|---|---|---|\n"
-    );
+    let mut report = String::from("| op | passed | supported cases |\n|---|---|---|\n");
     for (op, (p, n)) in &per_op {
         report.push_str(&format!("| {op} | {p} | {n} |\n"));
     }

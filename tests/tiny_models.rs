@@ -30,7 +30,11 @@ fn tiny_models_match_onnxruntime() {
             println!("{name} {label}: {} ops, interpreter {:.2} ms", g.op_count(), t0.elapsed().as_secs_f64() * 1e3);
             assert_eq!(outs.len(), expected.len(), "{name}: output count");
             for (out_name, t) in &outs {
-                let want = &expected.iter().find(|(n, _)| n == out_name).unwrap_or_else(|| panic!("{name}: no expected {out_name}")).1;
+                let want = &expected
+                    .iter()
+                    .find(|(n, _)| n == out_name)
+                    .unwrap_or_else(|| panic!("{name}: no expected {out_name}"))
+                    .1;
                 common::compare(t, want, RTOL, ATOL).unwrap_or_else(|e| panic!("{name} {label} {out_name}: {e}"));
             }
         }

@@ -102,7 +102,11 @@ fn run(model: &Path, inputs: Vec<String>, output_dir: PathBuf, passes: String) -
         edgec::npy::write_npy(&path, t)?;
         println!("{name}: {}{:?} -> {}", t.dtype(), t.shape, path.display());
     }
-    eprintln!("load+passes {:.1} ms, interpreter {:.1} ms", load_time.as_secs_f64() * 1e3, run_time.as_secs_f64() * 1e3);
+    eprintln!(
+        "load+passes {:.1} ms, interpreter {:.1} ms",
+        load_time.as_secs_f64() * 1e3,
+        run_time.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

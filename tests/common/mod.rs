@@ -95,7 +95,13 @@ pub fn f32_initializer(name: &str, dims: &[i64], values: &[f32]) -> TensorProto 
     }
 }
 
-pub fn model(opset: i64, nodes: Vec<NodeProto>, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, init: Vec<TensorProto>) -> ModelProto {
+pub fn model(
+    opset: i64,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    init: Vec<TensorProto>,
+) -> ModelProto {
     ModelProto {
         ir_version: Some(10),
         opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
@@ -141,5 +147,10 @@ pub fn attr_int(name: &str, v: i64) -> edgec::onnx::proto::AttributeProto {
 }
 
 pub fn attr_ints(name: &str, v: &[i64]) -> edgec::onnx::proto::AttributeProto {
-    edgec::onnx::proto::AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(7), ..Default::default() }
+    edgec::onnx::proto::AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(7),
+        ..Default::default()
+    }
 }

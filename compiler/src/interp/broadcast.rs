@@ -9,7 +9,9 @@ pub const MAX_ELEMENTS: usize = 1 << 30;
 pub fn check_size(shape: &[usize]) -> Result<(), String> {
     match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
         Some(n) if n <= MAX_ELEMENTS => Ok(()),
-        _ => Err(format!("a tensor of shape {shape:?} is larger than the interpreter's limit of {MAX_ELEMENTS} elements")),
+        _ => Err(format!(
+            "a tensor of shape {shape:?} is larger than the interpreter's limit of {MAX_ELEMENTS} elements"
+        )),
     }
 }
 
@@ -45,9 +47,8 @@ pub fn broadcast_index(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     let off = out_shape.len() - in_shape.len();
     let in_strides = strides(in_shape);
     // Stride per output axis: 0 where the input repeats along it.
-    let st: Vec<usize> = (0..out_shape.len())
-        .map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { in_strides[i - off] })
-        .collect();
+    let st: Vec<usize> =
+        (0..out_shape.len()).map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { in_strides[i - off] }).collect();
     let mut idx = Vec::with_capacity(n);
     let mut counter = vec![0usize; out_shape.len()];
     let mut cur = 0usize;

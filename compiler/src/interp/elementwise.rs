@@ -40,7 +40,15 @@ pub fn unary(op: &UnaryOp, x: &Tensor) -> Result<Tensor, String> {
         Neg => map_signed(x, |v| v.wrapping_neg(), |v| -v),
         Abs => map_signed(x, |v| v.wrapping_abs(), f64::abs),
         Relu => map_signed(x, |v| v.max(0), |v| if v > 0.0 { v } else { 0.0 }),
-        Sign => map_signed(x, i64::signum, |v| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { v }),
+        Sign => map_signed(x, i64::signum, |v| {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                v
+            }
+        }),
         Sqrt => map_float(x, f64::sqrt),
         Reciprocal => map_float(x, |v| 1.0 / v),
         Exp => map_float(x, f64::exp),
@@ -102,7 +110,11 @@ macro_rules! float_arith {
             // fmod=0 on floats: the remainder takes the divisor's sign (Python's %).
             BinaryOp::Mod { fmod: false } => zip::<$t, $t>($a, $b, $s, |x, y| {
                 let r = x % y;
-                if r != 0.0 && ((r < 0.0) != (y < 0.0)) { r + y } else { r }
+                if r != 0.0 && ((r < 0.0) != (y < 0.0)) {
+                    r + y
+                } else {
+                    r
+                }
             }),
             _ => Err(format!("{:?} is not defined for floats", $op)),
         }
@@ -125,7 +137,11 @@ macro_rules! int_arith {
             BinaryOp::Mod { fmod: false } => zip::<$t, $t>($a, $b, $s, |x, y| {
                 let r = x.wrapping_rem(y);
                 #[allow(unused_comparisons)]
-                if r != 0 && ((r < 0) != (y < 0)) { r.wrapping_add(y) } else { r }
+                if r != 0 && ((r < 0) != (y < 0)) {
+                    r.wrapping_add(y)
+                } else {
+                    r
+                }
             }),
             _ => Err(format!("{:?} is not defined for integers", $op)),
         }

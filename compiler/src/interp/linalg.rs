@@ -44,12 +44,7 @@ fn matmul_2d<T: MulAcc>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: us
 }
 
 /// Batched, broadcast matmul over generic element vectors.
-fn batched<T: MulAcc>(
-    a: &[T],
-    a_shape: &[usize],
-    b: &[T],
-    b_shape: &[usize],
-) -> Result<(Vec<usize>, Vec<T>), String> {
+fn batched<T: MulAcc>(a: &[T], a_shape: &[usize], b: &[T], b_shape: &[usize]) -> Result<(Vec<usize>, Vec<T>), String> {
     // 1-D operands are promoted to matrices and the added axis dropped afterwards.
     let (a_sh, drop_m) = if a_shape.len() == 1 { (vec![1, a_shape[0]], true) } else { (a_shape.to_vec(), false) };
     let (b_sh, drop_n) = if b_shape.len() == 1 { (vec![b_shape[0], 1], true) } else { (b_shape.to_vec(), false) };
@@ -101,7 +96,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     }
 }
 
-pub fn gemm(a: &Tensor, b: &Tensor, c: Option<&Tensor>, alpha: f32, beta: f32, ta: bool, tb: bool) -> Result<Tensor, String> {
+pub fn gemm(
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+    alpha: f32,
+    beta: f32,
+    ta: bool,
+    tb: bool,
+) -> Result<Tensor, String> {
     if a.rank() != 2 || b.rank() != 2 {
         return Err(format!("Gemm needs matrices, got {:?} and {:?}", a.shape, b.shape));
     }

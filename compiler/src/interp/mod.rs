@@ -180,7 +180,10 @@ impl<'g> Interpreter<'g> {
             let known = g.inputs.iter().any(|&n| g.g[n].outputs[0].name == *name);
             if !known {
                 let names: Vec<&str> = g.inputs.iter().map(|&n| g.g[n].outputs[0].name.as_str()).collect();
-                return Err(Error::invalid(format!("'{name}' is not an input of the model (inputs: {})", names.join(", "))));
+                return Err(Error::invalid(format!(
+                    "'{name}' is not an input of the model (inputs: {})",
+                    names.join(", ")
+                )));
             }
             by_name.insert(name, t);
         }
@@ -189,11 +192,14 @@ impl<'g> Interpreter<'g> {
         let mut outputs: HashMap<ValueRef, Tensor> = HashMap::new();
         for (&n, wiring) in self.order.iter().zip(&self.wiring) {
             let node = &g.g[n];
-            let node_err = |msg: String| Error::Node { node: node.name.clone(), op: node.op.name().into(), opset: g.opset, msg };
+            let node_err =
+                |msg: String| Error::Node { node: node.name.clone(), op: node.op.name().into(), opset: g.opset, msg };
             let results: Vec<Tensor> = match &node.op {
                 Op::Input { .. } => {
                     let name = &node.outputs[0].name;
-                    let t = by_name.get(name.as_str()).ok_or_else(|| Error::invalid(format!("input '{name}' was not given")))?;
+                    let t = by_name
+                        .get(name.as_str())
+                        .ok_or_else(|| Error::invalid(format!("input '{name}' was not given")))?;
                     check_type(&node.outputs[0].ty, t, &mut bind)
                         .map_err(|e| Error::invalid(format!("input '{name}' {e}")))?;
                     vec![(*t).clone()]
@@ -206,7 +212,11 @@ impl<'g> Interpreter<'g> {
                     let args: Vec<Option<&Tensor>> = wiring.iter().map(|v| v.and_then(|v| values.get(&v))).collect();
                     let outs = eval_op(op, &args, node.outputs.len()).map_err(node_err)?;
                     if outs.len() < node.outputs.len() {
-                        return Err(node_err(format!("produced {} outputs, {} declared", outs.len(), node.outputs.len())));
+                        return Err(node_err(format!(
+                            "produced {} outputs, {} declared",
+                            outs.len(),
+                            node.outputs.len()
+                        )));
                     }
                     for (slot, t) in outs.iter().enumerate().take(node.outputs.len()) {
                         check_type(&node.outputs[slot].ty, t, &mut bind)
@@ -236,7 +246,10 @@ impl<'g> Interpreter<'g> {
         g.outputs
             .iter()
             .map(|o| {
-                let t = outputs.get(&o.value).cloned().ok_or_else(|| Error::invalid(format!("output '{}' was not computed", o.name)))?;
+                let t = outputs
+                    .get(&o.value)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("output '{}' was not computed", o.name)))?;
                 Ok((o.name.clone(), t))
             })
             .collect()

@@ -53,7 +53,13 @@ pub fn softmax(x: &Tensor, axis: i64, log: bool) -> Result<Tensor, String> {
 
 /// LayerNormalization over axes `axis..rank`; also returns mean and 1/stddev
 /// (shape: leading dims, then 1s) for the optional outputs.
-pub fn layer_norm(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, axis: i64, eps: f32) -> Result<Vec<Tensor>, String> {
+pub fn layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    axis: i64,
+    eps: f32,
+) -> Result<Vec<Tensor>, String> {
     let v = float_vec(x)?;
     let ax = norm_axis(axis, x.rank())?;
     let size: usize = x.shape[ax..].iter().product();

@@ -30,9 +30,7 @@ fn scale_index(x: &[usize], scale: &Tensor, axis: i64, block: i64) -> Result<Vec
     }
     let ss = crate::ir::tensor::strides(&want);
     let xs = crate::ir::tensor::strides(x);
-    Ok((0..n)
-        .map(|i| (0..x.len()).map(|a| ((i / xs[a]) % x[a] / if a == ax { b } else { 1 }) * ss[a]).sum())
-        .collect())
+    Ok((0..n).map(|i| (0..x.len()).map(|a| ((i / xs[a]) % x[a] / if a == ax { b } else { 1 }) * ss[a]).sum()).collect())
 }
 
 fn zero_points(zp: Option<&Tensor>, n: usize) -> Result<Vec<i64>, String> {
@@ -80,7 +78,13 @@ pub fn quantize_linear(
     Ok(Tensor::from_vec(x.shape.clone(), q).cast(out))
 }
 
-pub fn dequantize_linear(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, axis: i64, block: i64) -> Result<Tensor, String> {
+pub fn dequantize_linear(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    axis: i64,
+    block: i64,
+) -> Result<Tensor, String> {
     if let Some(z) = zp {
         if z.dtype() != x.dtype() {
             return Err("the zero point must have the input's type".into());
@@ -119,9 +123,5 @@ pub fn dynamic_quantize_linear(x: &Tensor) -> Result<Vec<Tensor>, String> {
             (round_half_even(s) + zp).clamp(0.0, 255.0) as u8
         })
         .collect();
-    Ok(vec![
-        Tensor::from_vec(x.shape.clone(), q),
-        Tensor::scalar(scale),
-        Tensor::scalar(zp as u8),
-    ])
+    Ok(vec![Tensor::from_vec(x.shape.clone(), q), Tensor::scalar(scale), Tensor::scalar(zp as u8)])
 }

@@ -24,8 +24,7 @@ pub fn reduce(
         _ if noop_with_empty_axes => return Ok(x.clone()),
         _ => (0..x.rank()).collect(),
     };
-    let kept: Vec<usize> =
-        x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let kept: Vec<usize> = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
     let out_n: usize = kept.iter().product();
     let count: usize = axes.iter().map(|&a| x.shape[a]).product();
     // Input element i accumulates into output element map[i].
@@ -142,9 +141,9 @@ pub fn cumsum(x: &Tensor, axis: &Tensor, exclusive: bool, reverse: bool) -> Resu
                         let at = o * len * inner + j * inner + i;
                         if exclusive {
                             out[at] = acc;
-                            acc = acc + v[at];
+                            acc += v[at];
                         } else {
-                            acc = acc + v[at];
+                            acc += v[at];
                             out[at] = acc;
                         }
                     }

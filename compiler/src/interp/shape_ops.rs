@@ -56,14 +56,16 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
                 infer = Some(i);
                 out.push(1);
             }
-            0 if !allowzero => out.push(*input.get(i).ok_or_else(|| format!("shape entry {i} is 0 but the input has rank {}", input.len()))?),
+            0 if !allowzero => out.push(
+                *input.get(i).ok_or_else(|| format!("shape entry {i} is 0 but the input has rank {}", input.len()))?,
+            ),
             t if t >= 0 => out.push(t as usize),
             _ => return Err(format!("invalid reshape target {target:?}")),
         }
     }
     if let Some(i) = infer {
         let rest: usize = out.iter().product();
-        if rest == 0 || n % rest != 0 {
+        if rest == 0 || !n.is_multiple_of(rest) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = n / rest;
@@ -220,7 +222,13 @@ pub fn slice_axis(dim: i64, start: i64, end: i64, step: i64) -> (i64, i64) {
     }
 }
 
-pub fn slice(x: &Tensor, starts: &Tensor, ends: &Tensor, axes: Option<&Tensor>, steps: Option<&Tensor>) -> Result<Tensor, String> {
+pub fn slice(
+    x: &Tensor,
+    starts: &Tensor,
+    ends: &Tensor,
+    axes: Option<&Tensor>,
+    steps: Option<&Tensor>,
+) -> Result<Tensor, String> {
     let starts = starts.to_i64_vec()?;
     let ends = ends.to_i64_vec()?;
     let axes: Vec<usize> = match axes {
@@ -270,9 +278,8 @@ pub fn tile(x: &Tensor, repeats: &Tensor) -> Result<Tensor, String> {
     let st = strides(&x.shape);
     let n: usize = shape.iter().product();
     let ost = strides(&shape);
-    let idx: Vec<usize> = (0..n)
-        .map(|i| (0..shape.len()).map(|a| ((i / ost[a]) % shape[a] % x.shape[a]) * st[a]).sum())
-        .collect();
+    let idx: Vec<usize> =
+        (0..n).map(|i| (0..shape.len()).map(|a| ((i / ost[a]) % shape[a] % x.shape[a]) * st[a]).sum()).collect();
     Ok(x.take(shape, &idx))
 }
 
@@ -315,7 +322,8 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, S
             return Err("Range delta cannot be 0".into());
         }
         let n = ((l - s) / d).ceil().max(0.0);
-        if !(n <= MAX_ELEMENTS as f64) {
+        // NaN (an infinite range) fails this test too.
+        if n.is_nan() || n > MAX_ELEMENTS as f64 {
             return Err(format!("Range({s}, {l}, {d}) would have {n} elements"));
         }
         let n = n as usize;
@@ -350,11 +358,15 @@ pub fn trilu(x: &Tensor, k: Option<&Tensor>, upper: bool) -> Result<Tensor, Stri
     let keep: Vec<bool> = (0..x.len())
         .map(|e| {
             let (i, j) = (((e / c) % r) as i64, (e % c) as i64);
-            if upper { j - i >= k } else { j - i <= k }
+            if upper {
+                j - i >= k
+            } else {
+                j - i <= k
+            }
         })
         .collect();
     let cond = Tensor::from_vec(x.shape.clone(), keep);
-    if x.len() > 0 {
+    if !x.is_empty() {
         out = super::elementwise::where_(&cond, x, &zero)?;
     }
     Ok(out)

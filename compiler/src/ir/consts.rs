@@ -57,13 +57,8 @@ impl ConstStore {
     }
 
     pub fn insert_tensor(&mut self, name: String, t: &Tensor) -> ConstId {
-        self.insert(Constant {
-            name,
-            dtype: t.dtype(),
-            shape: t.shape.clone(),
-            bytes: Bytes::from(t.to_le_bytes()),
-        })
-        .expect("a tensor's own bytes always match its shape")
+        self.insert(Constant { name, dtype: t.dtype(), shape: t.shape.clone(), bytes: Bytes::from(t.to_le_bytes()) })
+            .expect("a tensor's own bytes always match its shape")
     }
 
     pub fn get(&self, id: ConstId) -> Option<&Constant> {

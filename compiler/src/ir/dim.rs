@@ -65,9 +65,7 @@ impl Dim {
     }
 
     pub fn neg(&self) -> Dim {
-        Dim {
-            terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect(),
-        }
+        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
     }
 
     pub fn sub(&self, other: &Dim) -> Dim {
@@ -95,13 +93,7 @@ impl Dim {
                 return None;
             }
             if self.terms.values().all(|c| c % d == 0) {
-                return Some(Dim {
-                    terms: self
-                        .terms
-                        .iter()
-                        .map(|(m, c)| (m.clone(), c / d))
-                        .collect(),
-                });
+                return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect() });
             }
             return None;
         }
@@ -208,11 +200,16 @@ impl fmt::Display for Dim {
         if self.terms.is_empty() {
             return write!(f, "0");
         }
-        let mut ordered: Vec<(&Monomial, &i64)> =
-            self.terms.iter().filter(|(m, _)| !m.is_empty()).collect();
+        let mut ordered: Vec<(&Monomial, &i64)> = self.terms.iter().filter(|(m, _)| !m.is_empty()).collect();
         ordered.extend(self.terms.iter().filter(|(m, _)| m.is_empty()));
         for (i, (m, &c)) in ordered.into_iter().enumerate() {
-            let sign = if c < 0 { "-" } else if i > 0 { "+" } else { "" };
+            let sign = if c < 0 {
+                "-"
+            } else if i > 0 {
+                "+"
+            } else {
+                ""
+            };
             let mag = c.unsigned_abs();
             write!(f, "{sign}")?;
             if m.is_empty() {

@@ -14,15 +14,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 7] = [
-        DType::F32,
-        DType::F64,
-        DType::I8,
-        DType::U8,
-        DType::I32,
-        DType::I64,
-        DType::Bool,
-    ];
+    pub const ALL: [DType; 7] = [DType::F32, DType::F64, DType::I8, DType::U8, DType::I32, DType::I64, DType::Bool];
 
     pub fn size(self) -> usize {
         match self {

@@ -191,13 +191,9 @@ impl Graph {
     /// Nodes in a deterministic topological order: Kahn's algorithm that always
     /// takes the ready node with the smallest index, so the text form is stable.
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>, String> {
-        let mut indeg: std::collections::HashMap<NodeIndex, usize> = self
-            .g
-            .node_indices()
-            .map(|n| (n, self.g.neighbors_directed(n, Direction::Incoming).count()))
-            .collect();
-        let mut ready: BTreeSet<NodeIndex> =
-            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| n).collect();
+        let mut indeg: std::collections::HashMap<NodeIndex, usize> =
+            self.g.node_indices().map(|n| (n, self.g.neighbors_directed(n, Direction::Incoming).count())).collect();
+        let mut ready: BTreeSet<NodeIndex> = indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| n).collect();
         let mut order = Vec::with_capacity(indeg.len());
         while let Some(n) = ready.pop_first() {
             order.push(n);
@@ -217,10 +213,7 @@ impl Graph {
 
     /// Number of operation nodes (not counting inputs and constants).
     pub fn op_count(&self) -> usize {
-        self.g
-            .node_weights()
-            .filter(|n| !matches!(n.op, Op::Input { .. } | Op::Const { .. }))
-            .count()
+        self.g.node_weights().filter(|n| !matches!(n.op, Op::Input { .. } | Op::Const { .. })).count()
     }
 
     /// The constant a value is, if it is produced by a `Const` node.

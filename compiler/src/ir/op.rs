@@ -11,9 +11,13 @@ pub type ConstId = usize;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// Graph input number `index`.
-    Input { index: usize },
+    Input {
+        index: usize,
+    },
     /// A weight or folded constant.
-    Const { id: ConstId },
+    Const {
+        id: ConstId,
+    },
     Unary(UnaryOp),
     Binary(BinaryOp),
     /// Min, Max, Sum, Mean over any number of broadcast inputs.
@@ -21,44 +25,103 @@ pub enum Op {
     Where,
     /// Inputs: x, min (optional), max (optional).
     Clip,
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
     CastLike,
     Identity,
     /// Inference-mode dropout: identity, plus an all-true mask when asked for.
     Dropout,
     MatMul,
     MatMulInteger,
-    Gemm { alpha: f32, beta: f32, trans_a: bool, trans_b: bool },
-    Softmax { axis: i64 },
-    LogSoftmax { axis: i64 },
-    LayerNorm { axis: i64, epsilon: f32 },
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
+    Softmax {
+        axis: i64,
+    },
+    LogSoftmax {
+        axis: i64,
+    },
+    LayerNorm {
+        axis: i64,
+        epsilon: f32,
+    },
     /// Axes come from the attribute (opset < 18, except ReduceSum) or input 1.
-    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool, noop_with_empty_axes: bool },
-    ArgReduce { max: bool, axis: i64, keepdims: bool, select_last_index: bool },
-    Transpose { perm: Option<Vec<i64>> },
-    Reshape { allowzero: bool },
-    Flatten { axis: i64 },
+    Reduce {
+        kind: ReduceKind,
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+        noop_with_empty_axes: bool,
+    },
+    ArgReduce {
+        max: bool,
+        axis: i64,
+        keepdims: bool,
+        select_last_index: bool,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Reshape {
+        allowzero: bool,
+    },
+    Flatten {
+        axis: i64,
+    },
     /// Axes from input 1 (opset >= 13); all size-1 dims when absent.
     Squeeze,
     Unsqueeze,
-    Concat { axis: i64 },
+    Concat {
+        axis: i64,
+    },
     /// Sizes from input 1, else `num_outputs` (opset 18) or the node's output count.
-    Split { axis: i64, num_outputs: Option<i64> },
+    Split {
+        axis: i64,
+        num_outputs: Option<i64>,
+    },
     /// Inputs: data, starts, ends, axes (optional), steps (optional).
     Slice,
     Expand,
     Tile,
-    Shape { start: i64, end: Option<i64> },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
     Size,
-    ConstantOfShape { value: Tensor },
+    ConstantOfShape {
+        value: Tensor,
+    },
     Range,
-    Gather { axis: i64 },
-    GatherElements { axis: i64 },
-    GatherND { batch_dims: i64 },
-    Trilu { upper: bool },
-    CumSum { exclusive: bool, reverse: bool },
-    QuantizeLinear { axis: i64, saturate: bool, block_size: i64, output_dtype: Option<DType> },
-    DequantizeLinear { axis: i64, block_size: i64 },
+    Gather {
+        axis: i64,
+    },
+    GatherElements {
+        axis: i64,
+    },
+    GatherND {
+        batch_dims: i64,
+    },
+    Trilu {
+        upper: bool,
+    },
+    CumSum {
+        exclusive: bool,
+        reverse: bool,
+    },
+    QuantizeLinear {
+        axis: i64,
+        saturate: bool,
+        block_size: i64,
+        output_dtype: Option<DType>,
+    },
+    DequantizeLinear {
+        axis: i64,
+        block_size: i64,
+    },
     DynamicQuantizeLinear,
 }
 
@@ -261,10 +324,9 @@ impl Op {
             Input { index } => vec![format!("index={index}")],
             Const { .. } => vec![],
             Unary(u) => match u {
-                UnaryOp::IsInf { detect_negative, detect_positive } => vec![
-                    format!("detect_negative={detect_negative}"),
-                    format!("detect_positive={detect_positive}"),
-                ],
+                UnaryOp::IsInf { detect_negative, detect_positive } => {
+                    vec![format!("detect_negative={detect_negative}"), format!("detect_positive={detect_positive}")]
+                }
                 UnaryOp::LeakyRelu { alpha } | UnaryOp::Elu { alpha } => vec![format!("alpha={alpha}")],
                 UnaryOp::HardSigmoid { alpha, beta } => {
                     vec![format!("alpha={alpha}"), format!("beta={beta}")]
@@ -282,8 +344,12 @@ impl Op {
                 format!("trans_a={trans_a}"),
                 format!("trans_b={trans_b}"),
             ],
-            Softmax { axis } | LogSoftmax { axis } | Concat { axis } | Gather { axis }
-            | GatherElements { axis } | Flatten { axis } => vec![format!("axis={axis}")],
+            Softmax { axis }
+            | LogSoftmax { axis }
+            | Concat { axis }
+            | Gather { axis }
+            | GatherElements { axis }
+            | Flatten { axis } => vec![format!("axis={axis}")],
             LayerNorm { axis, epsilon } => vec![format!("axis={axis}"), format!("epsilon={epsilon:e}")],
             Reduce { axes, keepdims, noop_with_empty_axes, .. } => {
                 let mut a = Vec::new();
@@ -303,7 +369,11 @@ impl Op {
             ],
             Transpose { perm } => perm.iter().map(|p| format!("perm={}", list(p))).collect(),
             Reshape { allowzero } => {
-                if *allowzero { vec!["allowzero=true".into()] } else { vec![] }
+                if *allowzero {
+                    vec!["allowzero=true".into()]
+                } else {
+                    vec![]
+                }
             }
             Split { axis, num_outputs } => {
                 let mut a = vec![format!("axis={axis}")];
@@ -357,11 +427,28 @@ impl Op {
         use Op::*;
         match self {
             Input { .. } | Const { .. } => (0, 0),
-            Unary(_) | Cast { .. } | Identity | Transpose { .. } | Flatten { .. }
-            | Shape { .. } | Size | ConstantOfShape { .. } | Softmax { .. }
-            | LogSoftmax { .. } | ArgReduce { .. } | DynamicQuantizeLinear => (1, 1),
-            Binary(_) | CastLike | MatMul | Reshape { .. } | Unsqueeze | Expand | Tile
-            | Gather { .. } | GatherElements { .. } | GatherND { .. } => (2, 2),
+            Unary(_)
+            | Cast { .. }
+            | Identity
+            | Transpose { .. }
+            | Flatten { .. }
+            | Shape { .. }
+            | Size
+            | ConstantOfShape { .. }
+            | Softmax { .. }
+            | LogSoftmax { .. }
+            | ArgReduce { .. }
+            | DynamicQuantizeLinear => (1, 1),
+            Binary(_)
+            | CastLike
+            | MatMul
+            | Reshape { .. }
+            | Unsqueeze
+            | Expand
+            | Tile
+            | Gather { .. }
+            | GatherElements { .. }
+            | GatherND { .. } => (2, 2),
             Variadic(_) => (1, usize::MAX),
             Concat { .. } => (1, usize::MAX),
             Where | Range => (3, 3),

@@ -154,21 +154,14 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Data) -> Result<Tensor, String> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(format!(
-                "shape {:?} needs {n} elements but {} were given",
-                shape,
-                data.len()
-            ));
+            return Err(format!("shape {:?} needs {n} elements but {} were given", shape, data.len()));
         }
         Ok(Tensor { shape, data })
     }
 
     pub fn from_vec<T: Elem>(shape: Vec<usize>, v: Vec<T>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
-        Tensor {
-            shape,
-            data: T::wrap(v),
-        }
+        Tensor { shape, data: T::wrap(v) }
     }
 
     pub fn scalar<T: Elem>(v: T) -> Tensor {
@@ -177,10 +170,7 @@ impl Tensor {
 
     pub fn zeros(dtype: DType, shape: Vec<usize>) -> Tensor {
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: Data::zeros(dtype, n),
-        }
+        Tensor { shape, data: Data::zeros(dtype, n) }
     }
 
     pub fn dtype(&self) -> DType {
@@ -201,9 +191,7 @@ impl Tensor {
 
     /// The elements as `&[T]`, or an error naming both types.
     pub fn as_slice<T: Elem>(&self) -> Result<&[T], String> {
-        T::view(&self.data).ok_or_else(|| {
-            format!("expected a {} tensor, got {}", T::DTYPE, self.dtype())
-        })
+        T::view(&self.data).ok_or_else(|| format!("expected a {} tensor, got {}", T::DTYPE, self.dtype()))
     }
 
     /// Integer elements widened to i64 (shape, axes, indices inputs).
@@ -263,10 +251,7 @@ impl Tensor {
             },
             other => with_data!(other, v => from_src!(v)),
         };
-        Tensor {
-            shape: self.shape.clone(),
-            data,
-        }
+        Tensor { shape: self.shape.clone(), data }
     }
 
     /// Little-endian bytes, the layout of ONNX `raw_data` and of the constant store.
@@ -289,10 +274,7 @@ impl Tensor {
         let n: usize = shape.iter().product();
         let want = n.checked_mul(dtype.size()).ok_or("tensor size overflows")?;
         if bytes.len() != want {
-            return Err(format!(
-                "{dtype}{shape:?} needs {want} bytes of data but {} are present",
-                bytes.len()
-            ));
+            return Err(format!("{dtype}{shape:?} needs {want} bytes of data but {} are present", bytes.len()));
         }
         fn chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
             b.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()

@@ -55,14 +55,7 @@ fn const_summary(t: &Tensor, bytes: usize) -> String {
     let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
     let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!(
-        "<{}, min={:.4} max={:.4} mean={:.4} std={:.4}>",
-        human_bytes(bytes),
-        min,
-        max,
-        mean,
-        std
-    )
+    format!("<{}, min={:.4} max={:.4} mean={:.4} std={:.4}>", human_bytes(bytes), min, max, mean, std)
 }
 
 pub fn render(g: &Graph) -> String {
@@ -89,22 +82,14 @@ pub fn render(g: &Graph) -> String {
             }
             Op::Const { id } => {
                 let c = g.consts.get(*id).expect("verified");
-                let _ = writeln!(
-                    out,
-                    "const %{i} {:?}: {ty0} = {}",
-                    c.name,
-                    const_summary(&c.to_tensor(), c.bytes.len())
-                );
+                let _ =
+                    writeln!(out, "const %{i} {:?}: {ty0} = {}", c.name, const_summary(&c.to_tensor(), c.bytes.len()));
             }
             op => {
-                let lhs: Vec<String> = (0..node.outputs.len())
-                    .map(|s| names[&ValueRef { node: n, slot: s }].clone())
-                    .collect();
-                let args: Vec<String> = g
-                    .inputs_of(n)
-                    .iter()
-                    .map(|v| v.map_or("_".to_string(), |v| names[&v].clone()))
-                    .collect();
+                let lhs: Vec<String> =
+                    (0..node.outputs.len()).map(|s| names[&ValueRef { node: n, slot: s }].clone()).collect();
+                let args: Vec<String> =
+                    g.inputs_of(n).iter().map(|v| v.map_or("_".to_string(), |v| names[&v].clone())).collect();
                 let attrs = op.attrs();
                 let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
                 let tys: Vec<String> = node.outputs.iter().map(|o| type_str(&o.ty)).collect();

@@ -42,10 +42,8 @@ pub fn verify(g: &Graph) -> Result<(), String> {
             return Err(format!("{}: no outputs", here()));
         }
         match &node.op {
-            Op::Input { index } => {
-                if g.inputs.get(*index) != Some(&n) {
-                    return Err(format!("{}: not graph input {index}", here()));
-                }
+            Op::Input { index } if g.inputs.get(*index) != Some(&n) => {
+                return Err(format!("{}: not graph input {index}", here()));
             }
             Op::Const { id } => {
                 let c = g.consts.get(*id).ok_or_else(|| format!("{}: no constant {id}", here()))?;

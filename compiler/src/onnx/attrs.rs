@@ -60,11 +60,11 @@ impl<'a> Attrs<'a> {
     pub fn string(&self, name: &str, default: &str) -> Result<String, String> {
         match self.get(name) {
             None => Ok(default.to_string()),
-            Some(a) => a
-                .s
-                .as_ref()
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .ok_or_else(|| format!("attribute '{name}' must be a string")),
+            Some(a) => {
+                a.s.as_ref()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .ok_or_else(|| format!("attribute '{name}' must be a string"))
+            }
         }
     }
 

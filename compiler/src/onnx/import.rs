@@ -32,7 +32,8 @@ fn decode(bytes: Bytes, what: &str) -> Result<ModelProto> {
     if bytes.is_empty() {
         return Err(Error::Malformed { path: what.into(), msg: "the file is empty".into() });
     }
-    ModelProto::decode(bytes).map_err(|e| Error::Malformed { path: what.into(), msg: format!("protobuf decoding failed: {e}") })
+    ModelProto::decode(bytes)
+        .map_err(|e| Error::Malformed { path: what.into(), msg: format!("protobuf decoding failed: {e}") })
 }
 
 fn malformed(what: &str, msg: impl Into<String>) -> Error {
@@ -83,7 +84,10 @@ pub fn import_model(model: ModelProto, base: Option<&Path>, what: &str) -> Resul
             node: gname,
             op: "(model)".into(),
             opset: 0,
-            reason: format!("imports only the op domains [{}], none of them the default ONNX domain", domains.join(", ")),
+            reason: format!(
+                "imports only the op domains [{}], none of them the default ONNX domain",
+                domains.join(", ")
+            ),
         }]));
     };
     if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {

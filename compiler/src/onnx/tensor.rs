@@ -23,12 +23,13 @@ impl ExternalFiles {
         let rel = Path::new(location);
         // ONNX requires locations relative to the model's folder; refuse escapes.
         if rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-            return Err(format!("external data location '{location}' must be a relative path inside the model's folder"));
+            return Err(format!(
+                "external data location '{location}' must be a relative path inside the model's folder"
+            ));
         }
-        let base = self
-            .base
-            .as_ref()
-            .ok_or_else(|| format!("external data '{location}' needs the model's folder, but the model was loaded from memory"))?;
+        let base = self.base.as_ref().ok_or_else(|| {
+            format!("external data '{location}' needs the model's folder, but the model was loaded from memory")
+        })?;
         let path = base.join(rel);
         let map = match self.maps.get(&path) {
             Some(m) => m.clone(),
@@ -47,10 +48,7 @@ impl ExternalFiles {
         let size = map.len() as u64;
         let len = length.unwrap_or(size.saturating_sub(offset));
         let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-            format!(
-                "external data range offset={offset} length={len} lies outside {} ({size} bytes)",
-                path.display()
-            )
+            format!("external data range offset={offset} length={len} lies outside {} ({size} bytes)", path.display())
         })?;
         Ok(map.slice(offset as usize..end as usize))
     }

@@ -44,7 +44,12 @@ impl Pass for ConstFold {
                     }
                     // A constant subgraph that cannot be evaluated fails the same way at run time.
                     Err(msg) => {
-                        return Err(Error::Node { node: node.name.clone(), op: node.op.name().into(), opset: g.opset, msg })
+                        return Err(Error::Node {
+                            node: node.name.clone(),
+                            op: node.op.name().into(),
+                            opset: g.opset,
+                            msg,
+                        })
                     }
                 }
             } else {

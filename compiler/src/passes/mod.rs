@@ -82,7 +82,11 @@ impl PassManager {
 
     /// Runs every pass in order, verifying after each and calling `observe`
     /// with the pass name and the graph it produced.
-    pub fn run(&self, g: &mut Graph, observe: &mut dyn FnMut(&str, &PassStats, &Graph)) -> Result<Vec<(&'static str, PassStats)>> {
+    pub fn run(
+        &self,
+        g: &mut Graph,
+        observe: &mut dyn FnMut(&str, &PassStats, &Graph),
+    ) -> Result<Vec<(&'static str, PassStats)>> {
         let mut report = Vec::new();
         for p in &self.passes {
             let stats = p.run(g)?;

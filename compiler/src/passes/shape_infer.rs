@@ -183,10 +183,7 @@ impl Cx<'_> {
         let usable = |d: &Dim| !d.as_sym().is_some_and(is_fresh_name);
         match (inferred, declared) {
             (None, Some(decl)) => Some(
-                decl.iter()
-                    .enumerate()
-                    .map(|(a, d)| if usable(d) { d.clone() } else { self.fresh(slot, a) })
-                    .collect(),
+                decl.iter().enumerate().map(|(a, d)| if usable(d) { d.clone() } else { self.fresh(slot, a) }).collect(),
             ),
             (Some(mut dims), Some(decl)) if decl.len() == dims.len() => {
                 for (a, (d, dd)) in dims.iter_mut().zip(decl).enumerate() {
@@ -212,8 +209,7 @@ fn fresh_name(idx: usize, slot: usize, axis: usize) -> String {
 /// Whether a symbol looks like one of ours (`d12_3`, `d12_1_0`).
 fn is_fresh_name(s: &str) -> bool {
     s.strip_prefix('d').is_some_and(|rest| {
-        rest.contains('_')
-            && rest.split('_').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        rest.contains('_') && rest.split('_').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     })
 }
 
@@ -251,10 +247,7 @@ fn broadcast(cx: &Cx, shapes: &[&[Dim]]) -> Result<Vec<Dim>> {
     let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let dims: Vec<&Dim> = shapes
-            .iter()
-            .filter_map(|s| s.len().checked_sub(rank - i).map(|j| &s[j]))
-            .collect();
+        let dims: Vec<&Dim> = shapes.iter().filter_map(|s| s.len().checked_sub(rank - i).map(|j| &s[j])).collect();
         let mut fixed: Option<i64> = None;
         for d in &dims {
             match (d.as_fixed(), fixed) {
@@ -359,9 +352,7 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
         Op::Squeeze => vec![t(d0, squeeze(cx)?)],
         Op::Unsqueeze => vec![t(d0, unsqueeze(cx)?)],
         Op::Concat { axis } => vec![t(d0, concat(cx, *axis)?)],
-        Op::Split { axis, num_outputs } => {
-            split(cx, *axis, *num_outputs)?.into_iter().map(|s| t(d0, s)).collect()
-        }
+        Op::Split { axis, num_outputs } => split(cx, *axis, *num_outputs)?.into_iter().map(|s| t(d0, s)).collect(),
         Op::Slice => vec![t(d0, slice(cx)?)],
         Op::Expand => vec![t(d0, expand(cx)?)],
         Op::Tile => vec![t(d0, tile(cx)?)],
@@ -435,7 +426,9 @@ fn gemm(cx: &Cx, trans_a: bool, trans_b: bool) -> Result<Shape> {
             return Err(cx.err(format!("Gemm input {i} must be 2-D, got rank {r}")));
         }
     }
-    let pick = |i: usize, transposed: bool| cx.shape(i).map(|s| if transposed { (s[1].clone(), s[0].clone()) } else { (s[0].clone(), s[1].clone()) });
+    let pick = |i: usize, transposed: bool| {
+        cx.shape(i).map(|s| if transposed { (s[1].clone(), s[0].clone()) } else { (s[0].clone(), s[1].clone()) })
+    };
     let a = pick(0, trans_a); // (M, K)
     let b = pick(1, trans_b); // (K, N)
     if let (Some((_, ka)), Some((kb, _))) = (&a, &b) {
@@ -509,14 +502,14 @@ fn reshape(cx: &Cx, allowzero: bool) -> Result<Shape> {
                 }
                 out.push(Dim::fixed(1)); // placeholder, so `out` multiplies to "the others"
             }
-            Some(0) if !allowzero => match input {
-                Some(s) => out.push(
-                    s.get(i)
-                        .cloned()
-                        .ok_or_else(|| cx.err(format!("target dim {i} is 0 (copy) but the input has rank {}", s.len())))?,
-                ),
-                None => out.push(cx.fresh(0, i)),
-            },
+            Some(0) if !allowzero => {
+                match input {
+                    Some(s) => out.push(s.get(i).cloned().ok_or_else(|| {
+                        cx.err(format!("target dim {i} is 0 (copy) but the input has rank {}", s.len()))
+                    })?),
+                    None => out.push(cx.fresh(0, i)),
+                }
+            }
             Some(v) if v < 0 => return Err(cx.err(format!("invalid target dim {v}"))),
             _ => out.push(t.clone()),
         }
@@ -555,10 +548,7 @@ fn flatten(cx: &Cx, axis: i64) -> Result<Vec<Dim>> {
         return Err(cx.err(format!("axis {axis} is out of range for rank {r}")));
     }
     let (head, tail) = x.split_at(a as usize);
-    Ok(vec![
-        product(head).unwrap_or_else(|| cx.fresh(0, 0)),
-        product(tail).unwrap_or_else(|| cx.fresh(0, 1)),
-    ])
+    Ok(vec![product(head).unwrap_or_else(|| cx.fresh(0, 0)), product(tail).unwrap_or_else(|| cx.fresh(0, 1))])
 }
 
 fn squeeze(cx: &Cx) -> Result<Shape> {
@@ -614,10 +604,8 @@ fn concat(cx: &Cx, axis: i64) -> Result<Shape> {
         }
     }
     // The axis is the sum of the parts; any unknown part makes it unknown.
-    out[a] = inputs
-        .iter()
-        .try_fold(Dim::fixed(0), |acc, s| acc.checked_add(&(*s)?[a]))
-        .unwrap_or_else(|| cx.fresh(0, a));
+    out[a] =
+        inputs.iter().try_fold(Dim::fixed(0), |acc, s| acc.checked_add(&(*s)?[a])).unwrap_or_else(|| cx.fresh(0, a));
     Ok(Some(out))
 }
 
@@ -690,7 +678,11 @@ fn slice(cx: &Cx) -> Result<Shape> {
     let axes = cx.axes(&axes, r)?;
     let steps = if cx.has(4) { cx.fixed_value(4) } else { Some(vec![1; axes.len()]) };
     let (starts, ends) = (cx.value(1), cx.value(2));
-    for (len, what) in [(starts.map(|s| s.len()), "starts"), (ends.map(|e| e.len()), "ends"), (steps.as_ref().map(|s| s.len()), "steps")] {
+    for (len, what) in [
+        (starts.map(|s| s.len()), "starts"),
+        (ends.map(|e| e.len()), "ends"),
+        (steps.as_ref().map(|s| s.len()), "steps"),
+    ] {
         if let Some(len) = len.filter(|&l| l != axes.len()) {
             return Err(cx.err(format!("{len} {what} for {} axes", axes.len())));
         }
@@ -784,10 +776,7 @@ fn expand(cx: &Cx) -> Result<Shape> {
     }
     match (cx.shape(0), cx.value(1)) {
         (Some(x), Some(target)) => broadcast(cx, &[x, target]).map(Some),
-        (x, None) => Ok(cx
-            .list_len(1)
-            .zip(x.map(|x| x.len()))
-            .map(|(k, r)| cx.fresh_shape(0, k.max(r)))),
+        (x, None) => Ok(cx.list_len(1).zip(x.map(|x| x.len())).map(|(k, r)| cx.fresh_shape(0, k.max(r)))),
         (None, Some(_)) => Ok(None),
     }
 }
@@ -802,11 +791,7 @@ fn tile(cx: &Cx) -> Result<Shape> {
         return Err(cx.err(format!("{} repeats for rank {}", reps.len(), x.len())));
     }
     Ok(Some(
-        x.iter()
-            .zip(reps)
-            .enumerate()
-            .map(|(i, (d, r))| d.checked_mul(r).unwrap_or_else(|| cx.fresh(0, i)))
-            .collect(),
+        x.iter().zip(reps).enumerate().map(|(i, (d, r))| d.checked_mul(r).unwrap_or_else(|| cx.fresh(0, i))).collect(),
     ))
 }
 
@@ -1228,7 +1213,12 @@ mod tests {
         let n = g.add_node(Op::Split { axis: 2, num_outputs: Some(3) }, "split".into(), &[Some(x)], outs);
         let red = op(
             &mut g,
-            Op::Reduce { kind: crate::ir::ReduceKind::Mean, axes: Some(vec![-1]), keepdims: true, noop_with_empty_axes: false },
+            Op::Reduce {
+                kind: crate::ir::ReduceKind::Mean,
+                axes: Some(vec![-1]),
+                keepdims: true,
+                noop_with_empty_axes: false,
+            },
             "mean",
             &[x],
         );
