@@ -945,7 +945,7 @@ fn track_value(cx: &Cx, out: &TensorType) -> Option<Vec<Dim>> {
         Op::ConstantOfShape { value } => {
             let n = fixed_numel(out.shape.as_deref()?)?;
             let v = value.to_i64_vec().ok()?;
-            if n > MAX_TRACKED as i128 || v.len() != 1 {
+            if !(0..=MAX_TRACKED as i128).contains(&n) || v.len() != 1 {
                 return None;
             }
             vec![Dim::fixed(v[0]); n as usize]
@@ -1233,6 +1233,33 @@ mod tests {
         assert_eq!(ty_str(&g, red), "f32[batch,seq,1]");
         assert_eq!(ty_str(&g, tr), "f32[seq,batch,192]");
         assert_eq!(ty_str(&g, ge), "f32[batch,seq,32]");
+    }
+
+    #[test]
+    fn extreme_inputs_do_not_panic() {
+        let mut g = Graph::new("t", 17);
+        let x = input(&mut g, "x", sym_type(DType::F32, &["seq", "0", "5"]));
+        let lo = ints(&mut g, "lo", &[i64::MIN, i64::MIN, i64::MAX]);
+        let hi = ints(&mut g, "hi", &[i64::MAX, i64::MAX, i64::MIN]);
+        let axes = ints(&mut g, "axes", &[0, 1, 2]);
+        let steps = ints(&mut g, "steps", &[i64::MIN, 1, i64::MIN]);
+        let sl = op(&mut g, Op::Slice, "sl", &[x, lo, hi, axes, steps]);
+        let big = ints(&mut g, "big", &[i64::MAX, i64::MAX]);
+        let sum = op(&mut g, Op::Binary(BinaryOp::Mul), "mul", &[big, big]);
+        let add = op(&mut g, Op::Binary(BinaryOp::Add), "add", &[big, big]);
+        let neg = ints(&mut g, "neg", &[i64::MIN]);
+        let m1 = ints(&mut g, "m1", &[-1]);
+        let div = op(&mut g, Op::Binary(BinaryOp::Div), "div", &[neg, m1]);
+        let r = {
+            let (a, b, c) = (scalar(&mut g, "a", i64::MIN), scalar(&mut g, "b", i64::MAX), scalar(&mut g, "c", 1));
+            op(&mut g, Op::Range, "range", &[a, b, c])
+        };
+        let cos = op(&mut g, Op::ConstantOfShape { value: Tensor::scalar(1i64) }, "cos", &[neg]);
+        let sq = op(&mut g, Op::Squeeze, "sq", &[x]);
+        let result = infer(&mut g);
+        // A negative ConstantOfShape dim is a definite error; everything before it must not panic.
+        assert!(result.unwrap_err().to_string().contains("cos"));
+        let _ = (sl, sum, add, div, r, cos, sq);
     }
 
     #[test]
