@@ -1,5 +1,273 @@
 //! edgec-runtime: the thin on-device loader and runner for `.edgec` artifacts.
 //!
-//! It depends on neither Cranelift nor the compiler, so a device needs only this
-//! crate and one artifact file. The artifact format and the loader arrive with
-//! native code generation; until then the crate holds no code.
+//! It depends on neither Cranelift nor the compiler, so a device needs only this crate and one
+//! artifact file. The format is specified in `docs/artifact-format.md`.
+//!
+//! Every byte of an artifact is checked (checksums, bounds, schema) before anything is trusted,
+//! which catches corruption and mismatched builds. It cannot make hostile machine code safe: an
+//! artifact is a program, so load only artifacts you would run as one.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+
+use memmap2::Mmap;
+
+pub mod artifact;
+pub mod capi;
+pub mod format;
+pub mod host;
+pub mod tensor;
+
+pub use artifact::{Artifact, LoadError};
+pub use format::{Arch, ArtifactWriter, DType, Dim, Meta, SectionKind, TensorMeta, WriteError};
+pub use tensor::{AlignedBuf, Element, Tensor, TensorError, TensorView};
+
+/// The argument of the entry function, exactly as in the spec (every field 8 bytes).
+#[repr(C)]
+#[derive(Debug)]
+pub struct EdgecCall {
+    pub inputs: *const *const c_void,
+    pub outputs: *const *mut c_void,
+    pub weights: *const u8,
+    pub arena: *mut u8,
+    pub symbols: *const i64,
+    /// Reserved for the runtime's thread pool; null runs serially.
+    pub parallel_for: *mut c_void,
+    pub parallel_ctx: *mut c_void,
+}
+
+type EntryFn = unsafe extern "C" fn(*const EdgecCall);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("expected {expected} inputs, got {got}")]
+    InputCount { expected: usize, got: usize },
+    #[error("input `{name}`: dtype {got}, expected {expected}")]
+    Dtype { name: String, expected: DType, got: DType },
+    #[error("input `{name}`: rank {got}, expected {expected}")]
+    Rank { name: String, expected: usize, got: usize },
+    #[error("input `{name}` axis {axis}: size {got}, expected {expected}")]
+    Dim { name: String, axis: usize, expected: String, got: usize },
+    #[error("input `{name}`: symbol `{symbol}` is {got} here but {bound} in input `{first}`")]
+    SymbolConflict { name: String, symbol: String, got: usize, bound: usize, first: String },
+    #[error("symbol `{symbol}` = {value} is outside 1..={max}")]
+    SymbolRange { symbol: String, value: usize, max: u64 },
+    #[error("input `{name}`: {got} data bytes, its shape needs {expected}")]
+    DataLength { name: String, expected: String, got: usize },
+    #[error("input `{name}`: data is not aligned to its {align}-byte elements")]
+    Misaligned { name: String, align: usize },
+    #[error("input `{name}`: bool byte {value} at index {index} is not 0 or 1")]
+    Bool { name: String, index: usize, value: u8 },
+    #[error("output `{name}`: shape: {reason}")]
+    OutputShape { name: String, reason: String },
+    #[error("expected {expected} output buffers, got {got}")]
+    OutputCount { expected: usize, got: usize },
+    #[error("output `{name}`: buffer is {got} bytes, needs {expected}")]
+    OutputBuffer { name: String, expected: usize, got: usize },
+    #[error("output `{name}`: buffer is not aligned to its {align}-byte elements")]
+    OutputMisaligned { name: String, align: usize },
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+}
+
+/// A loaded, validated model ready to run. Runs may come from any thread; they take turns on the
+/// one arena.
+#[derive(Debug)]
+pub struct Model {
+    meta: Meta,
+    triple: String,
+    features: u64,
+    /// The whole file, read-only; WEIGHTS is used in place.
+    file: Mmap,
+    weights: Range<usize>,
+    /// Read+execute copy of CODE; `entry` points into it, so it lives as long as the model.
+    _code: Mmap,
+    entry: EntryFn,
+    arena: Mutex<AlignedBuf>,
+}
+
+impl Model {
+    /// Maps and validates the artifact, checks this CPU can run it, then maps its code.
+    ///
+    /// The file must not be modified while the model is loaded (it is memory-mapped).
+    pub fn load(path: impl AsRef<Path>) -> Result<Model, LoadError> {
+        let path = path.as_ref();
+        let io_err = |source| LoadError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io_err)?;
+        // SAFETY: a read-only private map; the caller keeps the file unchanged while loaded.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        let art = Artifact::parse(&map)?;
+        // Nothing is mapped executable until the CPU is known to fit.
+        host::check_host(art.arch, art.features)?;
+        let weights = art.section(SectionKind::Weights).map(|s| s.range()).unwrap_or_default();
+        if !(map.as_ptr() as usize + weights.start).is_multiple_of(tensor::BUFFER_ALIGN) {
+            return Err(LoadError::WeightsAlignment);
+        }
+        let code = host::map_code(art.code)?;
+        let Artifact { meta, triple, features, .. } = art;
+        // SAFETY: entry_offset < CODE length (validated); the artifact promises a C-ABI function
+        // there, which is the trust the loader has to place in compiled code.
+        let entry = unsafe { std::mem::transmute::<*const u8, EntryFn>(code.as_ptr().add(meta.entry_offset as usize)) };
+        let arena = AlignedBuf::zeroed(meta.arena_bytes as usize).ok_or(LoadError::Arena(meta.arena_bytes))?;
+        Ok(Model { meta, triple, features, file: map, weights, _code: code, entry, arena: Mutex::new(arena) })
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn inputs(&self) -> &[TensorMeta] {
+        &self.meta.inputs
+    }
+
+    pub fn outputs(&self) -> &[TensorMeta] {
+        &self.meta.outputs
+    }
+
+    pub fn triple(&self) -> &str {
+        &self.triple
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Runs the model; outputs come back in META order.
+    pub fn run(&self, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>, RunError> {
+        let (symbols, shapes) = self.prepare(inputs)?;
+        let mut outputs = Vec::with_capacity(shapes.len());
+        for (shape, m) in shapes.into_iter().zip(&self.meta.outputs) {
+            outputs.push(Tensor::zeros(m.dtype, shape)?);
+        }
+        let ptrs = outputs.iter_mut().map(|t| t.bytes_mut().as_mut_ptr().cast()).collect();
+        self.invoke(inputs, &symbols, ptrs);
+        Ok(outputs)
+    }
+
+    /// Runs the model into caller buffers (each at least the output's size and aligned to its
+    /// element size); returns the output shapes. Unlike `run`, the buffers are not zeroed first.
+    pub fn run_into(&self, inputs: &[TensorView<'_>], outputs: &mut [&mut [u8]]) -> Result<Vec<Vec<usize>>, RunError> {
+        let (symbols, shapes) = self.prepare(inputs)?;
+        if outputs.len() != shapes.len() {
+            return Err(RunError::OutputCount { expected: shapes.len(), got: outputs.len() });
+        }
+        for ((buf, shape), m) in outputs.iter().zip(&shapes).zip(&self.meta.outputs) {
+            let needed = tensor::byte_len(m.dtype, shape).unwrap_or(usize::MAX);
+            if buf.len() < needed {
+                return Err(RunError::OutputBuffer { name: m.name.clone(), expected: needed, got: buf.len() });
+            }
+            if needed > 0 && !(buf.as_ptr() as usize).is_multiple_of(m.dtype.size()) {
+                return Err(RunError::OutputMisaligned { name: m.name.clone(), align: m.dtype.size() });
+            }
+        }
+        let ptrs = outputs.iter_mut().map(|b| b.as_mut_ptr().cast()).collect();
+        self.invoke(inputs, &symbols, ptrs);
+        Ok(shapes)
+    }
+
+    /// Validates the inputs, binds the symbols and evaluates the output shapes.
+    fn prepare(&self, inputs: &[TensorView<'_>]) -> Result<(Vec<i64>, Vec<Vec<usize>>), RunError> {
+        let meta = &self.meta;
+        if inputs.len() != meta.inputs.len() {
+            return Err(RunError::InputCount { expected: meta.inputs.len(), got: inputs.len() });
+        }
+        // Per symbol: its value and the input that bound it.
+        let mut bound: Vec<Option<(usize, usize)>> = vec![None; meta.symbols.len()];
+        for (i, (t, m)) in inputs.iter().zip(&meta.inputs).enumerate() {
+            check_input(t, m)?;
+            for (axis, (&got, dim)) in t.shape.iter().zip(&m.shape).enumerate() {
+                if let Some(s) = dim.as_symbol().and_then(|n| meta.symbol_index(n)) {
+                    match bound[s] {
+                        None => bound[s] = Some((got, i)),
+                        Some((v, first)) if v != got => {
+                            let (symbol, first) = (meta.symbols[s].name.clone(), meta.inputs[first].name.clone());
+                            return Err(RunError::SymbolConflict {
+                                name: m.name.clone(),
+                                symbol,
+                                got,
+                                bound: v,
+                                first,
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                } else if dim.as_constant().and_then(|c| usize::try_from(c).ok()) != Some(got) {
+                    return Err(RunError::Dim { name: m.name.clone(), axis, expected: dim.to_string(), got });
+                }
+            }
+        }
+        let mut values = Vec::with_capacity(bound.len());
+        for (s, b) in meta.symbols.iter().zip(&bound) {
+            // Every symbol is some input's dimension (validated at load), so it is bound.
+            let value = b.map_or(0, |(v, _)| v);
+            match i64::try_from(value) {
+                Ok(v) if v >= 1 && v as u64 <= s.max => values.push(v),
+                _ => return Err(RunError::SymbolRange { symbol: s.name.clone(), value, max: s.max }),
+            }
+        }
+        let env: HashMap<&str, i64> =
+            meta.symbols.iter().map(|s| s.name.as_str()).zip(values.iter().copied()).collect();
+        let mut shapes = Vec::with_capacity(meta.outputs.len());
+        for m in &meta.outputs {
+            let shape_err = |reason: String| RunError::OutputShape { name: m.name.clone(), reason };
+            let mut shape = Vec::with_capacity(m.shape.len());
+            for (axis, dim) in m.shape.iter().enumerate() {
+                let v = dim.eval(&env).map_err(|e| shape_err(format!("axis {axis} `{dim}`: {e}")))?;
+                shape.push(usize::try_from(v).map_err(|_| shape_err(format!("axis {axis} = {v} is too large")))?);
+            }
+            if tensor::byte_len(m.dtype, &shape).is_none() {
+                return Err(shape_err(format!("{shape:?} has more bytes than memory can address")));
+            }
+            shapes.push(shape);
+        }
+        Ok((values, shapes))
+    }
+
+    /// Calls the entry function; the inputs, symbols and outputs have been validated.
+    fn invoke(&self, inputs: &[TensorView<'_>], symbols: &[i64], outputs: Vec<*mut c_void>) {
+        let inputs: Vec<*const c_void> = inputs.iter().map(|t| t.data.as_ptr().cast()).collect();
+        let mut arena = self.arena.lock().unwrap_or_else(PoisonError::into_inner);
+        let call = EdgecCall {
+            inputs: inputs.as_ptr(),
+            outputs: outputs.as_ptr(),
+            weights: self.file[self.weights.clone()].as_ptr(),
+            arena: arena.as_mut_ptr(),
+            symbols: symbols.as_ptr(),
+            parallel_for: std::ptr::null_mut(),
+            parallel_ctx: std::ptr::null_mut(),
+        };
+        // SAFETY: every pointer is valid and sized as META says for this run; the arena is ours
+        // alone while the lock is held. The code itself is trusted (see the crate docs).
+        unsafe { (self.entry)(&call) };
+    }
+}
+
+/// Dtype, rank, byte length, alignment and bool values of one input (dims are checked by the caller).
+fn check_input(t: &TensorView<'_>, m: &TensorMeta) -> Result<(), RunError> {
+    let name = || m.name.clone();
+    if t.dtype != m.dtype {
+        return Err(RunError::Dtype { name: name(), expected: m.dtype, got: t.dtype });
+    }
+    if t.shape.len() != m.shape.len() {
+        return Err(RunError::Rank { name: name(), expected: m.shape.len(), got: t.shape.len() });
+    }
+    let expected = tensor::byte_len(t.dtype, t.shape);
+    if expected != Some(t.data.len()) {
+        let expected = expected.map_or_else(|| "more than memory can address".into(), |n| n.to_string());
+        return Err(RunError::DataLength { name: name(), expected, got: t.data.len() });
+    }
+    if !t.data.is_empty() && !(t.data.as_ptr() as usize).is_multiple_of(t.dtype.size()) {
+        return Err(RunError::Misaligned { name: name(), align: t.dtype.size() });
+    }
+    if t.dtype == DType::Bool {
+        if let Some(index) = t.data.iter().position(|&b| b > 1) {
+            return Err(RunError::Bool { name: name(), index, value: t.data[index] });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+/* edgec-runtime C API: load a `.edgec` artifact and run it.
+ *
+ * Link against libedgec_runtime.a (plus -lpthread -ldl -lm on Linux) or libedgec_runtime.so.
+ * Functions that can fail take an error buffer: on failure they write a NUL-terminated message
+ * (cut to err_len - 1 bytes) and return NULL or -1; on success they write an empty string.
+ * err_buf may be NULL. No function lets a Rust panic escape.
+ */
+#ifndef EDGEC_H
+#define EDGEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EDGEC_DTYPE_F32 1
+#define EDGEC_DTYPE_F64 2
+#define EDGEC_DTYPE_I8 3
+#define EDGEC_DTYPE_U8 4
+#define EDGEC_DTYPE_I32 5
+#define EDGEC_DTYPE_I64 6
+#define EDGEC_DTYPE_BOOL 7 /* one byte, 0 or 1 */
+
+#define EDGEC_MAX_RANK 8
+
+/* A dense row-major tensor.
+ * Input:  every field is read; data must be aligned to the element size.
+ * Output: set data and byte_len (the buffer's capacity, at least the output's size); the runtime
+ *         fills dtype, rank and shape. Output buffers must not overlap inputs or each other. */
+typedef struct {
+    int32_t dtype; /* EDGEC_DTYPE_* */
+    uint32_t rank;
+    int64_t shape[EDGEC_MAX_RANK];
+    void *data;
+    size_t byte_len;
+} EdgecTensor;
+
+typedef struct EdgecModel EdgecModel;
+
+/* Loads and validates an artifact; NULL on failure. The file must stay unchanged while loaded. */
+EdgecModel *edgec_model_load(const char *path, char *err_buf, size_t err_len);
+
+/* Runs the model; inputs and outputs in the model's order. 0 on success, -1 on failure.
+ * Safe to call from several threads at once (runs take turns). */
+int edgec_model_run(const EdgecModel *model, const EdgecTensor *inputs, size_t n_inputs, EdgecTensor *outputs,
+                    size_t n_outputs, char *err_buf, size_t err_len);
+
+/* Frees a model; NULL is ignored. */
+void edgec_model_free(EdgecModel *model);
+
+size_t edgec_model_input_count(const EdgecModel *model);
+size_t edgec_model_output_count(const EdgecModel *model);
+/* Names are owned by the model; NULL if index is out of range. */
+const char *edgec_model_input_name(const EdgecModel *model, size_t index);
+const char *edgec_model_output_name(const EdgecModel *model, size_t index);
+/* EDGEC_DTYPE_* ; -1 if index is out of range. */
+int32_t edgec_model_input_dtype(const EdgecModel *model, size_t index);
+int32_t edgec_model_output_dtype(const EdgecModel *model, size_t index);
+/* -1 if index is out of range. */
+int32_t edgec_model_input_rank(const EdgecModel *model, size_t index);
+int32_t edgec_model_output_rank(const EdgecModel *model, size_t index);
+/* Bytes per element; 0 for an unknown code. */
+size_t edgec_dtype_size(int32_t dtype);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EDGEC_H */
