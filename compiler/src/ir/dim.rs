@@ -56,38 +56,10 @@ impl Dim {
         self
     }
 
-    pub fn add(&self, other: &Dim) -> Dim {
-        let mut terms = self.terms.clone();
-        for (m, c) in &other.terms {
-            *terms.entry(m.clone()).or_insert(0) += c;
-        }
-        Dim { terms }.normalized()
-    }
-
-    pub fn neg(&self) -> Dim {
-        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
-    }
-
-    pub fn sub(&self, other: &Dim) -> Dim {
-        self.add(&other.neg())
-    }
-
-    pub fn mul(&self, other: &Dim) -> Dim {
-        let mut terms: BTreeMap<Monomial, i64> = BTreeMap::new();
-        for (ma, ca) in &self.terms {
-            for (mb, cb) in &other.terms {
-                let mut m: Monomial = ma.iter().chain(mb.iter()).cloned().collect();
-                m.sort();
-                *terms.entry(m).or_insert(0) += ca * cb;
-            }
-        }
-        Dim { terms }.normalized()
-    }
-
     /// Exact division: `Some` only when the result is again a polynomial with integer
     /// coefficients (constant divisor dividing every coefficient, or a divisor that
     /// is a single term dividing every term).
-    pub fn div_exact(&self, other: &Dim) -> Option<Dim> {
+    fn div_exact(&self, other: &Dim) -> Option<Dim> {
         if let Some(d) = other.as_fixed() {
             if d == 0 {
                 return None;
@@ -116,7 +88,7 @@ impl Dim {
         Some(Dim { terms }.normalized())
     }
 
-    /// `add` that returns `None` instead of overflowing (dims built from
+    /// Addition that returns `None` instead of overflowing (dims built from
     /// user data, e.g. an `INT64_MAX` slice end, can be extreme).
     pub fn checked_add(&self, other: &Dim) -> Option<Dim> {
         let mut terms = self.terms.clone();
@@ -127,18 +99,18 @@ impl Dim {
         Some(Dim { terms }.normalized())
     }
 
-    /// `neg` that returns `None` instead of overflowing.
+    /// Negation that returns `None` instead of overflowing.
     pub fn checked_neg(&self) -> Option<Dim> {
         let terms = self.terms.iter().map(|(m, c)| Some((m.clone(), c.checked_neg()?))).collect::<Option<_>>()?;
         Some(Dim { terms })
     }
 
-    /// `sub` that returns `None` instead of overflowing.
+    /// Subtraction that returns `None` instead of overflowing.
     pub fn checked_sub(&self, other: &Dim) -> Option<Dim> {
         self.checked_add(&other.checked_neg()?)
     }
 
-    /// `mul` that returns `None` instead of overflowing.
+    /// Multiplication that returns `None` instead of overflowing.
     pub fn checked_mul(&self, other: &Dim) -> Option<Dim> {
         let mut terms: BTreeMap<Monomial, i64> = BTreeMap::new();
         for (ma, ca) in &self.terms {
@@ -152,7 +124,7 @@ impl Dim {
         Some(Dim { terms }.normalized())
     }
 
-    /// `div_exact` that also returns `None` where it would overflow (`i64::MIN / -1`).
+    /// Exact division that also returns `None` where it would overflow (`i64::MIN / -1`).
     pub fn checked_div_exact(&self, other: &Dim) -> Option<Dim> {
         let divisor = match other.as_fixed() {
             Some(d) => d,
@@ -239,19 +211,23 @@ mod tests {
     fn canonical_arithmetic() {
         let seq = Dim::sym("seq");
         let past = Dim::sym("past");
-        let total = seq.add(&past);
+        let total = seq.checked_add(&past).unwrap();
         assert_eq!(total.to_string(), "past+seq");
-        assert_eq!(past.add(&seq), total);
-        assert_eq!(total.sub(&past), seq);
-        assert_eq!(seq.mul(&Dim::fixed(64)).to_string(), "64*seq");
-        assert_eq!(seq.mul(&Dim::fixed(64)).div_exact(&Dim::fixed(16)).unwrap().to_string(), "4*seq");
-        assert_eq!(seq.add(&Dim::fixed(1)).div_exact(&Dim::fixed(2)), None);
-        assert_eq!(seq.sub(&Dim::fixed(1)).to_string(), "seq-1");
-        let b_s = Dim::sym("batch").mul(&seq);
+        assert_eq!(past.checked_add(&seq).unwrap(), total);
+        assert_eq!(total.checked_sub(&past).unwrap(), seq);
+        let s64 = seq.checked_mul(&Dim::fixed(64)).unwrap();
+        assert_eq!(s64.to_string(), "64*seq");
+        assert_eq!(s64.checked_div_exact(&Dim::fixed(16)).unwrap().to_string(), "4*seq");
+        assert_eq!(seq.checked_add(&Dim::fixed(1)).unwrap().checked_div_exact(&Dim::fixed(2)), None);
+        assert_eq!(seq.checked_sub(&Dim::fixed(1)).unwrap().to_string(), "seq-1");
+        let b_s = Dim::sym("batch").checked_mul(&seq).unwrap();
         assert_eq!(b_s.to_string(), "batch*seq");
-        assert_eq!(b_s.div_exact(&seq), Some(Dim::sym("batch")));
+        assert_eq!(b_s.checked_div_exact(&seq), Some(Dim::sym("batch")));
         assert_eq!(total.eval(&|s| Some(if s == "seq" { 3 } else { 4 })), Some(7));
         assert_eq!(Dim::fixed(5).as_fixed(), Some(5));
         assert_eq!(Dim::fixed(0).as_fixed(), Some(0));
+        // Overflow is reported, never a panic.
+        assert_eq!(Dim::fixed(i64::MAX).checked_add(&Dim::fixed(1)), None);
+        assert_eq!(Dim::fixed(i64::MIN).checked_div_exact(&Dim::fixed(-1)), None);
     }
 }
