@@ -13,6 +13,7 @@ use prost::Message;
 /// neither may panic.
 fn import_and_run(bytes: Vec<u8>, feeds: &[(String, Tensor)]) -> Result<(), String> {
     let g = edgec::onnx::load_model_bytes(bytes.into(), None, "fuzzed").map_err(|e| e.to_string())?;
+    // The passes must not panic on whatever imported; the graph as imported is what runs.
     let mut g2 = g.clone();
     edgec::passes::PassManager::default_pipeline().run(&mut g2, &mut |_, _, _| {}).map_err(|e| e.to_string())?;
     Interpreter::new(&g).and_then(|i| i.run(feeds)).map_err(|e| e.to_string())?;

@@ -263,7 +263,3 @@ pub fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Te
     }
     Ok(out)
 }
-
-pub fn cast(x: &Tensor, to: DType) -> Tensor {
-    x.cast(to)
-}

@@ -40,8 +40,8 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
         }
         Op::Where => one(elementwise::where_(arg(0)?, arg(1)?, arg(2)?)?),
         Op::Clip => one(elementwise::clip(arg(0)?, opt(1), opt(2))?),
-        Op::Cast { to } => one(elementwise::cast(arg(0)?, *to)),
-        Op::CastLike => one(elementwise::cast(arg(0)?, arg(1)?.dtype())),
+        Op::Cast { to } => one(arg(0)?.cast(*to)),
+        Op::CastLike => one(arg(0)?.cast(arg(1)?.dtype())),
         Op::Identity => one(arg(0)?.clone()),
         Op::Dropout => {
             if let Some(t) = opt(2) {

@@ -49,7 +49,9 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
 pub const ALL_PASSES: &[&str] = &["shape-inference", "const-fold", "dce", "cse"];
 
 /// The pipeline `edgec` runs by default.
-pub const DEFAULT_PIPELINE: &[&str] = &["shape-inference", "const-fold", "cse", "dce"];
+/// Import already ran shape inference, and const-fold re-infers what it needs, so
+/// the default pipeline does not start with another full shape-inference run.
+pub const DEFAULT_PIPELINE: &[&str] = &["const-fold", "cse", "dce"];
 
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
