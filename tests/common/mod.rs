@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use edgec::ir::{Data, Tensor};
 use std::path::PathBuf;
 
