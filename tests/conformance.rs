@@ -11,6 +11,9 @@
 
 mod common;
 
+use common::native;
+use common::qemu::{run_jobs, CrossArch, Job};
+
 use edgec::interp::Interpreter;
 use edgec::ir::{Graph, Tensor};
 use edgec::onnx::proto::TensorProto;
@@ -29,9 +32,9 @@ fn data_dir() -> PathBuf {
         .unwrap_or_else(|| common::repo_root().join("data/onnx-node"))
 }
 
-/// Exclusion patterns (`*` wildcard) with their reasons.
-fn exclusions() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(common::repo_root().join("tests/conformance/exclusions.txt")).unwrap();
+/// Exclusion patterns (`*` wildcard) with their reasons, from one of the lists in tests/conformance.
+fn exclusions(file: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(common::repo_root().join("tests/conformance").join(file)).unwrap();
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -73,9 +76,20 @@ fn run_graph(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
 
 enum Outcome {
     Unsupported(String),
-    Pass,
+    /// Passed in the interpreter and natively on this machine; the cross-target jobs still have to
+    /// run (with the interpreter's outputs to compare against).
+    Pass(Vec<Job>, Vec<Tensor>),
     Fail(String),
+    /// The interpreter passed; compiling or running native code did not.
+    NativeFail(String),
 }
+
+/// A case to run under qemu: name, job, the interpreter's outputs.
+type CrossCase = (String, Job, Vec<Tensor>);
+
+/// Native code vs the reference interpreter.
+const NATIVE_RTOL: f64 = 1e-4;
+const NATIVE_ATOL: f64 = 1e-5;
 
 fn run_case(dir: &Path) -> Outcome {
     let g = match edgec::onnx::load_model(&dir.join("model.onnx")) {
@@ -113,7 +127,45 @@ fn run_case(dir: &Path) -> Outcome {
             }
         }
     }
-    Outcome::Pass
+    // Native code for the optimized graph, against the interpreter on the same graph. Inputs that
+    // only shape the computation (axes, bounds) are frozen to the test's values first, as a user
+    // compiling such a model would.
+    let mut graph = variants[1].1.clone();
+    let mut inputs = inputs;
+    let frozen = edgec::codegen::shape_parameter_inputs(&graph);
+    if !frozen.is_empty() {
+        let names = native::input_names(&graph);
+        for f in &frozen {
+            let i = names.iter().position(|n| n == f).unwrap();
+            graph.freeze_input(f, &inputs[i]).unwrap();
+        }
+        inputs = names.iter().zip(inputs).filter(|(n, _)| !frozen.contains(n)).map(|(_, t)| t).collect();
+        if let Err(e) = PassManager::default_pipeline().run(&mut graph, &mut |_, _, _| {}) {
+            return Outcome::Fail(format!("passes after freezing {frozen:?}: {e}"));
+        }
+    }
+    let graph = &graph;
+    let reference = run_graph(graph, &inputs).expect("ran above");
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    for target in ["host", "x86_64"] {
+        let got = match native::run_native(graph, &inputs, target) {
+            Ok((_, o)) => o,
+            Err(e) => return Outcome::NativeFail(format!("native {target}: {e}")),
+        };
+        for (i, (g, w)) in got.iter().zip(&reference).enumerate() {
+            if let Err(e) = common::compare(g, w, NATIVE_RTOL, NATIVE_ATOL) {
+                return Outcome::NativeFail(format!("native {target}: output {i}: {e}"));
+            }
+        }
+    }
+    let mut jobs = Vec::new();
+    for arch in CrossArch::CROSS {
+        match native::cross_job(&name, graph, &inputs, &reference, arch.name()) {
+            Ok(j) => jobs.push(j),
+            Err(e) => return Outcome::NativeFail(e),
+        }
+    }
+    Outcome::Pass(jobs, reference)
 }
 
 /// The op a case tests: the longest supported op type that prefixes the case
@@ -148,7 +200,9 @@ fn onnx_node_conformance() {
         "ONNX conformance data missing at {}: run scripts/gen-conformance.sh (the README's test command does)",
         dir.display()
     );
-    let excl = exclusions();
+    let excl = exclusions("exclusions.txt");
+    let native_excl = exclusions("native-exclusions.txt");
+    let mut native_excluded = 0;
     let mut cases: Vec<PathBuf> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     cases.sort();
@@ -157,6 +211,7 @@ fn onnx_node_conformance() {
     let mut problems = Vec::new();
     let mut used_patterns = std::collections::HashSet::new();
     let mut unsupported_ops: BTreeMap<String, usize> = BTreeMap::new();
+    let mut cross: BTreeMap<&str, Vec<CrossCase>> = BTreeMap::new();
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
         let exclusion = excl.iter().find(|(p, _)| glob_match(p, &name));
@@ -171,31 +226,83 @@ fn onnx_node_conformance() {
         if let Some((p, _)) = exclusion {
             used_patterns.insert(p.clone());
         }
+        let native_exclusion = native_excl.iter().find(|(p, _)| glob_match(p, &name));
+        if let Some((p, _)) = native_exclusion {
+            used_patterns.insert(p.clone());
+        }
+        let outcome = match (outcome, native_exclusion) {
+            (Outcome::NativeFail(_), Some(_)) => {
+                native_excluded += 1;
+                Outcome::Pass(Vec::new(), Vec::new())
+            }
+            (Outcome::NativeFail(msg), None) => Outcome::Fail(msg),
+            (Outcome::Pass(..), Some((p, _))) => {
+                problems.push(format!(
+                    "{name}: compiles and passes natively but is listed in native-exclusions.txt ('{p}')"
+                ));
+                Outcome::Pass(Vec::new(), Vec::new())
+            }
+            (o, _) => o,
+        };
         match (outcome, exclusion) {
             (Outcome::Unsupported(ops), _) => {
                 unsupported += 1;
                 *unsupported_ops.entry(ops).or_default() += 1;
             }
-            (Outcome::Pass, None) => {
+            (Outcome::Pass(jobs, reference), None) => {
                 passed += 1;
+                for (arch, job) in CrossArch::CROSS.iter().zip(jobs) {
+                    cross.entry(arch.name()).or_default().push((name.clone(), job, reference.clone()));
+                }
                 let e = per_op.entry(case_op(&name)).or_default();
                 e.0 += 1;
                 e.1 += 1;
             }
-            (Outcome::Pass, Some((p, _))) => {
+            (Outcome::Pass(..), Some((p, _))) => {
                 problems.push(format!("{name}: passes but is excluded by '{p}': remove the exclusion"))
             }
             (Outcome::Fail(msg), None) => {
                 per_op.entry(case_op(&name)).or_default().1 += 1;
                 problems.push(format!("{name}: {msg}"));
             }
+            (Outcome::NativeFail(_), _) => unreachable!("resolved above"),
             (Outcome::Fail(_), Some(_)) => {
                 excluded += 1;
                 per_op.entry(case_op(&name)).or_default().1 += 1;
             }
         }
     }
-    for (p, _) in &excl {
+    // Every natively passing case also runs under qemu: one process per architecture.
+    let mut cross_summary = String::new();
+    for arch in CrossArch::CROSS {
+        let cases = cross.remove(arch.name()).unwrap_or_default();
+        let jobs: Vec<Job> = cases.iter().map(|c| c.1.clone()).collect();
+        let t0 = std::time::Instant::now();
+        match run_jobs(arch, &jobs, None) {
+            Err(e) => problems.push(format!("qemu {}: {e}", arch.name())),
+            Ok(outs) => {
+                let mut ok = 0;
+                for ((name, _, reference), raw) in cases.iter().zip(outs) {
+                    let got = native::decode_outputs(&raw, reference).unwrap();
+                    match got
+                        .iter()
+                        .zip(reference)
+                        .try_for_each(|(g, w)| common::compare(g, w, NATIVE_RTOL, NATIVE_ATOL))
+                    {
+                        Ok(()) => ok += 1,
+                        Err(e) => problems.push(format!("{name}: {} under qemu: {e}", arch.name())),
+                    }
+                }
+                cross_summary.push_str(&format!(
+                    "{}: {ok}/{} cases match the interpreter under qemu ({:.1} s)\n",
+                    arch.name(),
+                    cases.len(),
+                    t0.elapsed().as_secs_f64()
+                ));
+            }
+        }
+    }
+    for (p, _) in excl.iter().chain(&native_excl) {
         if !used_patterns.contains(p) {
             problems.push(format!("exclusion '{p}' matches no failing case: remove it"));
         }
@@ -207,6 +314,10 @@ fn onnx_node_conformance() {
     report.push_str(&format!(
         "\n{} cases: {passed} passed, {excluded} excluded (listed with reasons), {unsupported} use unsupported ops or types\n",
         cases.len()
+    ));
+    report.push_str(&format!(
+        "\nNative code: every passing case also ran compiled for this machine (host features and baseline x86_64), \
+         except {native_excluded} listed in tests/conformance/native-exclusions.txt.\n{cross_summary}"
     ));
     report.push_str("\nUnsupported (op or type, cases): ");
     let list: Vec<String> = unsupported_ops.iter().map(|(k, v)| format!("{k} {v}")).collect();

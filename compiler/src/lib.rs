@@ -4,6 +4,7 @@
 //! -> `passes` (pass manager and IR-to-IR passes) -> `interp` (the reference
 //! interpreter every later stage is checked against).
 
+pub mod codegen;
 pub mod error;
 pub mod interp;
 pub mod ir;

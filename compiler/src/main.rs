@@ -30,9 +30,47 @@ enum Command {
         #[arg(long)]
         after: Vec<String>,
     },
-    /// Run a model with the reference interpreter and write each output as NAME.npy.
-    Run {
+    /// Compile an ONNX model to native code: a `.edgec` artifact (or an ELF object + C header).
+    Compile {
         /// The ONNX model.
+        model: PathBuf,
+        /// `host`, `x86_64`, `aarch64`, `riscv64` or a target triple.
+        #[arg(long, default_value = "host")]
+        target: String,
+        /// CPU preset (`native`, `x86-64-v2`, `x86-64-v3`, `cortex-a53`, `cortex-a76`, `rv64gcv`, ...).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// Extra CPU features, e.g. `+avx2,+fma` or `+dotprod` (default: the architecture's baseline).
+        #[arg(long)]
+        features: Option<String>,
+        /// Bound for symbolic dims such as the sequence length; the arena is sized for it.
+        #[arg(long, default_value_t = edgec::codegen::DEFAULT_MAX_SEQ)]
+        max_seq: u64,
+        /// Bound for batch-like symbolic dims (names containing "batch").
+        #[arg(long, default_value_t = 1)]
+        max_batch: u64,
+        /// Bound for one symbol, NAME=N (repeatable; overrides --max-seq/--max-batch).
+        #[arg(long = "bound", value_name = "NAME=N")]
+        bounds: Vec<String>,
+        /// Pass pipeline to run before code generation.
+        #[arg(long, default_value = "default")]
+        passes: String,
+        /// Output file (default: the model's name with .edgec, or .o for --emit obj).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// `artifact` (.edgec) or `obj` (ELF object + C header for static linking).
+        #[arg(long, default_value = "artifact")]
+        emit: String,
+        /// With --emit obj: put the weights in a sidecar file instead of the object.
+        #[arg(long)]
+        weights_file: bool,
+        /// With --emit obj: prefix of the C symbols (`PREFIX_run`, ...).
+        #[arg(long, default_value = "model")]
+        prefix: String,
+    },
+    /// Run a model (.onnx with the reference interpreter, .edgec natively); writes NAME.npy per output.
+    Run {
+        /// The ONNX model or compiled .edgec artifact.
         model: PathBuf,
         /// An input as NAME=FILE.npy (repeat for each graph input).
         #[arg(long = "input", short = 'i', value_name = "NAME=FILE.npy")]
@@ -43,6 +81,16 @@ enum Command {
         /// Pass pipeline to run before interpreting (`none` runs the graph as imported).
         #[arg(long, default_value = "default")]
         passes: String,
+    },
+    /// Time a compiled .edgec artifact: median latency over N runs.
+    Bench {
+        model: PathBuf,
+        #[arg(long = "input", short = 'i', value_name = "NAME=FILE.npy")]
+        inputs: Vec<String>,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
     },
 }
 
@@ -87,21 +135,12 @@ fn run(model: &Path, inputs: Vec<String>, output_dir: PathBuf, passes: String) -
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
     pipeline(&passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
     let load_time = t0.elapsed();
-    let mut feeds = Vec::new();
-    for spec in inputs {
-        let (name, file) = spec.split_once('=').ok_or_else(|| format!("--input '{spec}' must be NAME=FILE.npy"))?;
-        feeds.push((name.to_string(), edgec::npy::read_npy(Path::new(file))?));
-    }
+    let feeds = read_feeds(inputs)?;
     let t1 = Instant::now();
     let interp = Interpreter::new(&g).map_err(|e| e.to_string())?;
     let outputs = interp.run(&feeds).map_err(|e| e.to_string())?;
     let run_time = t1.elapsed();
-    std::fs::create_dir_all(&output_dir).map_err(|e| format!("cannot create {}: {e}", output_dir.display()))?;
-    for (name, t) in &outputs {
-        let path = output_dir.join(format!("{}.npy", file_stem(name)));
-        edgec::npy::write_npy(&path, t)?;
-        println!("{name}: {}{:?} -> {}", t.dtype(), t.shape, path.display());
-    }
+    write_outputs(&outputs, &output_dir)?;
     eprintln!(
         "load+passes {:.1} ms, interpreter {:.1} ms",
         load_time.as_secs_f64() * 1e3,
@@ -110,11 +149,158 @@ fn run(model: &Path, inputs: Vec<String>, output_dir: PathBuf, passes: String) -
     Ok(())
 }
 
+fn parse_bounds(list: &[String]) -> Result<Vec<(String, u64)>, String> {
+    list.iter()
+        .map(|b| {
+            let (n, v) = b.split_once('=').ok_or_else(|| format!("--bound '{b}' must be NAME=N"))?;
+            let v = v.parse::<u64>().map_err(|_| format!("--bound '{b}': N must be a positive integer"))?;
+            Ok((n.to_string(), v))
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile(
+    model: &Path,
+    opts: edgec::codegen::Options,
+    passes: &str,
+    output: Option<PathBuf>,
+    emit: &str,
+    weights_file: bool,
+    prefix: &str,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
+    pipeline(passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
+    let t_import = t0.elapsed();
+    let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
+    let default_ext = if emit == "obj" { "o" } else { "edgec" };
+    let out = output.unwrap_or_else(|| model.with_extension(default_ext));
+    let written = match emit {
+        "artifact" => {
+            let bytes = c.artifact().map_err(|e| e.to_string())?;
+            std::fs::write(&out, &bytes).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            vec![(out.clone(), bytes.len())]
+        }
+        "obj" => edgec::codegen::object::write(&c, &out, prefix, weights_file).map_err(|e| e.to_string())?,
+        other => return Err(format!("--emit {other}: expected `artifact` or `obj`")),
+    };
+    let s = &c.stats;
+    println!(
+        "target      {} ({})",
+        c.target.triple,
+        if c.target.features == 0 { "baseline".to_string() } else { c.target.feature_text() }
+    );
+    println!("nodes       {} lowered to {} kernels in {} functions", s.nodes, s.kernels, s.functions);
+    println!("code        {} bytes", s.code_bytes);
+    println!("weights     {} bytes", s.weight_bytes);
+    println!(
+        "arena       {} bytes (symbols at their bounds; {} bytes without buffer reuse)",
+        s.arena_bytes, s.arena_unshared
+    );
+    for sym in &c.meta.symbols {
+        println!("symbol      {} <= {}", sym.name, sym.max);
+    }
+    println!("time        import+passes {:.0} ms, codegen {:.0} ms", t_import.as_secs_f64() * 1e3, s.compile_ms);
+    for (p, n) in written {
+        println!("wrote       {} ({n} bytes)", p.display());
+    }
+    Ok(())
+}
+
+fn read_feeds(inputs: Vec<String>) -> Result<Vec<(String, edgec::ir::Tensor)>, String> {
+    let mut feeds = Vec::new();
+    for spec in inputs {
+        let (name, file) = spec.split_once('=').ok_or_else(|| format!("--input '{spec}' must be NAME=FILE.npy"))?;
+        feeds.push((name.to_string(), edgec::npy::read_npy(Path::new(file))?));
+    }
+    Ok(feeds)
+}
+
+fn is_artifact(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "edgec")
+}
+
+fn run_artifact(path: &Path, inputs: Vec<String>, output_dir: PathBuf) -> Result<(), String> {
+    let t0 = Instant::now();
+    let model = edgec_runtime::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let load_time = t0.elapsed();
+    let feeds = read_feeds(inputs)?;
+    let t1 = Instant::now();
+    let outputs = edgec::codegen::run_model(&model, &feeds).map_err(|e| e.to_string())?;
+    let run_time = t1.elapsed();
+    write_outputs(&outputs, &output_dir)?;
+    eprintln!("load {:.1} ms, run {:.2} ms", load_time.as_secs_f64() * 1e3, run_time.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+fn write_outputs(outputs: &[(String, edgec::ir::Tensor)], output_dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(output_dir).map_err(|e| format!("cannot create {}: {e}", output_dir.display()))?;
+    for (name, t) in outputs {
+        let path = output_dir.join(format!("{}.npy", file_stem(name)));
+        edgec::npy::write_npy(&path, t)?;
+        println!("{name}: {}{:?} -> {}", t.dtype(), t.shape, path.display());
+    }
+    Ok(())
+}
+
+fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize) -> Result<(), String> {
+    let model = edgec_runtime::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let feeds = read_feeds(inputs)?;
+    for _ in 0..warmup {
+        edgec::codegen::run_model(&model, &feeds).map_err(|e| e.to_string())?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        edgec::codegen::run_model(&model, &feeds).map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "{}: median {med:.3} ms over {} runs (min {:.3} ms, max {:.3} ms)",
+        path.display(),
+        times.len(),
+        times[0],
+        times[times.len() - 1]
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { model, passes, after } => inspect(&model, passes, after),
+        Command::Run { model, inputs, output_dir, .. } if is_artifact(&model) => {
+            run_artifact(&model, inputs, output_dir)
+        }
         Command::Run { model, inputs, output_dir, passes } => run(&model, inputs, output_dir, passes),
+        Command::Compile {
+            model,
+            target,
+            cpu,
+            features,
+            max_seq,
+            max_batch,
+            bounds,
+            passes,
+            output,
+            emit,
+            weights_file,
+            prefix,
+        } => parse_bounds(&bounds).and_then(|bounds| {
+            let opts = edgec::codegen::Options {
+                target,
+                cpu,
+                features,
+                max_seq: Some(max_seq),
+                max_batch: Some(max_batch),
+                bounds,
+            };
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix)
+        }),
+        Command::Bench { model, inputs, runs, warmup } => bench(&model, inputs, runs, warmup),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

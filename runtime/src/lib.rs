@@ -101,7 +101,20 @@ impl Model {
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: a read-only private map; the caller keeps the file unchanged while loaded.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
-        let art = Artifact::parse(&map)?;
+        Model::from_map(map)
+    }
+
+    /// Loads an artifact held in memory (copied into a fresh page-aligned mapping first).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model, LoadError> {
+        let io_err = |source| LoadError::Io { path: "<memory>".into(), source };
+        let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io_err)?;
+        m[..bytes.len()].copy_from_slice(bytes);
+        let map = m.make_read_only().map_err(io_err)?;
+        Model::from_map(map)
+    }
+
+    fn from_map(map: Mmap) -> Result<Model, LoadError> {
+        let art = Artifact::parse(&map[..])?;
         // Nothing is mapped executable until the CPU is known to fit.
         host::check_host(art.arch, art.features)?;
         let weights = art.section(SectionKind::Weights).map(|s| s.range()).unwrap_or_default();

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod native;
 pub mod qemu;
 
 use edgec::ir::{Data, Tensor};

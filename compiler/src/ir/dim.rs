@@ -46,6 +46,24 @@ impl Dim {
         self.as_fixed().is_some()
     }
 
+    /// The terms `(coefficient, symbols)`, in canonical order.
+    pub fn terms(&self) -> impl Iterator<Item = (&i64, &Vec<String>)> {
+        self.terms.iter().map(|(m, c)| (c, m))
+    }
+
+    /// An upper bound for symbols in `1..=max(symbol)`: negative terms dropped, symbols at their maxima.
+    pub fn upper_bound(&self, max: &dyn Fn(&str) -> i64) -> Option<i64> {
+        let mut total: i64 = 0;
+        for (m, c) in &self.terms {
+            let mut t = *c;
+            for s in m {
+                t = t.checked_mul(max(s))?;
+            }
+            total = total.checked_add(t.max(0))?;
+        }
+        Some(total)
+    }
+
     /// Symbols this dimension depends on.
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
         self.terms.keys().flat_map(|m| m.iter().map(|s| s.as_str()))

@@ -188,6 +188,29 @@ impl Graph {
         }
     }
 
+    /// Replaces graph input `name` by a constant (an AOT compiler specialises shape parameters such
+    /// as axes or slice bounds that a model takes as inputs). The remaining inputs keep their order.
+    pub fn freeze_input(&mut self, name: &str, t: &Tensor) -> Result<(), String> {
+        let pos = self
+            .inputs
+            .iter()
+            .position(|&n| self.g[n].outputs[0].name == name)
+            .ok_or_else(|| format!("the graph has no input `{name}`"))?;
+        let n = self.inputs[pos];
+        let want = &self.g[n].outputs[0].ty;
+        if want.dtype != t.dtype() {
+            return Err(format!("input `{name}` is {}, the value given is {}", want.dtype, t.dtype()));
+        }
+        let c = self.add_const(name.to_string(), t);
+        self.replace_uses(ValueRef { node: n, slot: 0 }, c);
+        self.g.remove_node(n);
+        self.inputs.remove(pos);
+        for (i, &m) in self.inputs.iter().enumerate() {
+            self.g[m].op = Op::Input { index: i };
+        }
+        Ok(())
+    }
+
     /// Nodes in a deterministic topological order: Kahn's algorithm that always
     /// takes the ready node with the smallest index, so the text form is stable.
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>, String> {

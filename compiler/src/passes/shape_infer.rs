@@ -702,6 +702,19 @@ fn slice(cx: &Cx) -> Result<Shape> {
     Ok(Some(out))
 }
 
+/// The first index a Slice reads on an axis of size `d` (same assumptions as `slice_len`).
+pub fn slice_start(d: &Dim, start: &Dim, step: i64) -> Option<Dim> {
+    if let (Some(dv), Some(s)) = (d.as_fixed(), start.as_fixed()) {
+        let (s, _) = clamp_bounds(dv as i128, s as i128, 0, step as i128);
+        return Some(Dim::fixed(s as i64));
+    }
+    match start.as_fixed() {
+        Some(s) if s < 0 => d.checked_add(start),
+        Some(s) if s >= UNBOUNDED => d.checked_sub(&Dim::fixed(1)),
+        _ => Some(start.clone()),
+    }
+}
+
 /// ONNX's start/end clamping for a fixed dim: the (start, end) to iterate.
 fn clamp_bounds(d: i128, s: i128, e: i128, step: i128) -> (i128, i128) {
     let s = if s < 0 { s + d } else { s };

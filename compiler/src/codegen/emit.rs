@@ -1,0 +1,272 @@
+//! The kernel builder: a Cranelift `FunctionBuilder` plus what every kernel needs: runtime dims
+//! from the call's symbol table, buffer base pointers, typed loads and stores, and counted loops.
+//!
+//! Every kernel is a function `void k(const EdgecCall *call)`; the layout of `EdgecCall` is fixed
+//! by docs/artifact-format.md.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, Block, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::FunctionBuilder;
+
+use super::target::Target;
+use crate::ir::{DType, Dim};
+
+/// Byte offsets of the `EdgecCall` fields.
+const CALL_INPUTS: i32 = 0;
+const CALL_OUTPUTS: i32 = 8;
+const CALL_WEIGHTS: i32 = 16;
+const CALL_ARENA: i32 = 24;
+const CALL_SYMBOLS: i32 = 32;
+
+/// Where a tensor lives at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Loc {
+    Input(usize),
+    Output(usize),
+    /// Byte offset in the WEIGHTS section.
+    Weight(u64),
+    /// Byte offset in the arena.
+    Arena(u64),
+}
+
+/// The scalar Cranelift type a dtype computes in (bool is an i8 holding 0 or 1).
+pub fn scalar_type(dt: DType) -> Type {
+    match dt {
+        DType::F32 => types::F32,
+        DType::F64 => types::F64,
+        DType::I8 | DType::U8 | DType::Bool => types::I8,
+        DType::I32 => types::I32,
+        DType::I64 => types::I64,
+    }
+}
+
+pub struct Kb<'a> {
+    pub fb: FunctionBuilder<'a>,
+    pub target: &'a Target,
+    call: Value,
+    symbols: &'a [String],
+}
+
+/// Accesses that cannot trap: the plan guarantees bounds.
+pub fn mem() -> MemFlagsData {
+    // Not `aligned`: vectors are only element-aligned, and SSE folds aligned loads into ops that
+    // fault on misaligned addresses.
+    MemFlagsData::new().with_notrap()
+}
+
+impl<'a> Kb<'a> {
+    /// Starts the kernel body: `fb` must be fresh for a function taking one pointer argument.
+    pub fn new(mut fb: FunctionBuilder<'a>, target: &'a Target, symbols: &'a [String]) -> Kb<'a> {
+        let entry = fb.create_block();
+        fb.append_block_params_for_function_params(entry);
+        fb.switch_to_block(entry);
+        let call = fb.block_params(entry)[0];
+        Kb { fb, target, call, symbols }
+    }
+
+    pub fn call_ptr(&self) -> Value {
+        self.call
+    }
+
+    pub fn finish(mut self) {
+        self.fb.ins().return_(&[]);
+        self.fb.seal_all_blocks();
+        let cfg = self.target.isa.frontend_config();
+        self.fb.finalize(cfg);
+    }
+
+    pub fn iconst(&mut self, v: i64) -> Value {
+        self.fb.ins().iconst(types::I64, v)
+    }
+
+    /// A symbol's run-time value.
+    pub fn symbol(&mut self, name: &str) -> Value {
+        let idx = self.symbols.iter().position(|s| s == name).expect("planner checked every symbol is bound");
+        let table = self.fb.ins().load(types::I64, mem(), self.call, CALL_SYMBOLS);
+        self.fb.ins().load(types::I64, mem(), table, (idx * 8) as i32)
+    }
+
+    /// A dimension polynomial evaluated at run time (i64).
+    pub fn dim(&mut self, d: &Dim) -> Value {
+        if let Some(v) = d.as_fixed() {
+            return self.iconst(v);
+        }
+        let mut acc: Option<Value> = None;
+        for (coef, syms) in d.terms() {
+            let mut t = self.iconst(*coef);
+            for s in syms {
+                let v = self.symbol(s);
+                t = self.fb.ins().imul(t, v);
+            }
+            acc = Some(match acc {
+                Some(a) => self.fb.ins().iadd(a, t),
+                None => t,
+            });
+        }
+        acc.unwrap_or_else(|| self.iconst(0))
+    }
+
+    /// Base address of a buffer.
+    pub fn base(&mut self, loc: Loc) -> Value {
+        let ins = self.fb.ins();
+        match loc {
+            Loc::Input(i) => {
+                let t = ins.load(types::I64, mem(), self.call, CALL_INPUTS);
+                self.fb.ins().load(types::I64, mem(), t, (i * 8) as i32)
+            }
+            Loc::Output(i) => {
+                let t = ins.load(types::I64, mem(), self.call, CALL_OUTPUTS);
+                self.fb.ins().load(types::I64, mem(), t, (i * 8) as i32)
+            }
+            Loc::Weight(off) => {
+                let w = ins.load(types::I64, mem(), self.call, CALL_WEIGHTS);
+                self.fb.ins().iadd_imm_s(w, off as i64)
+            }
+            Loc::Arena(off) => {
+                let a = ins.load(types::I64, mem(), self.call, CALL_ARENA);
+                self.fb.ins().iadd_imm_s(a, off as i64)
+            }
+        }
+    }
+
+    /// `base + index * size` (index in elements, i64).
+    pub fn elem_addr(&mut self, base: Value, index: Value, size: usize) -> Value {
+        let off = self.fb.ins().imul_imm_s(index, size as i64);
+        self.fb.ins().iadd(base, off)
+    }
+
+    pub fn load(&mut self, dt: DType, addr: Value, offset: i32) -> Value {
+        self.fb.ins().load(scalar_type(dt), mem(), addr, offset)
+    }
+
+    pub fn store(&mut self, v: Value, addr: Value, offset: i32) {
+        self.fb.ins().store(mem(), v, addr, offset);
+    }
+
+    /// `for i in (start..end).step_by(step) { body(i) }`; `body` may emit nested loops.
+    pub fn for_range(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
+        let header = self.fb.create_block();
+        let body_block = self.fb.create_block();
+        let exit = self.fb.create_block();
+        self.fb.append_block_param(header, types::I64);
+        self.fb.ins().jump(header, &[start.into()]);
+        self.fb.switch_to_block(header);
+        let i = self.fb.block_params(header)[0];
+        // `i + step <= end` keeps every iteration whole, so the caller's tail loop handles the rest.
+        let last = self.fb.ins().iadd_imm_s(i, step);
+        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
+        self.fb.ins().brif(go, body_block, &[], exit, &[]);
+        self.fb.switch_to_block(body_block);
+        body(self, i);
+        let next = self.fb.ins().iadd_imm_s(i, step);
+        self.fb.ins().jump(header, &[next.into()]);
+        self.fb.switch_to_block(exit);
+    }
+
+    /// Like `for_range` but also returns the first index not covered (`start + k*step`).
+    pub fn for_steps(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) -> Value {
+        let header = self.fb.create_block();
+        let body_block = self.fb.create_block();
+        let exit = self.fb.create_block();
+        self.fb.append_block_param(header, types::I64);
+        self.fb.append_block_param(exit, types::I64);
+        self.fb.ins().jump(header, &[start.into()]);
+        self.fb.switch_to_block(header);
+        let i = self.fb.block_params(header)[0];
+        let last = self.fb.ins().iadd_imm_s(i, step);
+        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
+        self.fb.ins().brif(go, body_block, &[], exit, &[i.into()]);
+        self.fb.switch_to_block(body_block);
+        body(self, i);
+        let next = self.fb.ins().iadd_imm_s(i, step);
+        self.fb.ins().jump(header, &[next.into()]);
+        self.fb.switch_to_block(exit);
+        self.fb.block_params(exit)[0]
+    }
+
+    /// A loop carrying values: `init` flows in, `body(i, carried) -> carried'` per iteration, and
+    /// the final carried values come out.
+    pub fn fold_range(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        init: &[Value],
+        body: impl FnOnce(&mut Self, Value, &[Value]) -> Vec<Value>,
+    ) -> (Value, Vec<Value>) {
+        let header = self.fb.create_block();
+        let body_block = self.fb.create_block();
+        let exit = self.fb.create_block();
+        self.fb.append_block_param(header, types::I64);
+        self.fb.append_block_param(exit, types::I64);
+        let tys: Vec<Type> = init.iter().map(|v| self.fb.func.dfg.value_type(*v)).collect();
+        for &t in &tys {
+            self.fb.append_block_param(header, t);
+            self.fb.append_block_param(exit, t);
+        }
+        let args: Vec<_> = std::iter::once(start).chain(init.iter().copied()).map(Into::into).collect();
+        self.fb.ins().jump(header, &args);
+        self.fb.switch_to_block(header);
+        let params: Vec<Value> = self.fb.block_params(header).to_vec();
+        let i = params[0];
+        let last = self.fb.ins().iadd_imm_s(i, step);
+        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
+        let exit_args: Vec<_> = params.iter().copied().map(Into::into).collect();
+        self.fb.ins().brif(go, body_block, &[], exit, &exit_args);
+        self.fb.switch_to_block(body_block);
+        let out = body(self, i, &params[1..]);
+        let next = self.fb.ins().iadd_imm_s(i, step);
+        let back: Vec<_> = std::iter::once(next).chain(out).map(Into::into).collect();
+        self.fb.ins().jump(header, &back);
+        self.fb.switch_to_block(exit);
+        let p = self.fb.block_params(exit).to_vec();
+        (p[0], p[1..].to_vec())
+    }
+
+    /// `if cond { then() }`.
+    pub fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        let b: Block = self.fb.create_block();
+        let done = self.fb.create_block();
+        self.fb.ins().brif(cond, b, &[], done, &[]);
+        self.fb.switch_to_block(b);
+        then(self);
+        self.fb.ins().jump(done, &[]);
+        self.fb.switch_to_block(done);
+    }
+}
+
+/// The body of a loop nest: gets the per-view element offsets and the loop indices.
+pub type NestBody<'b, K> = dyn FnMut(&mut K, &[Value], &[Value]) + 'b;
+
+impl Kb<'_> {
+    /// Loops over every point of `dims` (outer to inner), carrying one element offset per view
+    /// (`offs[v] + sum(i_a * strides[v][a])`), and calls `body` with the offsets and indices.
+    pub fn loop_nest(
+        &mut self,
+        dims: &[Value],
+        strides: &[Vec<Value>],
+        offs: Vec<Value>,
+        idx: &mut Vec<Value>,
+        body: &mut NestBody<'_, Self>,
+    ) {
+        let axis = idx.len();
+        if axis == dims.len() {
+            body(self, &offs, idx);
+            return;
+        }
+        let zero = self.iconst(0);
+        self.for_range(zero, dims[axis], 1, |kb, i| {
+            let offs: Vec<Value> = offs
+                .iter()
+                .zip(strides)
+                .map(|(&o, s)| {
+                    let d = kb.fb.ins().imul(i, s[axis]);
+                    kb.fb.ins().iadd(o, d)
+                })
+                .collect();
+            idx.push(i);
+            kb.loop_nest(dims, strides, offs, idx, body);
+            idx.pop();
+        });
+    }
+}

@@ -1,0 +1,414 @@
+//! Native code generation with Cranelift: plan memory, lower every node to kernels, compile each
+//! node's kernels into one function, link the functions behind an entry point, and package the
+//! result as a `.edgec` artifact (docs/artifact-format.md) or an ELF object.
+
+pub mod emit;
+pub mod gather;
+pub mod link;
+pub mod lower;
+pub mod map;
+pub mod math;
+pub mod matmul;
+pub mod object;
+pub mod plan;
+pub mod reduce;
+pub mod target;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use cranelift_codegen::entity::EntityRef;
+use cranelift_codegen::ir::{types, AbiParam, ExternalName, Function, InstBuilder, Signature, UserFuncName};
+use cranelift_codegen::{control::ControlPlane, Context, FinalizedRelocTarget};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use edgec_runtime::format::{self as fmt, CompileOptions, Meta, Symbol, TensorMeta};
+
+use crate::error::{Error, Result};
+use crate::ir::{DType, Dim, Graph, ValueRef};
+use crate::passes::shape_infer;
+use emit::{Kb, Loc};
+use link::{CompiledFunc, Fixup};
+use lower::{Kernel, LowerCx};
+use map::{Expr, MapKernel, View};
+pub use target::Target;
+
+/// Default bound for symbolic dims when neither the model nor the user gives one.
+pub const DEFAULT_MAX_SEQ: u64 = 2048;
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `host`, `x86_64`, `aarch64`, `riscv64` or a triple.
+    pub target: String,
+    pub cpu: Option<String>,
+    pub features: Option<String>,
+    /// Bound for every symbol except batch-like ones (default 2048).
+    pub max_seq: Option<u64>,
+    /// Bound for batch-like symbols (names containing "batch"; default 1).
+    pub max_batch: Option<u64>,
+    /// Explicit per-symbol bounds (`--bound NAME=N`), overriding the defaults.
+    pub bounds: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub nodes: usize,
+    pub kernels: usize,
+    pub functions: usize,
+    pub code_bytes: usize,
+    pub weight_bytes: usize,
+    pub arena_bytes: u64,
+    /// Arena bytes without lifetime-based sharing, for comparison.
+    pub arena_unshared: u64,
+    pub compile_ms: f64,
+}
+
+pub struct Compiled {
+    pub target: Target,
+    pub meta: Meta,
+    pub code: Vec<u8>,
+    pub weights: Vec<u8>,
+    pub stats: Stats,
+}
+
+impl Compiled {
+    pub fn artifact(&self) -> Result<Vec<u8>> {
+        let triple = self.target.triple.to_string();
+        fmt::ArtifactWriter::new(&triple, self.target.features, &self.meta, &self.code, &self.weights)
+            .to_bytes()
+            .map_err(|e| Error::Invalid(format!("writing the artifact: {e}")))
+    }
+}
+
+fn runtime_dtype(dt: DType) -> fmt::DType {
+    match dt {
+        DType::F32 => fmt::DType::F32,
+        DType::F64 => fmt::DType::F64,
+        DType::I8 => fmt::DType::I8,
+        DType::U8 => fmt::DType::U8,
+        DType::I32 => fmt::DType::I32,
+        DType::I64 => fmt::DType::I64,
+        DType::Bool => fmt::DType::Bool,
+    }
+}
+
+fn runtime_dim(d: &Dim) -> fmt::Dim {
+    fmt::Dim(d.terms().map(|(c, syms)| fmt::Term(*c, syms.clone())).collect())
+}
+
+/// Default bound of a symbol: batch-like dims get `max_batch` (1 on a device), others `max_seq`.
+fn default_bound(name: &str, max_seq: u64, max_batch: u64) -> u64 {
+    if name.to_ascii_lowercase().contains("batch") {
+        max_batch
+    } else {
+        max_seq
+    }
+}
+
+pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
+    let t0 = Instant::now();
+    let target = Target::parse(&opts.target, opts.cpu.as_deref(), opts.features.as_deref())?;
+    let mut g = graph.clone();
+    let inferred = shape_infer::infer(&mut g)?;
+
+    // Symbols come from the input shapes, each dim a constant or a lone symbol.
+    let mut symbols: Vec<String> = Vec::new();
+    let mut inputs_meta = Vec::new();
+    for &n in &g.inputs {
+        let v = ValueRef { node: n, slot: 0 };
+        let val = g.value(v);
+        let shape = val.ty.shape.clone().ok_or_else(|| Error::Invalid(format!("input `{}` has no shape", val.name)))?;
+        for d in &shape {
+            if d.is_fixed() {
+                continue;
+            }
+            let s = d.as_sym().ok_or_else(|| {
+                Error::Invalid(format!("input `{}`: dim `{d}` must be a constant or a single symbol", val.name))
+            })?;
+            if !symbols.iter().any(|x| x == s) {
+                symbols.push(s.to_string());
+            }
+        }
+        inputs_meta.push(TensorMeta {
+            name: val.name.clone(),
+            dtype: runtime_dtype(val.ty.dtype),
+            shape: shape.iter().map(runtime_dim).collect(),
+        });
+    }
+    let max_seq = opts.max_seq.unwrap_or(DEFAULT_MAX_SEQ);
+    for (name, _) in &opts.bounds {
+        if !symbols.contains(name) {
+            return Err(Error::Invalid(format!("--bound `{name}`: the model's inputs have no such symbol")));
+        }
+    }
+    let bounds: HashMap<String, u64> = symbols
+        .iter()
+        .map(|s| {
+            let b = opts
+                .bounds
+                .iter()
+                .find(|(n, _)| n == s)
+                .map(|b| b.1)
+                .unwrap_or_else(|| default_bound(s, max_seq, opts.max_batch.unwrap_or(1)));
+            (s.clone(), b)
+        })
+        .collect();
+    for (s, &b) in &bounds {
+        if b == 0 || b > i64::MAX as u64 {
+            return Err(Error::Invalid(format!("bound of `{s}` must be in 1..2^63")));
+        }
+    }
+    let plan = plan::plan(&g, &inferred, &|s| bounds.get(s).map_or(i64::MAX, |&b| b as i64))?;
+    // Every dim the code evaluates must use bound symbols only.
+    for v in plan.locs.keys() {
+        if let Some(shape) = &g.ty(*v).shape {
+            for d in shape {
+                if let Some(s) = d.symbols().find(|s| !bounds.contains_key(*s)) {
+                    return Err(Error::Invalid(format!(
+                        "value `{}` has dim `{d}` with symbol `{s}`, which no input shape binds (dynamic shapes from data are not compiled)",
+                        g.value(*v).name
+                    )));
+                }
+            }
+        }
+    }
+    let outputs_meta = g
+        .outputs
+        .iter()
+        .map(|o| {
+            let ty = g.ty(o.value);
+            TensorMeta {
+                name: o.name.clone(),
+                dtype: runtime_dtype(ty.dtype),
+                shape: ty.shape.as_ref().expect("checked by the plan").iter().map(runtime_dim).collect(),
+            }
+        })
+        .collect();
+
+    // Kernels per node, then the copies into outputs that alias inputs, weights or other outputs.
+    let mut groups: Vec<(String, Vec<Kernel>)> = Vec::new();
+    for &n in &plan.order {
+        let node = g.node(n);
+        if matches!(node.op, crate::ir::Op::Input { .. } | crate::ir::Op::Const { .. }) {
+            continue;
+        }
+        let kernels = if plan.known.contains(&n) {
+            (0..node.outputs.len())
+                .map(|s| ValueRef { node: n, slot: s })
+                .filter(|v| plan.locs.contains_key(v))
+                .map(|v| Kernel::Values {
+                    loc: plan.locs[&v],
+                    dtype: g.ty(v).dtype,
+                    values: inferred.values[&v].clone(),
+                })
+                .collect()
+        } else if plan.locs.get(&ValueRef { node: n, slot: 0 }).is_some_and(|l| {
+            matches!(
+                node.op,
+                crate::ir::Op::Identity
+                    | crate::ir::Op::Reshape { .. }
+                    | crate::ir::Op::Flatten { .. }
+                    | crate::ir::Op::Squeeze
+                    | crate::ir::Op::Unsqueeze
+                    | crate::ir::Op::Dropout
+            ) && g.inputs_of(n)[0].is_some_and(|src| plan.locs.get(&src) == Some(l))
+        }) {
+            // An alias of its input: nothing to do (a Dropout mask would still need writing).
+            let cx = LowerCx { g: &g, inferred: &inferred, locs: &plan.locs, scratch: plan.scratch.get(&n).copied() };
+            lower::lower_node(&cx, n)?.into_iter().skip(1).collect()
+        } else {
+            let cx = LowerCx { g: &g, inferred: &inferred, locs: &plan.locs, scratch: plan.scratch.get(&n).copied() };
+            lower::lower_node(&cx, n)?
+        };
+        if !kernels.is_empty() {
+            groups.push((node.name.clone(), kernels));
+        }
+    }
+    let mut copies = Vec::new();
+    for &(i, v) in &plan.output_copies {
+        let shape = g.ty(v).shape.clone().expect("checked");
+        let dt = g.ty(v).dtype;
+        copies.push(Kernel::Map(Box::new(MapKernel {
+            dims: shape.clone(),
+            out: View::dense(Loc::Output(i), dt, &shape),
+            inputs: vec![View::dense(plan.locs[&v], dt, &shape)],
+            expr: Expr::In(0),
+        })));
+    }
+    if !copies.is_empty() {
+        groups.push(("output copies".into(), copies));
+    }
+
+    // Compile: function i for group i, then the entry calling them all in order.
+    let mut funcs = Vec::with_capacity(groups.len() + 1);
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ctx = Context::new();
+    let sig = kernel_signature(&target);
+    let mut kernels = 0;
+    for (i, (name, ks)) in groups.iter().enumerate() {
+        kernels += ks.len();
+        ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
+        {
+            let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let mut kb = Kb::new(fb, &target, &symbols);
+            for k in ks {
+                emit_kernel(&mut kb, k);
+            }
+            kb.finish();
+        }
+        funcs.push(compile_func(&mut ctx, &target, name)?);
+    }
+    let entry_index = funcs.len();
+    ctx.func = Function::with_name_signature(UserFuncName::user(0, entry_index as u32), sig.clone());
+    {
+        let mut fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let block = fb.create_block();
+        fb.append_block_params_for_function_params(block);
+        fb.switch_to_block(block);
+        let call = fb.block_params(block)[0];
+        let sigref = fb.import_signature(sig.clone());
+        for i in 0..groups.len() {
+            let name =
+                fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, i as u32));
+            let f = fb.import_function(cranelift_codegen::ir::ExtFuncData {
+                name: ExternalName::user(name),
+                signature: sigref,
+                colocated: true,
+                patchable: false,
+            });
+            fb.ins().call(f, &[call]);
+        }
+        fb.ins().return_(&[]);
+        fb.seal_all_blocks();
+        fb.finalize(target.isa.frontend_config());
+    }
+    funcs.push(compile_func(&mut ctx, &target, "entry")?);
+    let (code, offsets) = link::link(&funcs)?;
+    let symbols_meta: Vec<Symbol> = symbols.iter().map(|s| Symbol { name: s.clone(), max: bounds[s] }).collect();
+    let meta = Meta {
+        model_name: if g.name.is_empty() { "model".into() } else { g.name.clone() },
+        symbols: symbols_meta,
+        inputs: inputs_meta,
+        outputs: outputs_meta,
+        arena_bytes: plan.arena_bytes,
+        entry_offset: offsets[entry_index],
+        compile_options: CompileOptions { target: target.triple.to_string(), features: target.feature_text(), max_seq },
+    };
+    let stats = Stats {
+        nodes: plan.order.len(),
+        kernels,
+        functions: funcs.len(),
+        code_bytes: code.len(),
+        weight_bytes: plan.weights.len(),
+        arena_bytes: plan.arena_bytes,
+        arena_unshared: plan.arena_unshared,
+        compile_ms: t0.elapsed().as_secs_f64() * 1e3,
+    };
+    Ok(Compiled { target, meta, code, weights: plan.weights, stats })
+}
+
+/// Graph inputs that only shape the computation (axes, slice bounds, Trilu's k, ...): compiled code
+/// cannot take them at run time; freeze them with `Graph::freeze_input` first.
+pub fn shape_parameter_inputs(g: &Graph) -> Vec<String> {
+    g.inputs
+        .iter()
+        .filter(|&&n| {
+            let users = g.users_of(ValueRef { node: n, slot: 0 });
+            // Some use takes its *values* as a shape parameter (Shape/Size only read the shape).
+            users.iter().any(|&(u, slot)| {
+                let op = &g.node(u).op;
+                !lower::reads_input(op, slot) && !matches!(op, crate::ir::Op::Shape { .. } | crate::ir::Op::Size)
+            })
+        })
+        .map(|&n| g.node(n).outputs[0].name.clone())
+        .collect()
+}
+
+fn kernel_signature(target: &Target) -> Signature {
+    let mut sig = Signature::new(target.isa.default_call_conv());
+    sig.params.push(AbiParam::new(types::I64));
+    sig
+}
+
+fn emit_kernel(kb: &mut Kb, k: &Kernel) {
+    match k {
+        Kernel::Map(m) => map::emit_map(kb, m),
+        Kernel::Reduce(rows, kind) => reduce::emit_reduce(kb, rows, *kind),
+        Kernel::Softmax(rows, log) => reduce::emit_softmax(kb, rows, *log),
+        Kernel::LayerNorm { rows, eps, has_bias, stats } => reduce::emit_layer_norm(kb, rows, *eps, *has_bias, *stats),
+        Kernel::ArgReduce { rows, max, last } => reduce::emit_arg_reduce(kb, rows, *max, *last),
+        Kernel::CumSum { rows, exclusive, reverse } => reduce::emit_cumsum(kb, rows, *exclusive, *reverse),
+        Kernel::MatMul(m) => matmul::emit_matmul(kb, m),
+        Kernel::Gather(gk) => gather::emit_gather(kb, gk),
+        Kernel::Values { loc, dtype, values } => {
+            let base = kb.base(*loc);
+            for (i, d) in values.iter().enumerate() {
+                let v = kb.dim(d);
+                let v = map::cast(kb, v, DType::I64, *dtype);
+                map::store_elem(kb, *dtype, v, base, (i * dtype.size()) as i32);
+            }
+        }
+    }
+}
+
+fn compile_func(ctx: &mut Context, target: &Target, name: &str) -> Result<CompiledFunc> {
+    let callee_of: Vec<u32> = ctx.func.params.user_named_funcs().values().map(|n| n.index).collect();
+    let compiled = ctx
+        .compile(&*target.isa, &mut ControlPlane::default())
+        .map_err(|e| Error::Invalid(format!("code generation failed in `{name}`: {:?}", e.inner)))?;
+    let mut fixups = Vec::new();
+    for r in compiled.buffer.relocs() {
+        let callee = match &r.target {
+            FinalizedRelocTarget::ExternalName(ExternalName::User(u)) => callee_of[u.index()] as usize,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "internal: `{name}` needs external symbol {other:?}; generated code must be self-contained"
+                )))
+            }
+        };
+        fixups.push(Fixup { at: r.offset, kind: r.kind, callee, addend: r.addend });
+    }
+    let f = CompiledFunc { code: compiled.code_buffer().to_vec(), fixups, alignment: compiled.buffer.alignment };
+    ctx.clear();
+    Ok(f)
+}
+
+fn ir_dtype(dt: fmt::DType) -> DType {
+    match dt {
+        fmt::DType::F32 => DType::F32,
+        fmt::DType::F64 => DType::F64,
+        fmt::DType::I8 => DType::I8,
+        fmt::DType::U8 => DType::U8,
+        fmt::DType::I32 => DType::I32,
+        fmt::DType::I64 => DType::I64,
+        fmt::DType::Bool => DType::Bool,
+    }
+}
+
+/// Runs a loaded artifact with named IR tensors (any order), returning outputs in META order.
+pub fn run_model(
+    model: &edgec_runtime::Model,
+    feeds: &[(String, crate::ir::Tensor)],
+) -> Result<Vec<(String, crate::ir::Tensor)>> {
+    let mut bufs = Vec::new();
+    for m in model.inputs() {
+        let (_, t) = feeds
+            .iter()
+            .find(|(n, _)| *n == m.name)
+            .ok_or_else(|| Error::Invalid(format!("no value given for input `{}`", m.name)))?;
+        let rt = edgec_runtime::Tensor::from_bytes(runtime_dtype(t.dtype()), t.shape.clone(), &t.to_le_bytes())
+            .map_err(|e| Error::Invalid(format!("input `{}`: {e}", m.name)))?;
+        bufs.push(rt);
+    }
+    let views: Vec<_> = bufs.iter().map(|t| t.view()).collect();
+    let outs = model.run(&views).map_err(|e| Error::Invalid(e.to_string()))?;
+    model
+        .outputs()
+        .iter()
+        .zip(outs)
+        .map(|(m, t)| {
+            let it = crate::ir::Tensor::from_le_bytes(ir_dtype(t.dtype()), t.shape().to_vec(), t.bytes())
+                .map_err(Error::Invalid)?;
+            Ok((m.name.clone(), it))
+        })
+        .collect()
+}
