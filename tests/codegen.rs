@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::qemu::{run_jobs, CrossArch};
 use edgec::codegen::{compile, run_model, Options};
 use edgec::interp::Interpreter;
 use edgec::ir::{Graph, Tensor};
@@ -46,4 +47,128 @@ fn tiny_models_native_host() {
             }
         }
     }
+}
+
+/// Inputs of a tiny model in the graph's order.
+fn ordered_inputs(g: &Graph, feeds: &[(String, Tensor)]) -> Vec<Tensor> {
+    common::native::input_names(g)
+        .iter()
+        .map(|n| feeds.iter().find(|(f, _)| f == n).unwrap_or_else(|| panic!("no input {n}")).1.clone())
+        .collect()
+}
+
+/// The tiny models compiled for aarch64 and riscv64 (baseline, and with every feature the format
+/// knows under a CPU that has them), run under qemu, against the interpreter.
+#[test]
+fn tiny_models_under_qemu() {
+    for arch in CrossArch::CROSS {
+        for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod,+i8mm,+fp16" } else { "+v,+zba,+zbb" })] {
+            let mut jobs = Vec::new();
+            let mut wants = Vec::new();
+            for (name, dir) in common::tiny_models() {
+                let g = load(&dir);
+                let feeds = common::read_npy_dir(&dir.join("inputs"));
+                let inputs = ordered_inputs(&g, &feeds);
+                let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
+                let mut o = common::native::test_options(arch.name());
+                o.features = features.map(str::to_string);
+                let job = common::native::cross_job_with(&name, &g, &inputs, &want, &o).unwrap();
+                jobs.push(job);
+                wants.push((name, want));
+            }
+            let cpu = features.and(arch.cpu_all_features());
+            let outs = run_jobs(arch, &jobs, cpu).unwrap_or_else(|e| panic!("{}: {e}", arch.name()));
+            for ((name, want), raw) in wants.iter().zip(outs) {
+                let got = common::native::decode_outputs(&raw, want).unwrap();
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    common::compare(g, w, RTOL, ATOL)
+                        .unwrap_or_else(|e| panic!("{name} on {} {features:?} output {i}: {e}", arch.name()));
+                }
+            }
+            println!("{} {features:?}: {} tiny models match the interpreter under qemu", arch.name(), wants.len());
+        }
+    }
+}
+
+/// `--emit obj`: the object and header link into a C program (cross-compiled with gcc) that runs
+/// the model under qemu (natively for x86_64), with embedded weights and with a sidecar file.
+#[test]
+fn emitted_objects_link_and_run() {
+    let dir = common::repo_root().join("models/tiny/llama");
+    let g = load(&dir);
+    let feeds = common::read_npy_dir(&dir.join("inputs"));
+    let inputs = ordered_inputs(&g, &feeds);
+    let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
+    let work = common::repo_root().join(format!("target/cross/obj-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        std::fs::write(work.join(format!("in{i}.bin")), t.to_le_bytes()).unwrap();
+    }
+    for (arch, sidecar) in [
+        (CrossArch::Host, false),
+        (CrossArch::Host, true),
+        (CrossArch::Aarch64, false),
+        (CrossArch::Aarch64, true),
+        (CrossArch::Riscv64, false),
+    ] {
+        let target = if arch == CrossArch::Host { "x86_64" } else { arch.name() };
+        let c = compile(&g, &common::native::test_options(target)).unwrap();
+        let obj = work.join(format!("{}-{sidecar}.o", arch.name()));
+        let files = edgec::codegen::object::write(&c, &obj, "model", sidecar).unwrap();
+        assert_eq!(files.len(), if sidecar { 3 } else { 2 }, "{files:?}");
+        let header = obj.with_extension("h");
+        let exe = work.join(format!("run-{}-{sidecar}", arch.name()));
+        let harness = common::repo_root().join("tests/harness/obj_main.c");
+        let mut cc = std::process::Command::new(arch.compiler());
+        if sidecar {
+            cc.arg(format!("-DWEIGHTS_PATH=\"{}\"", obj.with_extension("weights.bin").display()));
+        }
+        let status = cc
+            .args(["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-static"])
+            .arg(format!("-DMODEL_HEADER=\"{}\"", header.display()))
+            .arg(&harness)
+            .arg(&obj)
+            .arg("-o")
+            .arg(&exe)
+            .status()
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup-cross.sh)", arch.compiler()));
+        assert!(status.success(), "linking the {} object failed", arch.name());
+        // Symbols from the input shapes, in the header's order.
+        let mut symbols = vec![0i64; c.meta.symbols.len()];
+        for (m, t) in c.meta.inputs.iter().zip(&inputs) {
+            for (d, &size) in m.shape.iter().zip(&t.shape) {
+                if let Some(s) = d.as_symbol() {
+                    symbols[c.meta.symbol_index(s).unwrap()] = size as i64;
+                }
+            }
+        }
+        let mut cmd = match arch.qemu() {
+            Some((qemu, sysroot)) => {
+                let mut c = std::process::Command::new(qemu);
+                c.arg("-L").arg(sysroot).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        cmd.args(symbols.iter().map(|s| s.to_string()));
+        cmd.args((0..inputs.len()).map(|i| work.join(format!("in{i}.bin"))));
+        for (i, w) in want.iter().enumerate() {
+            cmd.arg(work.join(format!("out{i}-{}.bin", arch.name())));
+            cmd.arg((w.len() * w.dtype().size()).to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}: {}", arch.name(), String::from_utf8_lossy(&out.stderr));
+        for (i, w) in want.iter().enumerate() {
+            let raw = std::fs::read(work.join(format!("out{i}-{}.bin", arch.name()))).unwrap();
+            let got = Tensor::from_le_bytes(w.dtype(), w.shape.clone(), &raw).unwrap();
+            common::compare(&got, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{} output {i}: {e}", arch.name()));
+        }
+        println!(
+            "{} (weights {}): linked object ({} bytes code) matches the interpreter",
+            arch.name(),
+            if sidecar { "in a sidecar file" } else { "embedded" },
+            c.code.len()
+        );
+    }
+    std::fs::remove_dir_all(&work).ok();
 }

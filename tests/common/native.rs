@@ -25,7 +25,17 @@ pub fn run_native(g: &Graph, inputs: &[Tensor], target: &str) -> Result<(Compile
 
 /// A qemu job for `g` compiled for `target`; the outputs are expected to have `want`'s shapes.
 pub fn cross_job(name: &str, g: &Graph, inputs: &[Tensor], want: &[Tensor], target: &str) -> Result<Job, String> {
-    let c = compile(g, &test_options(target)).map_err(|e| format!("compile for {target}: {e}"))?;
+    cross_job_with(name, g, inputs, want, &test_options(target))
+}
+
+pub fn cross_job_with(
+    name: &str,
+    g: &Graph,
+    inputs: &[Tensor],
+    want: &[Tensor],
+    opts: &Options,
+) -> Result<Job, String> {
+    let c = compile(g, opts).map_err(|e| format!("compile for {}: {e}", opts.target))?;
     let mut symbols = vec![0i64; c.meta.symbols.len()];
     for (m, t) in c.meta.inputs.iter().zip(inputs) {
         for (d, &size) in m.shape.iter().zip(&t.shape) {

@@ -73,7 +73,7 @@ impl CrossArch {
         }
     }
 
-    fn compiler(self) -> &'static str {
+    pub fn compiler(self) -> &'static str {
         match self {
             CrossArch::Host => "gcc",
             CrossArch::Aarch64 => "aarch64-linux-gnu-gcc",
@@ -82,7 +82,7 @@ impl CrossArch {
     }
 
     /// (qemu binary, sysroot for `-L`).
-    fn qemu(self) -> Option<(&'static str, &'static str)> {
+    pub fn qemu(self) -> Option<(&'static str, &'static str)> {
         match self {
             CrossArch::Host => None,
             CrossArch::Aarch64 => Some(("qemu-aarch64", "/usr/aarch64-linux-gnu")),

@@ -490,7 +490,7 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
                 }
             }
             let _ = outer_dense;
-            let rows = Rows { outer, outer_strides: os, len, row_strides: rs, locs, dtypes };
+            let rows = Rows { outer, outer_strides: os, len, row_strides: rs, locs, dtypes, multi: None };
             Kernel::LayerNorm { rows, eps: *epsilon, has_bias, stats }
         }
         Op::Reduce { kind, axes, keepdims: _, noop_with_empty_axes } => {
@@ -514,12 +514,12 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             };
             axes.sort();
             axes.dedup();
-            reduce_rows(cx, node, x, out0, &axes).map(|rows| Kernel::Reduce(rows, *kind))?
+            Kernel::Reduce(reduce_rows(cx, x, out0, &axes), *kind)
         }
         Op::ArgReduce { max, axis, select_last_index, .. } => {
             let x = input(0).unwrap();
             let a = norm_axis(*axis, cx.shape(x).len());
-            let rows = reduce_rows(cx, node, x, out0, &[a])?;
+            let rows = reduce_rows(cx, x, out0, &[a]);
             Kernel::ArgReduce { rows, max: *max, last: *select_last_index }
         }
         Op::CumSum { exclusive, reverse } => {
@@ -608,36 +608,31 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             }))
         }
         Op::QuantizeLinear { axis, block_size, .. } => {
-            if *block_size > 0 {
-                return Err(unsupported(node, "blocked quantization is not compiled yet"));
-            }
-            let x = mb.operand(input(0).unwrap());
-            let s = per_axis_operand(&mut mb, cx, input(1).unwrap(), *axis, &oshape);
-            let xf = cast_to(x, cx.dtype(input(0).unwrap()), DType::F32);
-            let mut e = Expr::un(UnaryOp::Round, Expr::bin(BinaryOp::Div, xf, s));
-            if let Some(z) = input(2) {
-                let zdt = cx.dtype(z);
-                let zv = per_axis_operand(&mut mb, cx, z, *axis, &oshape);
-                e = Expr::bin(BinaryOp::Add, e, Expr::Cast(Box::new(zv), DType::F32));
-                let _ = zdt;
-            }
-            mb.finish(out_view(0), Expr::Cast(Box::new(e), odt))
+            // y = saturate(round(x / scale) + zero_point)
+            quant_map(cx, node, n, *axis, *block_size, |x, xdt, s, z| {
+                let mut e = Expr::un(UnaryOp::Round, Expr::bin(BinaryOp::Div, cast_to(x, xdt, DType::F32), s));
+                if let Some(z) = z {
+                    e = Expr::bin(BinaryOp::Add, e, Expr::Cast(Box::new(z), DType::F32));
+                }
+                Expr::Cast(Box::new(e), odt)
+            })?
         }
         Op::DequantizeLinear { axis, block_size } => {
-            if *block_size > 0 {
-                return Err(unsupported(node, "blocked dequantization is not compiled yet"));
-            }
-            let xdt = cx.dtype(input(0).unwrap());
-            let x = mb.operand(input(0).unwrap());
-            let s = per_axis_operand(&mut mb, cx, input(1).unwrap(), *axis, &oshape);
-            let mut xv = Expr::Cast(Box::new(x), odt);
-            if let Some(z) = input(2) {
-                let zv = per_axis_operand(&mut mb, cx, z, *axis, &oshape);
-                // Subtract in the integer domain like the reference (exact for int32 inputs).
-                let xi = mb_sub_int(xv.clone(), zv, xdt, odt);
-                xv = xi;
-            }
-            mb.finish(out_view(0), Expr::bin(BinaryOp::Mul, xv, s))
+            // y = (x - zero_point) * scale, the subtraction in i64 so int32 inputs stay exact.
+            quant_map(cx, node, n, *axis, *block_size, |x, _, s, z| {
+                let xv = match z {
+                    Some(z) => {
+                        let d = Expr::bin(
+                            BinaryOp::Sub,
+                            Expr::Cast(Box::new(x), DType::I64),
+                            Expr::Cast(Box::new(z), DType::I64),
+                        );
+                        Expr::Cast(Box::new(d), odt)
+                    }
+                    None => Expr::Cast(Box::new(x), odt),
+                };
+                Expr::bin(BinaryOp::Mul, xv, s)
+            })?
         }
         Op::DynamicQuantizeLinear => return lower_dynamic_quantize(cx, n),
         Op::Shape { .. } | Op::Size | Op::Input { .. } | Op::Const { .. } => {
@@ -655,14 +650,6 @@ fn cast_to(e: Expr, from: DType, to: DType) -> Expr {
     }
 }
 
-/// (x - zero_point) as floats of `odt`, subtracting in i64 first so int32 inputs stay exact.
-fn mb_sub_int(_xv_float: Expr, _z: Expr, _xdt: DType, _odt: DType) -> Expr {
-    // x is the first map input (In(0)).
-    let xi = Expr::Cast(Box::new(Expr::In(0)), DType::I64);
-    let zi = Expr::Cast(Box::new(_z), DType::I64);
-    Expr::Cast(Box::new(Expr::bin(BinaryOp::Sub, xi, zi)), _odt)
-}
-
 fn pow_by_const(x: Expr, p: f64, dt: DType) -> Expr {
     let mul = |a: Expr, b: Expr| Expr::bin(BinaryOp::Mul, a, b);
     match p {
@@ -676,20 +663,75 @@ fn pow_by_const(x: Expr, p: f64, dt: DType) -> Expr {
     }
 }
 
-/// A per-tensor (one element) or per-axis (1-D along `axis`) quantization parameter.
-fn per_axis_operand(mb: &mut MapBuilder, cx: &LowerCx, v: ValueRef, axis: i64, out: &[Dim]) -> Expr {
-    let shape = cx.shape(v);
-    if shape.iter().all(|d| *d == Dim::fixed(1)) {
-        if let Some(e) = cx.scalar_const(v) {
-            return e;
+/// QuantizeLinear / DequantizeLinear as one map: `expr(x, x dtype, scale, zero point)`. Scale and
+/// zero point are per tensor, per slice along `axis`, or per block of `block` elements along it;
+/// blocks split the axis into (blocks, block) so every view stays affine.
+fn quant_map(
+    cx: &LowerCx,
+    node: &Node,
+    n: NodeIndex,
+    axis: i64,
+    block: i64,
+    expr: impl Fn(Expr, DType, Expr, Option<Expr>) -> Expr,
+) -> Result<Kernel> {
+    let ins = cx.g.inputs_of(n);
+    let x = ins[0].unwrap();
+    let shape = cx.shape(x);
+    let a = norm_axis(axis, shape.len().max(1));
+    let out = ValueRef { node: n, slot: 0 };
+    let dense = dense_strides(&shape);
+    // Iteration space and the x/y strides; `split` is the axis cut into (blocks, block).
+    let (dims, xs, split) = if block > 0 {
+        let d = shape[a].as_fixed().ok_or_else(|| unsupported(node, "blocked axis must have a fixed size"))?;
+        if d % block != 0 {
+            return Err(unsupported(node, format!("axis size {d} is not a multiple of block_size {block}")));
         }
-        let strides = vec![Dim::fixed(0); out.len()];
-        return mb.view(View { loc: cx.loc(v), dtype: cx.dtype(v), offset: Dim::fixed(0), strides });
-    }
-    let a = norm_axis(axis, out.len());
-    let mut strides = vec![Dim::fixed(0); out.len()];
-    strides[a] = Dim::fixed(1);
-    mb.view(View { loc: cx.loc(v), dtype: cx.dtype(v), offset: Dim::fixed(0), strides })
+        let mut dims = shape.clone();
+        dims.splice(a..=a, [Dim::fixed(d / block), Dim::fixed(block)]);
+        let mut xs = dense.clone();
+        xs.splice(a..=a, [dense[a].checked_mul(&Dim::fixed(block)).unwrap(), dense[a].clone()]);
+        (dims, xs, true)
+    } else {
+        (shape.clone(), dense.clone(), false)
+    };
+    let mut inputs = vec![View { loc: cx.loc(x), dtype: cx.dtype(x), offset: Dim::fixed(0), strides: xs.clone() }];
+    let mut param = |v: ValueRef| -> Result<Expr> {
+        let ps = cx.shape(v);
+        let numel = ps.iter().try_fold(Dim::fixed(1), |acc, d| acc.checked_mul(d)).unwrap();
+        if numel == Dim::fixed(1) {
+            if let Some(e) = cx.scalar_const(v) {
+                return Ok(e);
+            }
+        }
+        let mut strides = vec![Dim::fixed(0); dims.len()];
+        if numel != Dim::fixed(1) {
+            if split {
+                let pd = dense_strides(&ps);
+                if ps.len() != shape.len() {
+                    return Err(unsupported(node, format!("blocked parameter of shape {ps:?} for input {shape:?}")));
+                }
+                for k in 0..shape.len() {
+                    let at = if k <= a { k } else { k + 1 };
+                    strides[at] = pd[k].clone();
+                }
+                strides[a + 1] = Dim::fixed(0);
+            } else if ps.len() == 1 && ps[0] == shape[a] {
+                strides[a] = Dim::fixed(1);
+            } else {
+                return Err(unsupported(node, format!("parameter of shape {ps:?} is neither per-tensor nor per-axis")));
+            }
+        }
+        inputs.push(View { loc: cx.loc(v), dtype: cx.dtype(v), offset: Dim::fixed(0), strides });
+        Ok(Expr::In(inputs.len() - 1))
+    };
+    let s = param(ins[1].unwrap())?;
+    let z = match ins.get(2).copied().flatten() {
+        Some(z) => Some(param(z)?),
+        None => None,
+    };
+    let e = expr(Expr::In(0), cx.dtype(x), s, z);
+    let out_view = View { loc: cx.loc(out), dtype: cx.dtype(out), offset: Dim::fixed(0), strides: xs };
+    Ok(Kernel::Map(Box::new(MapKernel { dims, out: out_view, inputs, expr: e })))
 }
 
 /// Rows along axis `a` of `x`, written at the same positions of `out` (same shape).
@@ -705,12 +747,13 @@ fn axis_rows(cx: &LowerCx, x: ValueRef, out: ValueRef, a: usize, _: bool) -> Row
         row_strides: vec![dense[a].clone(), dense[a].clone()],
         locs: vec![cx.loc(x), cx.loc(out)],
         dtypes: vec![cx.dtype(x), cx.dtype(out)],
+        multi: None,
     }
 }
 
 /// Rows for reducing `axes` of `x` into `out` (keepdims or not: the output is dense over the kept
-/// axes either way). Several reduced axes must be contiguous in memory to form one row.
-fn reduce_rows(cx: &LowerCx, node: &Node, x: ValueRef, out: ValueRef, axes: &[usize]) -> Result<Rows> {
+/// axes either way).
+fn reduce_rows(cx: &LowerCx, x: ValueRef, out: ValueRef, axes: &[usize]) -> Rows {
     let shape = cx.shape(x);
     let dense = dense_strides(&shape);
     let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
@@ -720,25 +763,29 @@ fn reduce_rows(cx: &LowerCx, node: &Node, x: ValueRef, out: ValueRef, axes: &[us
     // One row: the reduced axes must form one arithmetic progression of addresses.
     let mut len = Dim::fixed(1);
     let mut stride: Option<Dim> = None;
+    let mut adjacent = true;
     for &a in axes.iter().rev() {
         match &stride {
             None => stride = Some(dense[a].clone()),
-            Some(_) => {
-                if dense[a] != len.checked_mul(stride.as_ref().unwrap()).unwrap() {
-                    return Err(unsupported(node, "reduction over non-adjacent axes is not compiled yet"));
-                }
-            }
+            Some(s) => adjacent &= dense[a] == len.checked_mul(s).unwrap(),
         }
         len = len.checked_mul(&shape[a]).unwrap();
     }
-    Ok(Rows {
+    // Axes that are not one stride apart: a row over several axes (index split at run time).
+    let multi = (!adjacent).then(|| {
+        let dims = axes.iter().map(|&a| shape[a].clone()).collect();
+        let strides = vec![axes.iter().map(|&a| dense[a].clone()).collect(), vec![Dim::fixed(0); axes.len()]];
+        (dims, strides)
+    });
+    Rows {
+        multi,
         outer,
         outer_strides: vec![os_in, os_out],
         len,
         row_strides: vec![stride.unwrap_or_else(|| Dim::fixed(1)), Dim::fixed(0)],
         locs: vec![cx.loc(x), cx.loc(out)],
         dtypes: vec![cx.dtype(x), cx.dtype(out)],
-    })
+    }
 }
 
 fn lower_matmul(
@@ -841,6 +888,7 @@ fn lower_dynamic_quantize(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
         row_strides: vec![Dim::fixed(1), Dim::fixed(0)],
         locs: vec![cx.loc(x), loc],
         dtypes: vec![DType::F32, DType::F32],
+        multi: None,
     };
     let (y, s, z) = (ValueRef { node: n, slot: 0 }, ValueRef { node: n, slot: 1 }, ValueRef { node: n, slot: 2 });
     // Scale and zero point go to scratch too when the graph does not use them.

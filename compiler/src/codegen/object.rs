@@ -114,7 +114,8 @@ pub fn header(c: &Compiled, prefix: &str, weights_file: bool) -> String {
     h.push_str(&format!("\nvoid {p}_entry(const EdgecCall *call);\n"));
     if weights_file {
         h.push_str(&format!(
-            "\n/* Weights come from the sidecar file; pass them 64-byte aligned. */\n\
+            "\n/* Weights come from the sidecar file ({up}_WEIGHTS_BYTES bytes); pass them 64-byte aligned. */\n\
+             #define {up}_WEIGHTS_SIDECAR 1\n\
              static inline void {p}_run(const void *const *inputs, void *const *outputs, const uint8_t *weights,\n\
              \x20                         uint8_t *arena, const int64_t *symbols) {{\n\
              \x20   EdgecCall call = {{ inputs, outputs, weights, arena, symbols, 0, 0 }};\n\

@@ -21,6 +21,9 @@ pub struct Rows {
     pub row_strides: Vec<Dim>,
     pub locs: Vec<Loc>,
     pub dtypes: Vec<DType>,
+    /// A row over several axes that are not one stride apart: their sizes and, per view, strides.
+    /// `len` is then their product and `row_strides` is unused.
+    pub multi: Option<(Vec<Dim>, Vec<Vec<Dim>>)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +40,8 @@ struct RowCtx {
     ptrs: Vec<Value>,
     byte_strides: Vec<Value>,
     contiguous: Vec<bool>,
+    /// Multi-axis rows: axis sizes and per-view byte strides per axis.
+    multi: Option<(Vec<Value>, Vec<Vec<Value>>)>,
 }
 
 fn for_each_row(kb: &mut Kb, rows: &Rows, body: &mut dyn FnMut(&mut Kb, &RowCtx)) {
@@ -53,14 +58,38 @@ fn for_each_row(kb: &mut Kb, rows: &Rows, body: &mut dyn FnMut(&mut Kb, &RowCtx)
             kb.fb.ins().imul_imm_s(v, dt.size() as i64)
         })
         .collect();
-    let contiguous: Vec<bool> = rows.row_strides.iter().map(|s| s.as_fixed() == Some(1)).collect();
+    let mut contiguous: Vec<bool> = rows.row_strides.iter().map(|s| s.as_fixed() == Some(1)).collect();
+    let multi = rows.multi.as_ref().map(|(dims, strides)| {
+        contiguous.iter_mut().for_each(|c| *c = false);
+        let dims: Vec<Value> = dims.iter().map(|d| kb.dim(d)).collect();
+        let strides: Vec<Vec<Value>> = strides
+            .iter()
+            .zip(&rows.dtypes)
+            .map(|(s, dt)| {
+                s.iter()
+                    .map(|d| {
+                        let v = kb.dim(d);
+                        kb.fb.ins().imul_imm_s(v, dt.size() as i64)
+                    })
+                    .collect()
+            })
+            .collect();
+        (dims, strides)
+    });
     let zero = kb.iconst(0);
     let offs = vec![zero; rows.locs.len()];
     let dtypes = rows.dtypes.clone();
     kb.loop_nest(&dims, &strides, offs, &mut Vec::new(), &mut |kb, offs, _| {
         let ptrs: Vec<Value> =
             offs.iter().zip(&bases).zip(&dtypes).map(|((&o, &b), dt)| kb.elem_addr(b, o, dt.size())).collect();
-        body(kb, &RowCtx { len, ptrs, byte_strides: byte_strides.clone(), contiguous: contiguous.clone() });
+        let rc = RowCtx {
+            len,
+            ptrs,
+            byte_strides: byte_strides.clone(),
+            contiguous: contiguous.clone(),
+            multi: multi.clone(),
+        };
+        body(kb, &rc);
     });
 }
 
@@ -105,6 +134,20 @@ fn fold_row(
 
 /// Address of element `j` of view `v` in this row.
 fn at(kb: &mut Kb, rc: &RowCtx, v: usize, j: Value) -> Value {
+    if let Some((dims, strides)) = &rc.multi {
+        // Split the flat row index into per-axis indices, innermost axis last.
+        let mut rest = j;
+        let mut off = kb.iconst(0);
+        for (d, s) in dims.iter().zip(&strides[v]).rev() {
+            let q = kb.fb.ins().udiv(rest, *d);
+            let qd = kb.fb.ins().imul(q, *d);
+            let i = kb.fb.ins().isub(rest, qd);
+            let t = kb.fb.ins().imul(i, *s);
+            off = kb.fb.ins().iadd(off, t);
+            rest = q;
+        }
+        return kb.fb.ins().iadd(rc.ptrs[v], off);
+    }
     let off = kb.fb.ins().imul(j, rc.byte_strides[v]);
     kb.fb.ins().iadd(rc.ptrs[v], off)
 }
@@ -120,7 +163,8 @@ fn load_lane(kb: &mut Kb, dt: DType, addr: Value, lty: Type) -> Value {
 /// ReduceX over the row (views: input, output with row stride 0).
 pub fn emit_reduce(kb: &mut Kb, rows: &Rows, kind: ReduceKind) {
     let (dt, odt) = (rows.dtypes[0], rows.dtypes[1]);
-    let vector = kb.target.simd() && dt == DType::F32 && rows.row_strides[0].as_fixed() == Some(1);
+    let vector =
+        kb.target.simd() && dt == DType::F32 && rows.multi.is_none() && rows.row_strides[0].as_fixed() == Some(1);
     for_each_row(kb, rows, &mut |kb, rc| {
         let result = if dt.is_float() {
             let ty = compute_type(dt);
