@@ -143,49 +143,26 @@ impl<'a> Kb<'a> {
         self.fb.ins().store(mem(), v, addr, offset);
     }
 
-    /// `for i in (start..end).step_by(step) { body(i) }`; `body` may emit nested loops.
+    /// `for i in (start..end).step_by(step) { body(i) }` over whole steps; `body` may emit nested
+    /// loops.
     pub fn for_range(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
-        let header = self.fb.create_block();
-        let body_block = self.fb.create_block();
-        let exit = self.fb.create_block();
-        self.fb.append_block_param(header, types::I64);
-        self.fb.ins().jump(header, &[start.into()]);
-        self.fb.switch_to_block(header);
-        let i = self.fb.block_params(header)[0];
-        // `i + step <= end` keeps every iteration whole, so the caller's tail loop handles the rest.
-        let last = self.fb.ins().iadd_imm_s(i, step);
-        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
-        self.fb.ins().brif(go, body_block, &[], exit, &[]);
-        self.fb.switch_to_block(body_block);
-        body(self, i);
-        let next = self.fb.ins().iadd_imm_s(i, step);
-        self.fb.ins().jump(header, &[next.into()]);
-        self.fb.switch_to_block(exit);
+        self.for_steps(start, end, step, body);
     }
 
     /// Like `for_range` but also returns the first index not covered (`start + k*step`).
     pub fn for_steps(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) -> Value {
-        let header = self.fb.create_block();
-        let body_block = self.fb.create_block();
-        let exit = self.fb.create_block();
-        self.fb.append_block_param(header, types::I64);
-        self.fb.append_block_param(exit, types::I64);
-        self.fb.ins().jump(header, &[start.into()]);
-        self.fb.switch_to_block(header);
-        let i = self.fb.block_params(header)[0];
-        let last = self.fb.ins().iadd_imm_s(i, step);
-        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
-        self.fb.ins().brif(go, body_block, &[], exit, &[i.into()]);
-        self.fb.switch_to_block(body_block);
-        body(self, i);
-        let next = self.fb.ins().iadd_imm_s(i, step);
-        self.fb.ins().jump(header, &[next.into()]);
-        self.fb.switch_to_block(exit);
-        self.fb.block_params(exit)[0]
+        self.fold_range(start, end, step, &[], |kb, i, _| {
+            body(kb, i);
+            Vec::new()
+        })
+        .0
     }
 
     /// A loop carrying values: `init` flows in, `body(i, carried) -> carried'` per iteration, and
-    /// the final carried values come out.
+    /// the index after the last whole step and the final carried values come out.
+    ///
+    /// The loop is rotated (test at the bottom, one guard in front), so each iteration costs one
+    /// compare and one taken branch.
     pub fn fold_range(
         &mut self,
         start: Value,
@@ -194,30 +171,28 @@ impl<'a> Kb<'a> {
         init: &[Value],
         body: impl FnOnce(&mut Self, Value, &[Value]) -> Vec<Value>,
     ) -> (Value, Vec<Value>) {
-        let header = self.fb.create_block();
         let body_block = self.fb.create_block();
         let exit = self.fb.create_block();
-        self.fb.append_block_param(header, types::I64);
+        self.fb.append_block_param(body_block, types::I64);
         self.fb.append_block_param(exit, types::I64);
         let tys: Vec<Type> = init.iter().map(|v| self.fb.func.dfg.value_type(*v)).collect();
         for &t in &tys {
-            self.fb.append_block_param(header, t);
+            self.fb.append_block_param(body_block, t);
             self.fb.append_block_param(exit, t);
         }
+        let first = self.fb.ins().iadd_imm_s(start, step);
+        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, first, end);
         let args: Vec<_> = std::iter::once(start).chain(init.iter().copied()).map(Into::into).collect();
-        self.fb.ins().jump(header, &args);
-        self.fb.switch_to_block(header);
-        let params: Vec<Value> = self.fb.block_params(header).to_vec();
-        let i = params[0];
-        let last = self.fb.ins().iadd_imm_s(i, step);
-        let go = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
-        let exit_args: Vec<_> = params.iter().copied().map(Into::into).collect();
-        self.fb.ins().brif(go, body_block, &[], exit, &exit_args);
+        self.fb.ins().brif(go, body_block, &args, exit, &args);
         self.fb.switch_to_block(body_block);
+        let params: Vec<Value> = self.fb.block_params(body_block).to_vec();
+        let i = params[0];
         let out = body(self, i, &params[1..]);
         let next = self.fb.ins().iadd_imm_s(i, step);
+        let last = self.fb.ins().iadd_imm_s(next, step);
+        let more = self.fb.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
         let back: Vec<_> = std::iter::once(next).chain(out).map(Into::into).collect();
-        self.fb.ins().jump(header, &back);
+        self.fb.ins().brif(more, body_block, &back, exit, &back);
         self.fb.switch_to_block(exit);
         let p = self.fb.block_params(exit).to_vec();
         (p[0], p[1..].to_vec())

@@ -710,9 +710,9 @@ fn quant_map(
                 if ps.len() != shape.len() {
                     return Err(unsupported(node, format!("blocked parameter of shape {ps:?} for input {shape:?}")));
                 }
-                for k in 0..shape.len() {
+                for (k, st) in pd.iter().enumerate() {
                     let at = if k <= a { k } else { k + 1 };
-                    strides[at] = pd[k].clone();
+                    strides[at] = st.clone();
                 }
                 strides[a + 1] = Dim::fixed(0);
             } else if ps.len() == 1 && ps[0] == shape[a] {

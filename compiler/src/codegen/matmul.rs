@@ -4,7 +4,7 @@
 //! f32 with a unit-stride B row uses a register-blocked micro-kernel: a tile of `MR` rows by
 //! `NV` f32x4 vectors stays in registers across the whole k loop (A broadcast per row, one B load
 //! per vector, one fma per accumulator); edges fall back to narrower tiles, then to scalar columns.
-//! Other dtypes and targets without vectors use scalar tiles of four columns.
+//! Other dtypes and targets without vectors use scalar tiles of `MR` rows by four columns.
 
 use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
 
@@ -87,26 +87,113 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel) {
     kb.loop_nest(&batch, &strides, vec![zero; 3], &mut Vec::new(), &mut |kb, offs, _| {
         let p: Vec<Value> = (0..3).map(|i| kb.elem_addr(bases[i], offs[i], sizes[i])).collect();
         let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp };
-        let rows_end = if vector {
-            kb.for_steps(zero, m, MR as i64, |kb, i| columns(kb, mm, &ptrs, i, MR, n, true))
+        // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
+        // while every row block of A streams past it.
+        let mut start = zero;
+        if vector {
+            // Wide panels: MR-row blocks as PANEL/NV tiles side by side; single rows (decode,
+            // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
+            start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
+                let zero = kb.iconst(0);
+                let end = kb.for_steps(zero, m, MR as i64, |kb, i| {
+                    for t in 0..PANEL / NV {
+                        let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * NV) as i64);
+                        tile(kb, mm, &ptrs, i, jt, MR, NV, true);
+                    }
+                });
+                kb.for_range(end, m, 1, |kb, i| tile(kb, mm, &ptrs, i, j, 1, PANEL, true));
+            });
+            start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, NV, true));
+            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 1, true));
         } else {
-            zero
-        };
-        kb.for_range(rows_end, m, 1, |kb, i| columns(kb, mm, &ptrs, i, 1, n, vector));
+            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 4, false));
+        }
+        kb.for_range(start, n, 1, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 1, false));
     });
 }
 
-/// All column tiles of the row block starting at row `i`.
-fn columns(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, rows: usize, n: Value, vector: bool) {
+/// f32x4 vectors per column panel (16 floats: one 64-byte line of B per k step).
+const PANEL: usize = 4;
+
+/// Every row of the column panel starting at `j`: blocks of `MR` rows, then single rows.
+fn row_blocks(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, j: Value, m: Value, width: usize, vector: bool) {
     let zero = kb.iconst(0);
-    let mut start = zero;
-    if vector {
-        start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| tile(kb, mm, p, i, j, rows, NV, true));
-        start = kb.for_steps(start, n, 4, |kb, j| tile(kb, mm, p, i, j, rows, 1, true));
-    } else {
-        start = kb.for_steps(start, n, 4, |kb, j| tile(kb, mm, p, i, j, rows, 4, false));
+    let end = kb.for_steps(zero, m, MR as i64, |kb, i| tile(kb, mm, p, i, j, MR, width, vector));
+    kb.for_range(end, m, 1, |kb, i| tile(kb, mm, p, i, j, 1, width, vector));
+}
+
+/// What one k step of a tile needs besides the pointers.
+struct StepCtx<'m> {
+    mm: &'m MatMulKernel,
+    rows: usize,
+    width: usize,
+    vector: bool,
+    integer: bool,
+    acc_ty: Type,
+    /// Byte offsets of the rows from one A pointer, when the row stride is fixed.
+    row_imm: Option<Vec<i32>>,
+    a_zps: Vec<Option<Value>>,
+    b_zps: Vec<Option<Value>>,
+    /// B's byte stride along n (scalar tiles).
+    b_stride: Value,
+    /// Multiply then add instead of fma: x86's fma ties its result to a multiplicand, so each
+    /// accumulator would be copied every k step; AVX's three-operand add writes it in place, and
+    /// Zen/Skylake-class cores issue the separate mul and add on different pipes.
+    split_fma: bool,
+}
+
+/// One k step: loads B's `width` values at `brow` and each row's A value, and returns the updated
+/// accumulators.
+fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) -> Vec<Value> {
+    let mm = c.mm;
+    let bv: Vec<Value> = (0..c.width)
+        .map(|col| {
+            if c.vector {
+                kb.fb.ins().load(types::F32X4, mem(), brow, (col * 16) as i32)
+            } else {
+                let off = kb.fb.ins().imul_imm_s(c.b_stride, col as i64);
+                let addr = kb.fb.ins().iadd(brow, off);
+                let v = load_elem(kb, mm.b.dtype, addr, 0);
+                let v = if c.integer { cast(kb, v, mm.b.dtype, mm.out.dtype) } else { v };
+                match c.b_zps[col] {
+                    Some(z) => {
+                        let z = cast(kb, z, mm.b_zero.as_ref().unwrap().1, mm.out.dtype);
+                        kb.fb.ins().isub(v, z)
+                    }
+                    None => v,
+                }
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(acc.len());
+    for r in 0..c.rows {
+        let (addr, imm) = match &c.row_imm {
+            Some(offs) => (a_ptrs[0], offs[r]),
+            None => (a_ptrs[r], 0),
+        };
+        let mut a = load_elem(kb, mm.a.dtype, addr, imm);
+        if c.integer {
+            a = cast(kb, a, mm.a.dtype, mm.out.dtype);
+            if let Some(z) = c.a_zps[r] {
+                let z = cast(kb, z, mm.a_zero.as_ref().unwrap().1, mm.out.dtype);
+                a = kb.fb.ins().isub(a, z);
+            }
+        }
+        let av = if c.vector { kb.fb.ins().splat(types::F32X4, a) } else { a };
+        for col in 0..c.width {
+            let prev = acc[r * c.width + col];
+            out.push(if c.integer {
+                let t = kb.fb.ins().imul(av, bv[col]);
+                kb.fb.ins().iadd(prev, t)
+            } else if c.split_fma {
+                let t = kb.fb.ins().fmul(av, bv[col]);
+                kb.fb.ins().fadd(prev, t)
+            } else {
+                Fm::new(kb, c.acc_ty).fma(av, bv[col], prev)
+            });
+        }
     }
-    kb.for_range(start, n, 1, |kb, j| tile(kb, mm, p, i, j, rows, 1, false));
+    out
 }
 
 /// One register tile: `rows` x `width` where width counts f32x4 vectors (`vector`) or scalars.
@@ -148,53 +235,32 @@ fn tile(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usiz
             })
         })
         .collect();
-    let (_, accs) = kb.fold_range(zero, p.k, 1, &init, |kb, kk, acc| {
-        let ka = kb.fb.ins().imul(kk, p.s[1]);
-        let kbo = kb.fb.ins().imul(kk, p.s[2]);
-        let brow = kb.fb.ins().iadd(b_col, kbo);
-        let bv: Vec<Value> = (0..width)
-            .map(|c| {
-                if vector {
-                    kb.fb.ins().load(types::F32X4, mem(), brow, (c * 16) as i32)
-                } else {
-                    let off = kb.fb.ins().imul_imm_s(p.s[3], c as i64);
-                    let addr = kb.fb.ins().iadd(brow, off);
-                    let v = load_elem(kb, mm.b.dtype, addr, 0);
-                    let v = if integer { cast(kb, v, mm.b.dtype, mm.out.dtype) } else { v };
-                    match b_zps[c] {
-                        Some(z) => {
-                            let z = cast(kb, z, mm.b_zero.as_ref().unwrap().1, mm.out.dtype);
-                            kb.fb.ins().isub(v, z)
-                        }
-                        None => v,
-                    }
-                }
-            })
-            .collect();
-        let mut out = Vec::with_capacity(acc.len());
-        for r in 0..rows {
-            let addr = kb.fb.ins().iadd(a_rows[r], ka);
-            let mut a = load_elem(kb, mm.a.dtype, addr, 0);
-            if integer {
-                a = cast(kb, a, mm.a.dtype, mm.out.dtype);
-                if let Some(z) = a_zps[r] {
-                    let z = cast(kb, z, mm.a_zero.as_ref().unwrap().1, mm.out.dtype);
-                    a = kb.fb.ins().isub(a, z);
-                }
-            }
-            let av = if vector { kb.fb.ins().splat(types::F32X4, a) } else { a };
-            for c in 0..width {
-                let prev = acc[r * width + c];
-                out.push(if integer {
-                    let t = kb.fb.ins().imul(av, bv[c]);
-                    kb.fb.ins().iadd(prev, t)
-                } else {
-                    Fm::new(kb, acc_ty).fma(av, bv[c], prev)
-                });
-            }
+    // With a fixed A row stride the rows are immediate offsets from one pointer (fewer live
+    // registers); otherwise each row has its own pointer.
+    let a_row_bytes = mm.a.strides[0].as_fixed().map(|s| s * mm.a.dtype.size() as i64);
+    let row_imm: Option<Vec<i32>> =
+        a_row_bytes.and_then(|b| (0..rows).map(|r| i32::try_from(b * r as i64).ok()).collect());
+    let a_ptrs: Vec<Value> = if row_imm.is_some() { vec![a_rows[0]] } else { a_rows.clone() };
+    let np = a_ptrs.len();
+    let split_fma = kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
+    let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3], split_fma };
+    // The k loop carries the accumulators and the A / B pointers, advanced by one k step per
+    // iteration. (Unrolling k does not pay with Cranelift: it hoists every load of the unrolled
+    // body to the top and spills.)
+    let nacc = init.len();
+    let mut state = init;
+    state.extend(a_ptrs.iter().copied());
+    state.push(b_col);
+    let (_, fin) = kb.fold_range(zero, p.k, 1, &state, |kb, _, st| {
+        let (acc, ptrs) = st.split_at(nacc);
+        let mut out = step(kb, &ctx, acc, &ptrs[..np], ptrs[np]);
+        for &a in &ptrs[..np] {
+            out.push(kb.fb.ins().iadd(a, p.s[1]));
         }
+        out.push(kb.fb.ins().iadd(ptrs[np], p.s[2]));
         out
     });
+    let accs = &fin[..nacc];
     for r in 0..rows {
         let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
         let off = kb.fb.ins().imul(ir, p.s[4]);
