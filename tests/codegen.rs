@@ -172,3 +172,95 @@ fn emitted_objects_link_and_run() {
     }
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// A graph whose matmuls are big enough to be split into `parallel_for` units: batched MatMul with
+/// broadcast weights, a Gemm with transposed B and bias, and a vector-matrix product, with column
+/// counts that leave ragged panels.
+fn parallel_matmul_graph() -> Graph {
+    use common::{f32_initializer, model, node, value_info};
+    let w1: Vec<f32> = (0..96 * 200).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+    let w2: Vec<f32> = (0..200 * 130).map(|i| ((i * 13 % 97) as f32 - 48.0) / 128.0).collect();
+    let b2: Vec<f32> = (0..130).map(|i| i as f32 / 10.0).collect();
+    let w3: Vec<f32> = (0..130 * 1030).map(|i| ((i * 7 % 89) as f32 - 44.0) / 256.0).collect();
+    let mut gemm = node("Gemm", &["flat", "w2", "b2"], &["g"]);
+    gemm.attribute.push(common::attr_int("transB", 1));
+    let m = model(
+        17,
+        vec![
+            node("MatMul", &["x", "w1"], &["h"]),
+            node("Reshape", &["h", "shape"], &["flat"]),
+            gemm,
+            node("ReduceMean", &["g", "axes"], &["v"]),
+            node("MatMul", &["v", "w3"], &["y"]),
+        ],
+        vec![value_info("x", 1, &["3", "40", "96"])],
+        vec![value_info("y", 1, &[]), value_info("g", 1, &[])],
+        vec![
+            f32_initializer("w1", &[96, 200], &w1),
+            f32_initializer("w2", &[130, 200], &w2),
+            f32_initializer("b2", &[130], &b2),
+            f32_initializer("w3", &[130, 1030], &w3),
+            edgec::onnx::proto::TensorProto {
+                name: Some("shape".into()),
+                dims: vec![2],
+                data_type: Some(7),
+                int64_data: vec![120, 200],
+                ..Default::default()
+            },
+            edgec::onnx::proto::TensorProto {
+                name: Some("axes".into()),
+                dims: vec![1],
+                data_type: Some(7),
+                int64_data: vec![0],
+                ..Default::default()
+            },
+        ],
+    );
+    let bytes = prost::Message::encode_to_vec(&m);
+    let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "parallel matmul").unwrap();
+    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    g
+}
+
+/// Matmuls split over `parallel_for`: the runtime's thread pool (1, 2 and 3 threads) and, under
+/// qemu, a callback that runs the units in reverse chunks, all match the interpreter.
+#[test]
+fn parallel_matmul_matches_interpreter() {
+    let g = parallel_matmul_graph();
+    let x: Vec<f32> = (0..3 * 40 * 96).map(|i| ((i * 31 % 53) as f32 - 26.0) / 32.0).collect();
+    let x = Tensor::from_vec(vec![3, 40, 96], x);
+    let feeds = vec![("x".to_string(), x.clone())];
+    let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
+    let c = compile(&g, &opts("host")).unwrap();
+    let mut model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+    for threads in [1, 2, 3] {
+        model.set_threads(threads);
+        let got = run_model(&model, &feeds).unwrap();
+        for ((n, g), w) in got.iter().zip(&want) {
+            common::compare(g, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{threads} threads, {n}: {e}"));
+        }
+    }
+    for arch in CrossArch::CROSS {
+        let mut jobs = Vec::new();
+        for chunk in [None, Some(1), Some(5)] {
+            let mut job = common::native::cross_job(
+                &format!("chunk {chunk:?}"),
+                &g,
+                std::slice::from_ref(&x),
+                &want,
+                arch.name(),
+            )
+            .unwrap();
+            job.parallel_chunk = chunk;
+            jobs.push(job);
+        }
+        let outs = run_jobs(arch, &jobs, None).unwrap();
+        for (job, raw) in jobs.iter().zip(outs) {
+            let got = common::native::decode_outputs(&raw, &want).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                common::compare(g, w, RTOL, ATOL)
+                    .unwrap_or_else(|e| panic!("{} {} output {i}: {e}", arch.name(), job.name));
+            }
+        }
+    }
+}

@@ -142,6 +142,7 @@ fn job(arch: CrossArch, func: Func, name: &str, x0: i32, weight: i32, n: i64) ->
         symbols: vec![n],
         inputs: vec![x],
         output_sizes: vec![4],
+        parallel_chunk: None,
     }
 }
 

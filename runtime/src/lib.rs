@@ -20,6 +20,7 @@ pub mod artifact;
 pub mod capi;
 pub mod format;
 pub mod host;
+pub mod pool;
 pub mod tensor;
 
 pub use artifact::{Artifact, LoadError};
@@ -89,6 +90,8 @@ pub struct Model {
     _code: Mmap,
     entry: EntryFn,
     arena: Mutex<AlignedBuf>,
+    /// Worker threads for the code's `parallel_for` calls (None: run serially).
+    pool: Option<pool::Pool>,
 }
 
 impl Model {
@@ -127,7 +130,21 @@ impl Model {
         // there, which is the trust the loader has to place in compiled code.
         let entry = unsafe { std::mem::transmute::<*const u8, EntryFn>(code.as_ptr().add(meta.entry_offset as usize)) };
         let arena = AlignedBuf::zeroed(meta.arena_bytes as usize).ok_or(LoadError::Arena(meta.arena_bytes))?;
-        Ok(Model { meta, triple, features, file: map, weights, _code: code, entry, arena: Mutex::new(arena) })
+        let threads = std::env::var("EDGEC_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(default_threads);
+        let pool = (threads > 1).then(|| pool::Pool::new(threads));
+        Ok(Model { meta, triple, features, file: map, weights, _code: code, entry, arena: Mutex::new(arena), pool })
+    }
+
+    /// Runs with `threads` threads in all (1 = serial). The default is the number of CPUs, or
+    /// the `EDGEC_THREADS` environment variable.
+    pub fn set_threads(&mut self, threads: usize) {
+        if threads != self.threads() {
+            self.pool = (threads > 1).then(|| pool::Pool::new(threads));
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.threads())
     }
 
     pub fn meta(&self) -> &Meta {
@@ -251,13 +268,23 @@ impl Model {
             weights: self.file[self.weights.clone()].as_ptr(),
             arena: arena.as_mut_ptr(),
             symbols: symbols.as_ptr(),
-            parallel_for: std::ptr::null_mut(),
-            parallel_ctx: std::ptr::null_mut(),
+            parallel_for: match &self.pool {
+                Some(_) => pool::parallel_for as *mut c_void,
+                None => std::ptr::null_mut(),
+            },
+            parallel_ctx: match &self.pool {
+                Some(p) => p as *const pool::Pool as *mut c_void,
+                None => std::ptr::null_mut(),
+            },
         };
         // SAFETY: every pointer is valid and sized as META says for this run; the arena is ours
         // alone while the lock is held. The code itself is trusted (see the crate docs).
         unsafe { (self.entry)(&call) };
     }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Dtype, rank, byte length, alignment and bool values of one input (dims are checked by the caller).

@@ -50,6 +50,7 @@ pub fn cross_job_with(
         symbols,
         inputs: inputs.iter().map(|t| t.to_le_bytes()).collect(),
         output_sizes: want.iter().map(|t| t.len() * t.dtype().size()).collect(),
+        parallel_chunk: None,
     })
 }
 

@@ -104,6 +104,9 @@ pub struct Job {
     pub inputs: Vec<Vec<u8>>,
     /// Byte size per output, in META order; must match META for `symbols`.
     pub output_sizes: Vec<usize>,
+    /// Give the code a `parallel_for` that runs tasks serially this many units at a time (last
+    /// chunk first); `None` passes NULL.
+    pub parallel_chunk: Option<i64>,
 }
 
 /// Runs every job in one harness process (one qemu for the cross architectures) and returns the
@@ -367,6 +370,9 @@ fn write_jobs(arch: CrossArch, jobs: &[Job], dir: &Path) -> Result<PathBuf, Stri
         writeln!(list, "arena {}", meta.arena_bytes).unwrap();
         let symbols: String = job.symbols.iter().map(|v| format!(" {v}")).collect();
         writeln!(list, "symbols {}{symbols}", job.symbols.len()).unwrap();
+        if let Some(chunk) = job.parallel_chunk {
+            writeln!(list, "parallel {chunk}").unwrap();
+        }
         for (k, bytes) in job.inputs.iter().enumerate() {
             let path = dir.join(format!("{j}.in{k}"));
             write(&path, bytes)?;

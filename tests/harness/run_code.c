@@ -16,6 +16,8 @@
  *   weights PATH             the WEIGHTS bytes (optional; the file may be empty)
  *   arena BYTES              scratch arena size (default 0; at least 64 bytes are allocated)
  *   symbols N V1 .. VN       int64 symbol values (default none)
+ *   parallel CHUNK           pass a parallel_for callback that runs the tasks serially, CHUNK
+ *                            units at a time, in reverse order (default: parallel_for is NULL)
  *   input PATH               raw little-endian tensor bytes; repeat, in META order
  *   output BYTES PATH        output size and the file to write it to; repeat, in META order
  *   end                      runs the job
@@ -90,11 +92,23 @@ typedef struct {
     int64_t *symbols;
     size_t n_symbols;
     int have_symbols;
+    int64_t parallel_chunk; /* 0: parallel_for is NULL */
     char *inputs[MAX_TENSORS];
     size_t n_inputs;
     Output outputs[MAX_TENSORS];
     size_t n_outputs;
 } Job;
+
+/* The ABI's parallel_for, run on this thread: chunks of *ctx units, last chunk first, so a task
+ * that ignored its range (or assumed order) would produce wrong results. */
+typedef void (*TaskFn)(const EdgecCall *call, int64_t begin, int64_t end);
+static void serial_parallel_for(void *ctx, TaskFn task, const EdgecCall *call, int64_t n) {
+    int64_t chunk = *(const int64_t *)ctx;
+    int64_t begin;
+    for (begin = ((n - 1) / chunk) * chunk; begin >= 0; begin -= chunk) {
+        task(call, begin, begin + chunk < n ? begin + chunk : n);
+    }
+}
 
 /* ---- diagnostics --------------------------------------------------------------------------- */
 
@@ -400,8 +414,8 @@ static int run_job(const Job *job) {
     call.weights = weights;
     call.arena = arena;
     call.symbols = symbols;
-    call.parallel_for = NULL;
-    call.parallel_ctx = NULL;
+    call.parallel_for = job->parallel_chunk > 0 ? (void *)(uintptr_t)serial_parallel_for : NULL;
+    call.parallel_ctx = job->parallel_chunk > 0 ? (void *)&job->parallel_chunk : NULL;
 
     /* Integer to function pointer: implementation-defined, exact on every POSIX target. */
     entry = (EntryFn)(uintptr_t)(code + job->entry);
@@ -520,7 +534,7 @@ static char *split_keyword(char *line) {
 }
 
 static int is_keyword(const char *word) {
-    static const char *const words[] = {"code", "entry", "weights", "arena", "symbols", "input", "output", "end"};
+    static const char *const words[] = {"code", "entry", "weights", "arena", "symbols", "parallel", "input", "output", "end"};
     size_t i;
     for (i = 0; i < sizeof words / sizeof words[0]; i++) {
         if (strcmp(word, words[i]) == 0) {
@@ -661,6 +675,12 @@ int main(int argc, char **argv) {
                 syntax("duplicate `symbols`");
             }
             parse_symbols(&job, arg);
+        } else if (strcmp(line, "parallel") == 0) {
+            uint64_t chunk = parse_u64(arg, "parallel chunk");
+            if (chunk == 0 || chunk > 1000000) {
+                syntax("parallel chunk %s must be in 1..1000000", arg);
+            }
+            job.parallel_chunk = (int64_t)chunk;
         } else if (strcmp(line, "input") == 0) {
             need_arg(arg, "input");
             if (job.n_inputs >= MAX_TENSORS) {

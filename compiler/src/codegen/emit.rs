@@ -17,6 +17,8 @@ const CALL_OUTPUTS: i32 = 8;
 const CALL_WEIGHTS: i32 = 16;
 const CALL_ARENA: i32 = 24;
 const CALL_SYMBOLS: i32 = 32;
+const CALL_PARALLEL_FOR: i32 = 40;
+const CALL_PARALLEL_CTX: i32 = 48;
 
 /// Where a tensor lives at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +47,8 @@ pub struct Kb<'a> {
     pub target: &'a Target,
     call: Value,
     symbols: &'a [String],
+    /// Parameters after `call` (a task's `begin`, `end`).
+    pub params: Vec<Value>,
 }
 
 /// Accesses that cannot trap: the plan guarantees bounds.
@@ -60,12 +64,19 @@ impl<'a> Kb<'a> {
         let entry = fb.create_block();
         fb.append_block_params_for_function_params(entry);
         fb.switch_to_block(entry);
-        let call = fb.block_params(entry)[0];
-        Kb { fb, target, call, symbols }
+        let params = fb.block_params(entry).to_vec();
+        Kb { fb, target, call: params[0], symbols, params: params[1..].to_vec() }
     }
 
     pub fn call_ptr(&self) -> Value {
         self.call
+    }
+
+    /// The runtime's `parallel_for` callback and its context (null when running serially).
+    pub fn parallel_for(&mut self) -> (Value, Value) {
+        let f = self.fb.ins().load(types::I64, mem(), self.call, CALL_PARALLEL_FOR);
+        let c = self.fb.ins().load(types::I64, mem(), self.call, CALL_PARALLEL_CTX);
+        (f, c)
     }
 
     pub fn finish(mut self) {

@@ -5,13 +5,21 @@ use cranelift_codegen::binemit::Reloc;
 
 use crate::error::{Error, Result};
 
-/// A call from one generated function to another, to patch at link time.
+/// What a fixup refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FixTarget {
+    /// Function number `i` (a call or a function address).
+    Func(usize),
+    /// An offset in the same function (riscv64's lo12 half points at its auipc).
+    Local(u32),
+}
+
+/// A reference from one generated function to another, to patch at link time.
 pub struct Fixup {
-    /// Byte offset inside the calling function.
+    /// Byte offset inside the referring function.
     pub at: u32,
     pub kind: Reloc,
-    /// Index of the callee function.
-    pub callee: usize,
+    pub target: FixTarget,
     pub addend: i64,
 }
 
@@ -32,11 +40,33 @@ pub fn link(funcs: &[CompiledFunc]) -> Result<(Vec<u8>, Vec<u64>)> {
         offsets.push(blob.len() as u64);
         blob.extend_from_slice(&f.code);
     }
+    let func_addr = |i: usize| -> Result<u64> {
+        offsets.get(i).copied().ok_or_else(|| Error::Invalid("internal: reference to an unknown function".into()))
+    };
     for (f, &base) in funcs.iter().zip(&offsets) {
         for fx in &f.fixups {
-            let target =
-                *offsets.get(fx.callee).ok_or_else(|| Error::Invalid("internal: call to unknown function".into()))?;
-            patch(&mut blob, fx.kind, base + fx.at as u64, target, fx.addend)?;
+            match fx.target {
+                FixTarget::Func(i) => patch(&mut blob, fx.kind, base + fx.at as u64, func_addr(i)?, fx.addend)?,
+                FixTarget::Local(auipc) => {
+                    // riscv64 `addi rd, rd, %pcrel_lo(label)`: the low half of the value the hi20
+                    // fixup at `label` computed.
+                    let hi = f
+                        .fixups
+                        .iter()
+                        .find(|h| h.at == auipc && h.kind == Reloc::RiscvPCRelHi20)
+                        .ok_or_else(|| Error::Invalid("internal: pcrel_lo without its auipc".into()))?;
+                    let FixTarget::Func(i) = hi.target else {
+                        return Err(Error::Invalid("internal: pcrel_hi to a local label".into()));
+                    };
+                    let p = (base + auipc as u64) as i64;
+                    let v = func_addr(i)? as i64 + hi.addend - p;
+                    let at = (base + fx.at as u64) as usize;
+                    let lo = (v as u32) & 0xfff;
+                    let insn = u32::from_le_bytes(blob[at..at + 4].try_into().unwrap());
+                    let insn = (insn & 0x000f_ffff) | (lo << 20);
+                    blob[at..at + 4].copy_from_slice(&insn.to_le_bytes());
+                }
+            }
         }
     }
     Ok((blob, offsets))
@@ -60,6 +90,27 @@ pub fn patch(blob: &mut [u8], kind: Reloc, at: u64, target: u64, addend: i64) ->
                 return Err(Error::Invalid("code too large for an aarch64 bl".into()));
             }
             let insn = (rd32(blob) & !0x03ff_ffff) | (v as u32 & 0x03ff_ffff);
+            blob[at..at + 4].copy_from_slice(&insn.to_le_bytes());
+        }
+        Reloc::Aarch64AdrPrelPgHi21 => {
+            // adrp: 4 KiB page delta (the code is mapped page-aligned), immlo/immhi fields.
+            let pages = ((s + addend) >> 12) - (p >> 12);
+            if !(-(1 << 20)..(1 << 20)).contains(&pages) {
+                return Err(Error::Invalid("code too large for adrp".into()));
+            }
+            let imm = pages as u32 & 0x1f_ffff;
+            let insn = (rd32(blob) & !((0x3 << 29) | (0x7_ffff << 5))) | ((imm & 0x3) << 29) | ((imm >> 2) << 5);
+            blob[at..at + 4].copy_from_slice(&insn.to_le_bytes());
+        }
+        Reloc::Aarch64AddAbsLo12Nc => {
+            let lo = ((s + addend) & 0xfff) as u32;
+            let insn = (rd32(blob) & !(0xfff << 10)) | (lo << 10);
+            blob[at..at + 4].copy_from_slice(&insn.to_le_bytes());
+        }
+        Reloc::RiscvPCRelHi20 => {
+            let v = i32::try_from(s + addend - p).map_err(|_| Error::Invalid("code too large for auipc".into()))?;
+            let hi = (v.wrapping_add(0x800) as u32) & 0xffff_f000;
+            let insn = (rd32(blob) & 0xfff) | hi;
             blob[at..at + 4].copy_from_slice(&insn.to_le_bytes());
         }
         Reloc::RiscvCallPlt => {

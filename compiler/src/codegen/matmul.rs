@@ -52,13 +52,42 @@ struct Ptrs {
     bzp: Option<(Value, Value)>,
 }
 
-pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel) {
+/// Columns per parallel unit: `parallel_for` hands out ranges of these panels.
+pub const COLS_PER_UNIT: i64 = 16;
+
+/// The matmul's parallel units (column panels) and its multiply-adds, at run time.
+pub fn units_and_work(kb: &mut Kb, mm: &MatMulKernel) -> (Value, Value) {
+    let n = kb.dim(&mm.n);
+    let units = kb.fb.ins().iadd_imm_s(n, COLS_PER_UNIT - 1);
+    let units = kb.fb.ins().sdiv_imm_s(units, COLS_PER_UNIT);
+    let m = kb.dim(&mm.m);
+    let mut work = kb.fb.ins().imul(n, m);
+    let k = kb.dim(&mm.k);
+    work = kb.fb.ins().imul(work, k);
+    for d in &mm.batch {
+        let v = kb.dim(d);
+        work = kb.fb.ins().imul(work, v);
+    }
+    (units, work)
+}
+
+/// The matmul restricted to the column panels `units` (a range of `COLS_PER_UNIT`-column units;
+/// `None` computes every column).
+pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>) {
     let batch: Vec<Value> = mm.batch.iter().map(|d| kb.dim(d)).collect();
     let strides: Vec<Vec<Value>> =
         [&mm.a, &mm.b, &mm.out].iter().map(|o| o.batch_strides.iter().map(|d| kb.dim(d)).collect()).collect();
     let bases = [kb.base(mm.a.loc), kb.base(mm.b.loc), kb.base(mm.out.loc)];
     let m = kb.dim(&mm.m);
-    let n = kb.dim(&mm.n);
+    let n_all = kb.dim(&mm.n);
+    let (n_lo, n) = match units {
+        Some((b, e)) => {
+            let lo = kb.fb.ins().imul_imm_s(b, COLS_PER_UNIT);
+            let hi = kb.fb.ins().imul_imm_s(e, COLS_PER_UNIT);
+            (lo, kb.fb.ins().smin(hi, n_all))
+        }
+        None => (kb.iconst(0), n_all),
+    };
     let k = kb.dim(&mm.k);
     let mut s = Vec::new();
     for o in [&mm.a, &mm.b, &mm.out] {
@@ -89,7 +118,7 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel) {
         let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp };
         // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
         // while every row block of A streams past it.
-        let mut start = zero;
+        let mut start = n_lo;
         if vector {
             // Wide panels: MR-row blocks as PANEL/NV tiles side by side; single rows (decode,
             // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::ir::{DType, Dim, Graph, ValueRef};
 use crate::passes::shape_infer;
 use emit::{Kb, Loc};
-use link::{CompiledFunc, Fixup};
+use link::{CompiledFunc, FixTarget, Fixup};
 use lower::{Kernel, LowerCx};
 use map::{Expr, MapKernel, View};
 pub use target::Target;
@@ -239,11 +239,14 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     }
 
     // Compile: function i for group i, then the entry calling them all in order.
+    // Function numbers: one per group, then one task per parallel kernel, then the entry.
     let mut funcs = Vec::with_capacity(groups.len() + 1);
     let mut fctx = FunctionBuilderContext::new();
     let mut ctx = Context::new();
     let sig = kernel_signature(&target);
+    let task_sig = task_signature(&target);
     let mut kernels = 0;
+    let mut tasks: Vec<(String, &matmul::MatMulKernel)> = Vec::new();
     for (i, (name, ks)) in groups.iter().enumerate() {
         kernels += ks.len();
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
@@ -251,8 +254,27 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
             let mut kb = Kb::new(fb, &target, &symbols);
             for k in ks {
-                emit_kernel(&mut kb, k);
+                match k {
+                    Kernel::MatMul(mm) => {
+                        let index = (groups.len() + tasks.len()) as u32;
+                        tasks.push((format!("{name} (task)"), mm));
+                        emit_parallel(&mut kb, mm, index, &task_sig);
+                    }
+                    _ => emit_kernel(&mut kb, k),
+                }
             }
+            kb.finish();
+        }
+        funcs.push(compile_func(&mut ctx, &target, name)?);
+    }
+    for (i, (name, mm)) in tasks.iter().enumerate() {
+        let index = (groups.len() + i) as u32;
+        ctx.func = Function::with_name_signature(UserFuncName::user(0, index), task_sig.clone());
+        {
+            let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let mut kb = Kb::new(fb, &target, &symbols);
+            let range = (kb.params[0], kb.params[1]);
+            matmul::emit_matmul(&mut kb, mm, Some(range));
             kb.finish();
         }
         funcs.push(compile_func(&mut ctx, &target, name)?);
@@ -329,6 +351,53 @@ fn kernel_signature(target: &Target) -> Signature {
     sig
 }
 
+/// Below this many multiply-adds a matmul runs on the calling thread (waking workers costs more).
+const PARALLEL_MIN_WORK: i64 = 1 << 17;
+
+/// `void task(const EdgecCall *call, int64_t begin, int64_t end)`.
+fn task_signature(target: &Target) -> Signature {
+    let mut sig = Signature::new(target.isa.default_call_conv());
+    sig.params.extend([AbiParam::new(types::I64), AbiParam::new(types::I64), AbiParam::new(types::I64)]);
+    sig
+}
+
+/// Runs matmul task function `index` over all its units: through the runtime's `parallel_for`
+/// when there is one and the work is large enough, else directly.
+fn emit_parallel(kb: &mut Kb, mm: &matmul::MatMulKernel, index: u32, task_sig: &Signature) {
+    use cranelift_codegen::ir::condcodes::IntCC;
+    let (units, work) = matmul::units_and_work(kb, mm);
+    let (pf, pctx) = kb.parallel_for();
+    let name = kb.fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, index));
+    let sigref = kb.fb.import_signature(task_sig.clone());
+    let task = kb.fb.import_function(cranelift_codegen::ir::ExtFuncData {
+        name: ExternalName::user(name),
+        signature: sigref,
+        colocated: true,
+        patchable: false,
+    });
+    let call = kb.call_ptr();
+    let has_pool = kb.fb.ins().icmp_imm_u(IntCC::NotEqual, pf, 0);
+    let big = kb.fb.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, work, PARALLEL_MIN_WORK);
+    let par = kb.fb.ins().band(has_pool, big);
+    let par_block = kb.fb.create_block();
+    let serial_block = kb.fb.create_block();
+    let done = kb.fb.create_block();
+    kb.fb.ins().brif(par, par_block, &[], serial_block, &[]);
+    kb.fb.switch_to_block(par_block);
+    // void parallel_for(void *ctx, task, const EdgecCall *call, int64_t n)
+    let mut pf_sig = Signature::new(kb.target.isa.default_call_conv());
+    pf_sig.params.extend([AbiParam::new(types::I64); 4]);
+    let pf_ref = kb.fb.import_signature(pf_sig);
+    let addr = kb.fb.ins().func_addr(types::I64, task);
+    kb.fb.ins().call_indirect(pf_ref, pf, &[pctx, addr, call, units]);
+    kb.fb.ins().jump(done, &[]);
+    kb.fb.switch_to_block(serial_block);
+    let zero = kb.iconst(0);
+    kb.fb.ins().call(task, &[call, zero, units]);
+    kb.fb.ins().jump(done, &[]);
+    kb.fb.switch_to_block(done);
+}
+
 fn emit_kernel(kb: &mut Kb, k: &Kernel) {
     match k {
         Kernel::Map(m) => map::emit_map(kb, m),
@@ -337,7 +406,7 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::LayerNorm { rows, eps, has_bias, stats } => reduce::emit_layer_norm(kb, rows, *eps, *has_bias, *stats),
         Kernel::ArgReduce { rows, max, last } => reduce::emit_arg_reduce(kb, rows, *max, *last),
         Kernel::CumSum { rows, exclusive, reverse } => reduce::emit_cumsum(kb, rows, *exclusive, *reverse),
-        Kernel::MatMul(m) => matmul::emit_matmul(kb, m),
+        Kernel::MatMul(m) => matmul::emit_matmul(kb, m, None),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
         Kernel::Values { loc, dtype, values } => {
             let base = kb.base(*loc);
@@ -357,15 +426,16 @@ fn compile_func(ctx: &mut Context, target: &Target, name: &str) -> Result<Compil
         .map_err(|e| Error::Invalid(format!("code generation failed in `{name}`: {:?}", e.inner)))?;
     let mut fixups = Vec::new();
     for r in compiled.buffer.relocs() {
-        let callee = match &r.target {
-            FinalizedRelocTarget::ExternalName(ExternalName::User(u)) => callee_of[u.index()] as usize,
+        let target = match &r.target {
+            FinalizedRelocTarget::ExternalName(ExternalName::User(u)) => FixTarget::Func(callee_of[u.index()] as usize),
+            FinalizedRelocTarget::Func(off) => FixTarget::Local(*off),
             other => {
                 return Err(Error::Invalid(format!(
                     "internal: `{name}` needs external symbol {other:?}; generated code must be self-contained"
                 )))
             }
         };
-        fixups.push(Fixup { at: r.offset, kind: r.kind, callee, addend: r.addend });
+        fixups.push(Fixup { at: r.offset, kind: r.kind, target, addend: r.addend });
     }
     let f = CompiledFunc { code: compiled.code_buffer().to_vec(), fixups, alignment: compiled.buffer.alignment };
     ctx.clear();

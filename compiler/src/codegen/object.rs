@@ -33,7 +33,8 @@ pub fn write(c: &Compiled, out: &Path, prefix: &str, weights_file: bool) -> Resu
             object::FileFlags::Elf { os_abi: 0, abi_version: 0, e_flags: object::elf::EF_RISCV_FLOAT_ABI_DOUBLE };
     }
     let text = obj.section_id(StandardSection::Text);
-    let code_off = obj.append_section_data(text, &c.code, 64);
+    // Page-aligned: aarch64 code addresses functions with adrp (4 KiB pages).
+    let code_off = obj.append_section_data(text, &c.code, 4096);
     let sym = |name: String, section, value, size, kind| Symbol {
         name: name.into_bytes(),
         value,

@@ -81,7 +81,7 @@ impl Target {
 
     pub fn with_features(triple: Triple, arch: Arch, bits: u64) -> Result<Target> {
         let mut shared = settings::builder();
-        for (k, v) in [("opt_level", "speed"), ("enable_verifier", "false"), ("is_pic", "true")] {
+        for (k, v) in [("opt_level", "speed"), ("enable_verifier", "false"), ("is_pic", "false")] {
             shared.set(k, v).expect("known Cranelift setting");
         }
         let mut b = isa::lookup(triple.clone())
