@@ -13,8 +13,11 @@ fn edgec(args: &[&str]) -> (bool, String, String) {
 fn help_describes_every_command() {
     let (ok, out, _) = edgec(&["--help"]);
     assert!(ok);
-    assert!(out.contains("inspect") && out.contains("run"), "{out}");
-    for cmd in ["inspect", "run"] {
+    assert!(
+        out.contains("inspect") && out.contains("run") && out.contains("compile") && out.contains("bench"),
+        "{out}"
+    );
+    for cmd in ["inspect", "run", "compile", "bench"] {
         let (ok, out, _) = edgec(&[cmd, "--help"]);
         assert!(ok && out.contains("Usage: edgec"), "{cmd}: {out}");
     }
@@ -73,4 +76,101 @@ fn run_reports_missing_files_and_bad_specs() {
     assert!(!ok && err.contains("must be NAME=FILE.npy"), "{err}");
     let (ok, _, err) = edgec(&["run", "models/tiny/qdq_mlp/model.onnx", "-i", "x=missing.npy"]);
     assert!(!ok && err.contains("missing.npy"), "{err}");
+}
+
+/// `edgec compile` to an artifact, then `edgec run` and `edgec bench` on it: the native outputs
+/// match onnxruntime's stored outputs, and the report names the arena and weight sizes.
+#[test]
+fn compile_run_and_bench_an_artifact() {
+    let dir = std::env::temp_dir().join(format!("edgec-cli-compile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = "models/tiny/gpt2";
+    let art = dir.join("gpt2.edgec");
+    let (ok, out, err) = edgec(&[
+        "compile",
+        &format!("{m}/model.onnx"),
+        "--target",
+        "host",
+        "--max-batch",
+        "4",
+        "--max-seq",
+        "128",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for key in
+        ["arena", "weights", "code", "symbol      sequence_length <= 128", "symbol      batch_size <= 4", "wrote"]
+    {
+        assert!(out.contains(key), "missing {key:?} in:\n{out}");
+    }
+    let inputs: Vec<String> = std::fs::read_dir(format!("{}/{m}/inputs", common::repo_root().display()))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            format!("{}={}", p.file_stem().unwrap().to_string_lossy(), p.display())
+        })
+        .collect();
+    let mut args = vec!["run".to_string(), art.to_string_lossy().to_string(), "--output-dir".into()];
+    args.push(dir.join("out").to_string_lossy().to_string());
+    for i in &inputs {
+        args.extend(["--input".to_string(), i.clone()]);
+    }
+    let (ok, out, err) = edgec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(out.contains("logits: f32[2, 7, 128]"), "{out}");
+    let got = edgec::npy::read_npy(&dir.join("out/logits.npy")).unwrap();
+    let want = edgec::npy::read_npy(&common::repo_root().join(format!("{m}/expected/logits.npy"))).unwrap();
+    common::compare(&got, &want, 1e-4, 1e-5).unwrap();
+
+    let mut args = vec!["bench".to_string(), art.to_string_lossy().to_string(), "--runs".into(), "5".into()];
+    args.extend(["--threads".to_string(), "2".to_string()]);
+    for i in &inputs {
+        args.extend(["--input".to_string(), i.clone()]);
+    }
+    let (ok, out, err) = edgec(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(out.contains("median") && out.contains("over 5 runs") && out.contains("2 thread(s)"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Bad compile options and bad artifacts give one clear error line each, never a panic.
+#[test]
+fn compile_and_artifact_errors_are_clear() {
+    let m = "models/tiny/llama/model.onnx";
+    let cases: &[(&[&str], &str)] = &[
+        (&["compile", m, "--target", "mips"], "unsupported architecture"),
+        (&["compile", m, "--target", "not a target"], "target `not a target`"),
+        (&["compile", m, "--target", "sparc64-unknown-linux-gnu"], "unsupported architecture"),
+        (&["compile", m, "--target", "aarch64", "--features", "+avx2"], "unknown aarch64 feature `avx2`"),
+        (&["compile", m, "--target", "x86_64", "--cpu", "cortex-a53"], "is not an x86_64 CPU"),
+        (&["compile", m, "--bound", "nonsense=4"], "--bound `nonsense`: the model's inputs have no such symbol"),
+        (&["compile", m, "--bound", "sequence_length"], "must be NAME=N"),
+        (&["compile", m, "--emit", "exe"], "--emit exe"),
+        (&["compile", m, "--emit", "obj", "--prefix", "9lives"], "must be a C identifier"),
+    ];
+    let dir = std::env::temp_dir().join(format!("edgec-cli-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_path = dir.join("x.out");
+    for (args, want) in cases {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["-o", out_path.to_str().unwrap()]);
+        let (ok, _, err) = edgec(&a);
+        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A compiled artifact that is truncated, or whose code is for another CPU, is refused at load.
+    let art = dir.join("llama.edgec");
+    let (ok, _, err) = edgec(&["compile", m, "-o", art.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&art).unwrap();
+    let bad = dir.join("truncated.edgec");
+    std::fs::write(&bad, &bytes[..bytes.len() - 100]).unwrap();
+    let (ok, _, err) = edgec(&["run", bad.to_str().unwrap(), "--input", "input_ids=nope.npy"]);
+    assert!(!ok && err.contains("truncated.edgec") && !err.contains("panicked"), "{err}");
+    let foreign = dir.join("aarch64.edgec");
+    let (ok, _, err) = edgec(&["compile", m, "--target", "aarch64", "-o", foreign.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = edgec(&["bench", foreign.to_str().unwrap()]);
+    assert!(!ok && err.contains("aarch64") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -81,6 +81,9 @@ enum Command {
         /// Pass pipeline to run before interpreting (`none` runs the graph as imported).
         #[arg(long, default_value = "default")]
         passes: String,
+        /// Threads for a compiled model (default: every CPU).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Time a compiled .edgec artifact: median latency over N runs.
     Bench {
@@ -91,6 +94,9 @@ enum Command {
         runs: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Threads (default: every CPU).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -221,9 +227,20 @@ fn is_artifact(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "edgec")
 }
 
-fn run_artifact(path: &Path, inputs: Vec<String>, output_dir: PathBuf) -> Result<(), String> {
+fn load_artifact(path: &Path, threads: Option<usize>) -> Result<edgec_runtime::Model, String> {
+    let mut model = edgec_runtime::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(t) = threads {
+        if t == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        model.set_threads(t);
+    }
+    Ok(model)
+}
+
+fn run_artifact(path: &Path, inputs: Vec<String>, output_dir: PathBuf, threads: Option<usize>) -> Result<(), String> {
     let t0 = Instant::now();
-    let model = edgec_runtime::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let model = load_artifact(path, threads)?;
     let load_time = t0.elapsed();
     let feeds = read_feeds(inputs)?;
     let t1 = Instant::now();
@@ -244,8 +261,8 @@ fn write_outputs(outputs: &[(String, edgec::ir::Tensor)], output_dir: &Path) -> 
     Ok(())
 }
 
-fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize) -> Result<(), String> {
-    let model = edgec_runtime::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize, threads: Option<usize>) -> Result<(), String> {
+    let model = load_artifact(path, threads)?;
     let feeds = read_feeds(inputs)?;
     for _ in 0..warmup {
         edgec::codegen::run_model(&model, &feeds).map_err(|e| e.to_string())?;
@@ -259,11 +276,12 @@ fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize) -> Result
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     println!(
-        "{}: median {med:.3} ms over {} runs (min {:.3} ms, max {:.3} ms)",
+        "{}: median {med:.3} ms over {} runs (min {:.3} ms, max {:.3} ms), {} thread(s)",
         path.display(),
         times.len(),
         times[0],
-        times[times.len() - 1]
+        times[times.len() - 1],
+        model.threads()
     );
     Ok(())
 }
@@ -272,10 +290,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { model, passes, after } => inspect(&model, passes, after),
-        Command::Run { model, inputs, output_dir, .. } if is_artifact(&model) => {
-            run_artifact(&model, inputs, output_dir)
+        Command::Run { model, inputs, output_dir, threads, .. } if is_artifact(&model) => {
+            run_artifact(&model, inputs, output_dir, threads)
         }
-        Command::Run { model, inputs, output_dir, passes } => run(&model, inputs, output_dir, passes),
+        Command::Run { model, inputs, output_dir, passes, .. } => run(&model, inputs, output_dir, passes),
         Command::Compile {
             model,
             target,
@@ -300,7 +318,7 @@ fn main() -> ExitCode {
             };
             compile(&model, opts, &passes, output, &emit, weights_file, &prefix)
         }),
-        Command::Bench { model, inputs, runs, warmup } => bench(&model, inputs, runs, warmup),
+        Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
