@@ -50,6 +50,10 @@ int edgec_model_run(const EdgecModel *model, const EdgecTensor *inputs, size_t n
 /* Frees a model; NULL is ignored. */
 void edgec_model_free(EdgecModel *model);
 
+/* Threads the model's runs use (1 = serial; the default is every CPU or EDGEC_THREADS).
+ * Returns 0, or -1 for NULL or 0 threads. Not concurrently with a run of the same model. */
+int edgec_model_set_threads(EdgecModel *model, size_t threads);
+
 size_t edgec_model_input_count(const EdgecModel *model);
 size_t edgec_model_output_count(const EdgecModel *model);
 /* Names are owned by the model; NULL if index is out of range. */

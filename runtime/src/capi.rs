@@ -106,6 +106,22 @@ pub unsafe extern "C" fn edgec_model_free(model: *mut EdgecModel) {
     }
 }
 
+/// Sets the number of threads a model's runs use. Returns 0, or -1 for NULL or 0 threads.
+///
+/// # Safety
+/// `model` is NULL or a live pointer from `edgec_model_load`, not used by another thread meanwhile.
+#[no_mangle]
+pub unsafe extern "C" fn edgec_model_set_threads(model: *mut EdgecModel, threads: usize) -> i32 {
+    if model.is_null() || threads == 0 {
+        return -1;
+    }
+    let m = &mut *model;
+    match catch_unwind(AssertUnwindSafe(|| m.model.set_threads(threads))) {
+        Ok(()) => 0,
+        Err(_) => -1,
+    }
+}
+
 /// `(start, end)` addresses of a buffer, for the overlap check.
 fn span(t: &EdgecTensor) -> (usize, usize) {
     (t.data as usize, (t.data as usize).saturating_add(t.byte_len))

@@ -38,6 +38,7 @@ fn null_model_is_harmless() {
         assert_eq!(edgec_model_input_dtype(null(), 0), -1);
         assert_eq!(edgec_model_run(null(), null(), 0, null_mut(), 0, err.as_mut_ptr(), err.len()), -1);
         assert_eq!(msg(&err), "model is NULL");
+        assert_eq!(edgec_model_set_threads(null_mut(), 2), -1);
         edgec_model_free(null_mut());
     }
     assert_eq!(edgec_dtype_size(6), 8);
