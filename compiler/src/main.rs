@@ -67,6 +67,10 @@ enum Command {
         /// With --emit obj: prefix of the C symbols (`PREFIX_run`, ...).
         #[arg(long, default_value = "model")]
         prefix: String,
+        /// Also write OUTPUT.symbols: each generated function's offset, size and node name (for
+        /// profiling: run with EDGEC_PERF_MAP=OUTPUT.symbols under `perf record`).
+        #[arg(long)]
+        symbols: bool,
     },
     /// Run a model (.onnx with the reference interpreter, .edgec natively); writes NAME.npy per output.
     Run {
@@ -174,6 +178,7 @@ fn compile(
     emit: &str,
     weights_file: bool,
     prefix: &str,
+    symbols: bool,
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
@@ -182,7 +187,7 @@ fn compile(
     let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
     let default_ext = if emit == "obj" { "o" } else { "edgec" };
     let out = output.unwrap_or_else(|| model.with_extension(default_ext));
-    let written = match emit {
+    let mut written = match emit {
         "artifact" => {
             let bytes = c.artifact().map_err(|e| e.to_string())?;
             std::fs::write(&out, &bytes).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
@@ -191,6 +196,12 @@ fn compile(
         "obj" => edgec::codegen::object::write(&c, &out, prefix, weights_file).map_err(|e| e.to_string())?,
         other => return Err(format!("--emit {other}: expected `artifact` or `obj`")),
     };
+    if symbols {
+        let p = PathBuf::from(format!("{}.symbols", out.display()));
+        let map = c.symbol_map();
+        std::fs::write(&p, &map).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        written.push((p, map.len()));
+    }
     let s = &c.stats;
     println!(
         "target      {} ({})",
@@ -307,6 +318,7 @@ fn main() -> ExitCode {
             emit,
             weights_file,
             prefix,
+            symbols,
         } => parse_bounds(&bounds).and_then(|bounds| {
             let opts = edgec::codegen::Options {
                 target,
@@ -316,7 +328,7 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix)
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
     };

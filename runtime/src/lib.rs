@@ -125,6 +125,7 @@ impl Model {
             return Err(LoadError::WeightsAlignment);
         }
         let code = host::map_code(art.code)?;
+        write_perf_map(code.as_ptr() as usize);
         let Artifact { meta, triple, features, .. } = art;
         // SAFETY: entry_offset < CODE length (validated); the artifact promises a C-ABI function
         // there, which is the trust the loader has to place in compiled code.
@@ -280,6 +281,26 @@ impl Model {
         // SAFETY: every pointer is valid and sized as META says for this run; the arena is ours
         // alone while the lock is held. The code itself is trusted (see the crate docs).
         unsafe { (self.entry)(&call) };
+    }
+}
+
+/// With `EDGEC_PERF_MAP=FILE` (the `offset size name` table `edgec compile --symbols` writes),
+/// appends the loaded code's functions to `/tmp/perf-PID.map` so `perf report` names them.
+/// A profiling aid only: failures are ignored.
+fn write_perf_map(base: usize) {
+    use std::io::Write;
+    let Some(table) = std::env::var_os("EDGEC_PERF_MAP").and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return;
+    };
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) else { return };
+    for line in table.lines() {
+        let mut it = line.splitn(3, ' ');
+        if let (Some(o), Some(s), Some(n)) = (it.next(), it.next(), it.next()) {
+            if let (Ok(o), Ok(s)) = (usize::from_str_radix(o, 16), usize::from_str_radix(s, 16)) {
+                let _ = writeln!(f, "{:x} {s:x} {n}", base + o);
+            }
+        }
     }
 }
 

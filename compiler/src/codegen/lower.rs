@@ -52,6 +52,8 @@ pub struct LowerCx<'a> {
     pub locs: &'a HashMap<ValueRef, Loc>,
     /// Per node: byte offset of its private scratch in the arena, if it asked for one.
     pub scratch: Option<u64>,
+    /// Matmul weights stored in column panels (`plan::pack_panels`).
+    pub packed: &'a std::collections::HashSet<ValueRef>,
 }
 
 /// Which inputs a node reads at run time (others only shape the kernel at compile time).
@@ -861,7 +863,14 @@ fn lower_matmul(
         k,
         n: n.clone(),
         a: Operand { loc: cx.loc(a), dtype: cx.dtype(a), batch_strides: bsa, strides: [am, ak] },
-        b: Operand { loc: cx.loc(b), dtype: cx.dtype(b), batch_strides: bsb, strides: [bk, bn] },
+        // Packed weights: k steps are one 16-float panel row apart, columns are contiguous inside a
+        // panel (the tile finds the panel).
+        b: if cx.packed.contains(&b) {
+            Operand { loc: cx.loc(b), dtype: cx.dtype(b), batch_strides: bsb, strides: [Dim::fixed(16), Dim::fixed(1)] }
+        } else {
+            Operand { loc: cx.loc(b), dtype: cx.dtype(b), batch_strides: bsb, strides: [bk, bn] }
+        },
+        b_packed: cx.packed.contains(&b),
         out: Operand {
             loc: cx.loc(out),
             dtype: odt,

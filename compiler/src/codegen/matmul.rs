@@ -35,6 +35,8 @@ pub struct MatMulKernel {
     /// MatMulInteger zero points: (operand, stride along m for A / n for B), scalar when 0.
     pub a_zero: Option<(Loc, DType, Dim)>,
     pub b_zero: Option<(Loc, DType, Dim)>,
+    /// B is stored in column panels of `plan::PANEL_COLS` (k stride 16 floats inside a panel).
+    pub b_packed: bool,
 }
 
 /// Rows per register tile and f32x4 vectors per row.
@@ -240,8 +242,19 @@ fn tile(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usiz
             kb.fb.ins().iadd(p.a, off)
         })
         .collect();
-    let jb = kb.fb.ins().imul(j, p.s[3]);
-    let b_col = kb.fb.ins().iadd(p.b, jb);
+    let b_col = if mm.b_packed {
+        // Panel j/16 starts at (j/16) * K * 64 bytes; column j%16 is 4*(j%16) bytes into it.
+        let panel = kb.fb.ins().ushr_imm_s(j, 4);
+        let panel_bytes = kb.fb.ins().imul_imm_s(p.k, 64);
+        let po = kb.fb.ins().imul(panel, panel_bytes);
+        let within = kb.fb.ins().band_imm_s(j, 15);
+        let wo = kb.fb.ins().ishl_imm_s(within, 2);
+        let o = kb.fb.ins().iadd(po, wo);
+        kb.fb.ins().iadd(p.b, o)
+    } else {
+        let jb = kb.fb.ins().imul(j, p.s[3]);
+        kb.fb.ins().iadd(p.b, jb)
+    };
     let zero = kb.iconst(0);
     // Zero points (MatMulInteger): per row of A / per column of B, or scalar (stride 0).
     let a_zps: Vec<Option<Value>> = (0..rows)

@@ -68,6 +68,16 @@ pub struct Compiled {
     pub code: Vec<u8>,
     pub weights: Vec<u8>,
     pub stats: Stats,
+    /// Each function's (offset in CODE, size, name): the node it computes, for profilers.
+    pub functions: Vec<(u64, u64, String)>,
+}
+
+impl Compiled {
+    /// The function table as text, one `offset size name` line per function (hex offsets and
+    /// sizes, as in a perf map); see `EDGEC_PERF_MAP` in the runtime.
+    pub fn symbol_map(&self) -> String {
+        self.functions.iter().map(|(o, s, n)| format!("{o:x} {s:x} {n}\n")).collect()
+    }
 }
 
 impl Compiled {
@@ -157,7 +167,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             return Err(Error::Invalid(format!("bound of `{s}` must be in 1..2^63")));
         }
     }
-    let plan = plan::plan(&g, &inferred, &|s| bounds.get(s).map_or(i64::MAX, |&b| b as i64))?;
+    let plan = plan::plan(&g, &inferred, &|s| bounds.get(s).map_or(i64::MAX, |&b| b as i64), target.simd())?;
     // Every dim the code evaluates must use bound symbols only.
     for v in plan.locs.keys() {
         if let Some(shape) = &g.ty(*v).shape {
@@ -213,10 +223,22 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             ) && g.inputs_of(n)[0].is_some_and(|src| plan.locs.get(&src) == Some(l))
         }) {
             // An alias of its input: nothing to do (a Dropout mask would still need writing).
-            let cx = LowerCx { g: &g, inferred: &inferred, locs: &plan.locs, scratch: plan.scratch.get(&n).copied() };
+            let cx = LowerCx {
+                g: &g,
+                inferred: &inferred,
+                locs: &plan.locs,
+                scratch: plan.scratch.get(&n).copied(),
+                packed: &plan.packed,
+            };
             lower::lower_node(&cx, n)?.into_iter().skip(1).collect()
         } else {
-            let cx = LowerCx { g: &g, inferred: &inferred, locs: &plan.locs, scratch: plan.scratch.get(&n).copied() };
+            let cx = LowerCx {
+                g: &g,
+                inferred: &inferred,
+                locs: &plan.locs,
+                scratch: plan.scratch.get(&n).copied(),
+                packed: &plan.packed,
+            };
             lower::lower_node(&cx, n)?
         };
         if !kernels.is_empty() {
@@ -241,6 +263,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     // Compile: function i for group i, then the entry calling them all in order.
     // Function numbers: one per group, then one task per parallel kernel, then the entry.
     let mut funcs = Vec::with_capacity(groups.len() + 1);
+    let mut names: Vec<String> = Vec::new();
     let mut fctx = FunctionBuilderContext::new();
     let mut ctx = Context::new();
     let sig = kernel_signature(&target);
@@ -266,6 +289,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             kb.finish();
         }
         funcs.push(compile_func(&mut ctx, &target, name)?);
+        names.push(name.clone());
     }
     for (i, (name, mm)) in tasks.iter().enumerate() {
         let index = (groups.len() + i) as u32;
@@ -278,6 +302,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             kb.finish();
         }
         funcs.push(compile_func(&mut ctx, &target, name)?);
+        names.push(name.clone());
     }
     let entry_index = funcs.len();
     ctx.func = Function::with_name_signature(UserFuncName::user(0, entry_index as u32), sig.clone());
@@ -304,6 +329,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         fb.finalize(target.isa.frontend_config());
     }
     funcs.push(compile_func(&mut ctx, &target, "entry")?);
+    names.push("entry".into());
     let (code, offsets) = link::link(&funcs)?;
     let symbols_meta: Vec<Symbol> = symbols.iter().map(|s| Symbol { name: s.clone(), max: bounds[s] }).collect();
     let meta = Meta {
@@ -325,7 +351,13 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         arena_unshared: plan.arena_unshared,
         compile_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
-    Ok(Compiled { target, meta, code, weights: plan.weights, stats })
+    let functions = offsets
+        .iter()
+        .zip(&funcs)
+        .zip(names)
+        .map(|((&o, f), n)| (o, f.code.len() as u64, n.replace(['\n', ' '], "_")))
+        .collect();
+    Ok(Compiled { target, meta, code, weights: plan.weights, stats, functions })
 }
 
 /// Graph inputs that only shape the computation (axes, slice bounds, Trilu's k, ...): compiled code

@@ -28,6 +28,51 @@ pub struct Plan {
     pub weights: Vec<u8>,
     /// Bytes of values the plan placed in the arena, before reuse (for reporting).
     pub arena_unshared: u64,
+    /// Matmul weights stored in column panels (see `pack_panels`) instead of row-major.
+    pub packed: HashSet<ValueRef>,
+}
+
+/// Columns per packed weight panel: one 64-byte line of f32 per k step.
+pub const PANEL_COLS: usize = 16;
+
+/// Repacks a K x N f32 matrix (element (k, n) at `k*ks + n*ns`) into column panels: panel p holds
+/// columns 16p..16p+16 as K rows of 16 contiguous floats (zero-padded past N), so a matmul reads
+/// B sequentially instead of striding a row of N floats per k step.
+pub fn pack_panels(src: &[u8], k: usize, n: usize, ks: usize, ns: usize) -> Vec<u8> {
+    let panels = n.div_ceil(PANEL_COLS);
+    let mut out = vec![0u8; panels * k * PANEL_COLS * 4];
+    for p in 0..panels {
+        for kk in 0..k {
+            for c in 0..PANEL_COLS.min(n - p * PANEL_COLS) {
+                let s = (kk * ks + (p * PANEL_COLS + c) * ns) * 4;
+                let d = ((p * k + kk) * PANEL_COLS + c) * 4;
+                out[d..d + 4].copy_from_slice(&src[s..s + 4]);
+            }
+        }
+    }
+    out
+}
+
+/// A constant every use of which is the B operand of a matmul with the same orientation:
+/// `Some(trans_b)` when it can be stored packed.
+fn packable(g: &Graph, v: ValueRef) -> Option<bool> {
+    let ty = g.ty(v);
+    if ty.dtype != crate::ir::DType::F32 || ty.rank() != Some(2) {
+        return None;
+    }
+    let mut trans = None;
+    for (u, slot) in g.users_of(v) {
+        let t = match (&g.node(u).op, slot) {
+            (Op::MatMul, 1) => false,
+            (Op::Gemm { trans_b, .. }, 1) => *trans_b,
+            _ => return None,
+        };
+        if trans.is_some_and(|x| x != t) {
+            return None;
+        }
+        trans = Some(t);
+    }
+    trans
 }
 
 /// Ops whose output has the input's bytes in the same order: they can alias the input.
@@ -35,7 +80,8 @@ fn is_view(op: &Op) -> bool {
     matches!(op, Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze | Op::Dropout)
 }
 
-pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64) -> Result<Plan> {
+/// `pack`: store matmul weights in column panels (targets with f32 vectors).
+pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: bool) -> Result<Plan> {
     let topo = g.topo_order().map_err(Error::Invalid)?;
     let is_known = |n: NodeIndex| {
         let node = g.node(n);
@@ -68,6 +114,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64) -> Resu
 
     let mut locs: HashMap<ValueRef, Loc> = HashMap::new();
     let mut weights: Vec<u8> = Vec::new();
+    let mut packed = HashSet::new();
     let mut output_copies = Vec::new();
     let mut output_of: HashMap<ValueRef, usize> = HashMap::new();
     for (i, o) in g.outputs.iter().enumerate() {
@@ -112,8 +159,22 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64) -> Resu
                     .get(*id)
                     .ok_or_else(|| Error::Invalid(format!("node `{}`: missing constant", node.name)))?;
                 weights.resize(weights.len().next_multiple_of(ALIGN as usize), 0);
-                locs.insert(ValueRef { node: n, slot: 0 }, Loc::Weight(weights.len() as u64));
-                weights.extend_from_slice(&c.bytes);
+                let v = ValueRef { node: n, slot: 0 };
+                locs.insert(v, Loc::Weight(weights.len() as u64));
+                match packable(g, v).filter(|_| pack) {
+                    Some(trans_b) => {
+                        let (r, cols) = (c.shape[0], c.shape[1]);
+                        // B is K x N, or N x K under transB.
+                        let bytes = if trans_b {
+                            pack_panels(&c.bytes, cols, r, 1, cols)
+                        } else {
+                            pack_panels(&c.bytes, r, cols, cols, 1)
+                        };
+                        weights.extend_from_slice(&bytes);
+                        packed.insert(v);
+                    }
+                    None => weights.extend_from_slice(&c.bytes),
+                }
                 continue;
             }
             _ => {}
@@ -166,7 +227,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64) -> Resu
         locs.insert(*v, Loc::Arena(offsets[*b]));
     }
     let scratch = scratch_buf.into_iter().map(|(n, b)| (n, offsets[b])).collect();
-    Ok(Plan { order, locs, known, scratch, output_copies, arena_bytes, weights, arena_unshared })
+    Ok(Plan { order, locs, known, scratch, output_copies, arena_bytes, weights, arena_unshared, packed })
 }
 
 /// Greedy placement, largest buffers first: each goes at the lowest offset that does not overlap a
