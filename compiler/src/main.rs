@@ -67,6 +67,10 @@ enum Command {
         /// With --emit obj: prefix of the C symbols (`PREFIX_run`, ...).
         #[arg(long, default_value = "model")]
         prefix: String,
+        /// A Hugging Face tokenizer.json to store in the artifact (default: tokenizer.json beside
+        /// the model, when there is one); `none` stores none.
+        #[arg(long)]
+        tokenizer: Option<String>,
         /// Also write OUTPUT.symbols: each generated function's offset, size and node name (for
         /// profiling: run with EDGEC_PERF_MAP=OUTPUT.symbols under `perf record`).
         #[arg(long)]
@@ -86,6 +90,34 @@ enum Command {
         #[arg(long, default_value = "default")]
         passes: String,
         /// Threads for a compiled model (default: every CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Generate text with a compiled language model (its artifact must carry a tokenizer).
+    Generate {
+        model: PathBuf,
+        #[arg(long, short = 'p')]
+        prompt: String,
+        /// Wrap the prompt in the ChatML chat template (instruct models).
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        /// Maximum number of new tokens.
+        #[arg(short = 'n', long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -179,7 +211,17 @@ fn compile(
     weights_file: bool,
     prefix: &str,
     symbols: bool,
+    tokenizer: Option<String>,
 ) -> Result<(), String> {
+    let tokenizer_path = match tokenizer.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(model.with_file_name("tokenizer.json")).filter(|p| p.exists()),
+    };
+    let tokenizer_bytes = match &tokenizer_path {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("--tokenizer {}: {e}", p.display()))?),
+        None => None,
+    };
     let t0 = Instant::now();
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
     pipeline(passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
@@ -189,7 +231,7 @@ fn compile(
     let out = output.unwrap_or_else(|| model.with_extension(default_ext));
     let mut written = match emit {
         "artifact" => {
-            let bytes = c.artifact().map_err(|e| e.to_string())?;
+            let bytes = c.artifact_with_tokenizer(tokenizer_bytes.as_deref()).map_err(|e| e.to_string())?;
             std::fs::write(&out, &bytes).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
             vec![(out.clone(), bytes.len())]
         }
@@ -219,6 +261,9 @@ fn compile(
         println!("symbol      {} <= {}", sym.name, sym.max);
     }
     println!("time        import+passes {:.0} ms, codegen {:.0} ms", t_import.as_secs_f64() * 1e3, s.compile_ms);
+    if let Some(p) = &tokenizer_path {
+        println!("tokenizer   {}", p.display());
+    }
     for (p, n) in written {
         println!("wrote       {} ({n} bytes)", p.display());
     }
@@ -297,6 +342,80 @@ fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize, threads: 
     Ok(())
 }
 
+/// The ChatML template SmolLM2, Qwen and other instruct models use.
+fn chatml(system: Option<&str>, prompt: &str) -> String {
+    let mut s = String::new();
+    if let Some(sys) = system {
+        s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+    }
+    s.push_str(&format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"));
+    s
+}
+
+fn generate(
+    path: &Path,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+    max_tokens: usize,
+    sampling: &edgec_runtime::lm::Sampling,
+    threads: Option<usize>,
+) -> Result<(), String> {
+    use std::io::Write;
+    let model = load_artifact(path, threads)?;
+    let tok = model.tokenizer()?;
+    let text = if chat { chatml(system, prompt) } else { prompt.to_string() };
+    let ids = tok.encode(text.as_str(), false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec();
+    if ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    // Stop at the end-of-text / end-of-turn tokens the vocabulary has.
+    let stop: Vec<u32> =
+        ["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
+    let mut session = edgec_runtime::lm::Session::new(&model)?;
+    let mut generated: Vec<u32> = Vec::new();
+    let mut shown = String::new();
+    let mut out = std::io::stdout();
+    let mut err: Option<String> = None;
+    let stats = session
+        .generate(&ids, max_tokens, &stop, sampling, &mut |t| {
+            generated.push(t);
+            match tok.decode(&generated, true) {
+                // Print only whole characters: a token can end inside a UTF-8 sequence.
+                Ok(s) if !s.ends_with('\u{fffd}') => {
+                    if let Some(new) = s.strip_prefix(shown.as_str()) {
+                        let _ = write!(out, "{new}");
+                        let _ = out.flush();
+                    }
+                    shown = s;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    err = Some(e.to_string());
+                    return false;
+                }
+            }
+            true
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some(e) = err {
+        return Err(format!("tokenizer: {e}"));
+    }
+    println!();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    println!(
+        "prompt: {} tokens in {:.2} s ({:.1} tok/s); generation: {} tokens in {:.2} s ({:.1} tok/s); {} thread(s)",
+        stats.prompt_tokens,
+        stats.prompt_secs,
+        rate(stats.prompt_tokens, stats.prompt_secs),
+        stats.generated,
+        stats.generate_secs,
+        rate(stats.generated, stats.generate_secs),
+        model.threads()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -319,6 +438,7 @@ fn main() -> ExitCode {
             weights_file,
             prefix,
             symbols,
+            tokenizer,
         } => parse_bounds(&bounds).and_then(|bounds| {
             let opts = edgec::codegen::Options {
                 target,
@@ -328,9 +448,25 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols)
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            threads,
+        } => {
+            let sampling = edgec_runtime::lm::Sampling { temperature, top_k, top_p, repetition_penalty, seed };
+            generate(&model, &prompt, chat, system.as_deref(), max_tokens, &sampling, threads)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -95,6 +95,8 @@ pub struct Artifact<'a> {
     pub meta: Meta,
     pub code: &'a [u8],
     pub weights: &'a [u8],
+    /// The TOKENIZER section (UTF-8 JSON), when present.
+    pub tokenizer: Option<&'a str>,
 }
 
 impl<'a> Artifact<'a> {
@@ -149,7 +151,14 @@ impl<'a> Artifact<'a> {
             std::str::from_utf8(meta_bytes).map_err(|e| meta_err("section", format!("not valid UTF-8 ({e})")))?;
         let meta: Meta = serde_json::from_str(text).map_err(|e| meta_err("JSON", e.to_string()))?;
         validate_meta(&meta, code.len() as u64)?;
-        Ok(Artifact { version, triple, arch, features, header_sha256, sections, meta, code, weights })
+        let tokenizer = match sections.iter().find(|s| s.kind == SectionKind::Tokenizer) {
+            Some(s) => Some(std::str::from_utf8(&bytes[s.range()]).map_err(|e| LoadError::Section {
+                kind: SectionKind::Tokenizer,
+                reason: format!("not valid UTF-8 ({e})"),
+            })?),
+            None => None,
+        };
+        Ok(Artifact { version, triple, arch, features, header_sha256, sections, meta, code, weights, tokenizer })
     }
 
     pub fn section(&self, kind: SectionKind) -> Option<&SectionEntry> {
@@ -240,7 +249,7 @@ fn parse_table(bytes: &[u8], count: usize) -> Result<Vec<SectionEntry>, LoadErro
         sha.copy_from_slice(&bytes[at + 24..at + 56]);
         sections.push(SectionEntry { kind, offset, len, sha256: sha });
     }
-    if let Some(kind) = SectionKind::ALL.into_iter().find(|k| sections.iter().all(|s| s.kind != *k)) {
+    if let Some(kind) = SectionKind::REQUIRED.into_iter().find(|k| sections.iter().all(|s| s.kind != *k)) {
         return Err(LoadError::MissingSection(kind));
     }
     let mut by_offset: Vec<&SectionEntry> = sections.iter().collect();

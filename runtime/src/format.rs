@@ -43,10 +43,15 @@ pub enum SectionKind {
     Meta = 1,
     Code = 2,
     Weights = 3,
+    /// Optional: a Hugging Face `tokenizer.json` for language models.
+    Tokenizer = 4,
 }
 
 impl SectionKind {
-    pub const ALL: [SectionKind; 3] = [SectionKind::Meta, SectionKind::Code, SectionKind::Weights];
+    pub const ALL: [SectionKind; 4] =
+        [SectionKind::Meta, SectionKind::Code, SectionKind::Weights, SectionKind::Tokenizer];
+    /// Sections every artifact has.
+    pub const REQUIRED: [SectionKind; 3] = [SectionKind::Meta, SectionKind::Code, SectionKind::Weights];
 
     pub fn from_u32(v: u32) -> Option<SectionKind> {
         Self::ALL.into_iter().find(|k| *k as u32 == v)
@@ -57,6 +62,7 @@ impl SectionKind {
             SectionKind::Meta => "META",
             SectionKind::Code => "CODE",
             SectionKind::Weights => "WEIGHTS",
+            SectionKind::Tokenizer => "TOKENIZER",
         }
     }
 }
@@ -357,11 +363,18 @@ pub struct ArtifactWriter<'a> {
     pub meta: &'a Meta,
     pub code: &'a [u8],
     pub weights: &'a [u8],
+    /// Optional TOKENIZER section (a `tokenizer.json`).
+    pub tokenizer: Option<&'a [u8]>,
 }
 
 impl<'a> ArtifactWriter<'a> {
     pub fn new(triple: &'a str, features: u64, meta: &'a Meta, code: &'a [u8], weights: &'a [u8]) -> Self {
-        ArtifactWriter { triple, features, meta, code, weights }
+        ArtifactWriter { triple, features, meta, code, weights, tokenizer: None }
+    }
+
+    pub fn with_tokenizer(mut self, tokenizer: Option<&'a [u8]>) -> Self {
+        self.tokenizer = tokenizer;
+        self
     }
 
     /// Streams the file to `out`; WEIGHTS is never copied.
@@ -369,11 +382,22 @@ impl<'a> ArtifactWriter<'a> {
         check_target(self.triple, self.features)?;
         validate_meta(self.meta, self.code.len() as u64)?;
         let meta = serde_json::to_vec(self.meta)?;
-        let sections = [
+        if let Some(t) = self.tokenizer {
+            std::str::from_utf8(t).map_err(|e| {
+                WriteError::Invalid(LoadError::Section {
+                    kind: SectionKind::Tokenizer,
+                    reason: format!("not valid UTF-8 ({e})"),
+                })
+            })?;
+        }
+        let mut sections = vec![
             (SectionKind::Meta as u32, meta.as_slice()),
             (SectionKind::Code as u32, self.code),
             (SectionKind::Weights as u32, self.weights),
         ];
+        if let Some(t) = self.tokenizer {
+            sections.push((SectionKind::Tokenizer as u32, t));
+        }
         let (header, offsets) = build_header(self.triple.as_bytes(), self.features, &sections);
         out.write_all(&header)?;
         let mut pos = header.len() as u64;

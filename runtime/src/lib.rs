@@ -20,6 +20,7 @@ pub mod artifact;
 pub mod capi;
 pub mod format;
 pub mod host;
+pub mod lm;
 pub mod pool;
 pub mod tensor;
 
@@ -56,7 +57,7 @@ pub enum RunError {
     Dim { name: String, axis: usize, expected: String, got: usize },
     #[error("input `{name}`: symbol `{symbol}` is {got} here but {bound} in input `{first}`")]
     SymbolConflict { name: String, symbol: String, got: usize, bound: usize, first: String },
-    #[error("symbol `{symbol}` = {value} is outside 1..={max}")]
+    #[error("symbol `{symbol}` = {value} is outside 0..={max}")]
     SymbolRange { symbol: String, value: usize, max: u64 },
     #[error("input `{name}`: {got} data bytes, its shape needs {expected}")]
     DataLength { name: String, expected: String, got: usize },
@@ -92,6 +93,8 @@ pub struct Model {
     arena: Mutex<AlignedBuf>,
     /// Worker threads for the code's `parallel_for` calls (None: run serially).
     pool: Option<pool::Pool>,
+    /// The TOKENIZER section's bytes in `file` (validated UTF-8), when present.
+    tokenizer: Option<Range<usize>>,
 }
 
 impl Model {
@@ -121,6 +124,7 @@ impl Model {
         // Nothing is mapped executable until the CPU is known to fit.
         host::check_host(art.arch, art.features)?;
         let weights = art.section(SectionKind::Weights).map(|s| s.range()).unwrap_or_default();
+        let tokenizer = art.section(SectionKind::Tokenizer).map(|s| s.range());
         if !(map.as_ptr() as usize + weights.start).is_multiple_of(tensor::BUFFER_ALIGN) {
             return Err(LoadError::WeightsAlignment);
         }
@@ -133,7 +137,18 @@ impl Model {
         let arena = AlignedBuf::zeroed(meta.arena_bytes as usize).ok_or(LoadError::Arena(meta.arena_bytes))?;
         let threads = std::env::var("EDGEC_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(default_threads);
         let pool = (threads > 1).then(|| pool::Pool::new(threads));
-        Ok(Model { meta, triple, features, file: map, weights, _code: code, entry, arena: Mutex::new(arena), pool })
+        Ok(Model {
+            meta,
+            triple,
+            features,
+            file: map,
+            weights,
+            _code: code,
+            entry,
+            arena: Mutex::new(arena),
+            pool,
+            tokenizer,
+        })
     }
 
     /// Runs with `threads` threads in all (1 = serial). The default is the number of CPUs, or
@@ -146,6 +161,19 @@ impl Model {
 
     pub fn threads(&self) -> usize {
         self.pool.as_ref().map_or(1, |p| p.threads())
+    }
+
+    /// The artifact's `tokenizer.json`, when it carries one.
+    pub fn tokenizer_json(&self) -> Option<&str> {
+        // Validated as UTF-8 by Artifact::parse.
+        self.tokenizer.clone().and_then(|r| std::str::from_utf8(&self.file[r]).ok())
+    }
+
+    /// The artifact's tokenizer, ready to encode and decode.
+    #[cfg(feature = "tokenizer")]
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, String> {
+        let json = self.tokenizer_json().ok_or("the artifact has no tokenizer (compile with --tokenizer)")?;
+        json.parse::<tokenizers::Tokenizer>().map_err(|e| format!("tokenizer: {e}"))
     }
 
     pub fn meta(&self) -> &Meta {
@@ -237,7 +265,8 @@ impl Model {
             // Every symbol is some input's dimension (validated at load), so it is bound.
             let value = b.map_or(0, |(v, _)| v);
             match i64::try_from(value) {
-                Ok(v) if v >= 1 && v as u64 <= s.max => values.push(v),
+                // 0 is allowed: an empty KV cache (the first step of a decoder with past) has it.
+                Ok(v) if v as u64 <= s.max => values.push(v),
                 _ => return Err(RunError::SymbolRange { symbol: s.name.clone(), value, max: s.max }),
             }
         }

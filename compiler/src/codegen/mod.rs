@@ -82,8 +82,14 @@ impl Compiled {
 
 impl Compiled {
     pub fn artifact(&self) -> Result<Vec<u8>> {
+        self.artifact_with_tokenizer(None)
+    }
+
+    /// The artifact with a TOKENIZER section (`tokenizer.json` bytes) for language models.
+    pub fn artifact_with_tokenizer(&self, tokenizer: Option<&[u8]>) -> Result<Vec<u8>> {
         let triple = self.target.triple.to_string();
         fmt::ArtifactWriter::new(&triple, self.target.features, &self.meta, &self.code, &self.weights)
+            .with_tokenizer(tokenizer)
             .to_bytes()
             .map_err(|e| Error::Invalid(format!("writing the artifact: {e}")))
     }
