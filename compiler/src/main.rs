@@ -121,6 +121,20 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Perplexity of a compiled language model on a text file (non-overlapping windows of --ctx
+    /// tokens, each from an empty context).
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Stop after this many windows (0 = the whole text).
+        #[arg(long, default_value_t = 0)]
+        max_windows: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Time a compiled .edgec artifact: median latency over N runs.
     Bench {
         model: PathBuf,
@@ -342,6 +356,31 @@ fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize, threads: 
     Ok(())
 }
 
+fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Option<usize>) -> Result<(), String> {
+    if ctx < 2 {
+        return Err("--ctx must be at least 2".into());
+    }
+    let model = load_artifact(path, threads)?;
+    let tok = model.tokenizer()?;
+    let body = std::fs::read_to_string(text).map_err(|e| format!("{}: {e}", text.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec();
+    let mut session = edgec_runtime::lm::Session::new(&model)?;
+    let (mut nll, mut count) = (0.0, 0usize);
+    let t0 = Instant::now();
+    let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
+    let n = if max_windows > 0 { windows.len().min(max_windows) } else { windows.len() };
+    for (i, w) in windows.iter().take(n).enumerate() {
+        let (s, c) = session.nll(w).map_err(|e| e.to_string())?;
+        nll += s;
+        count += c;
+        eprint!("\rwindow {}/{n}: perplexity so far {:.4}", i + 1, (nll / count as f64).exp());
+    }
+    eprintln!();
+    println!("tokens: {} ({} windows of up to {ctx}), {count} predicted, {:.1} s", ids.len(), n, t0.elapsed().as_secs_f64());
+    println!("perplexity: {:.4}", (nll / count as f64).exp());
+    Ok(())
+}
+
 /// The ChatML template SmolLM2, Qwen and other instruct models use.
 fn chatml(system: Option<&str>, prompt: &str) -> String {
     let mut s = String::new();
@@ -451,6 +490,7 @@ fn main() -> ExitCode {
             compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
+        Command::Eval { model, text, ctx, max_windows, threads } => eval(&model, &text, ctx, max_windows, threads),
         Command::Generate {
             model,
             prompt,

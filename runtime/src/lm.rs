@@ -210,6 +210,13 @@ impl<'m> Session<'m> {
 
     /// Appends `ids` to the text and returns the logits after its last token.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        let (all, vocab) = self.feed_all(ids)?;
+        Ok(all[all.len() - vocab..].to_vec())
+    }
+
+    /// Appends `ids` and returns the logits at every new position (`ids.len()` rows of `vocab`) and
+    /// the vocabulary size. (Without a KV cache the rows cover the whole text.)
+    pub fn feed_all(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), RunError> {
         let with_cache = !self.spec.cache.is_empty();
         let past = if with_cache { self.tokens.len() } else { 0 };
         self.tokens.extend_from_slice(ids);
@@ -248,8 +255,31 @@ impl<'m> Session<'m> {
         let logits = &outs[self.spec.logits];
         let vocab = *logits.shape().last().unwrap_or(&0);
         let all = logits.as_slice::<f32>().unwrap_or(&[]);
-        Ok(all[all.len() - vocab..].to_vec())
+        Ok((all[all.len() - vocab * ids.len().min(all.len() / vocab.max(1))..].to_vec(), vocab))
     }
+
+    /// Mean negative log-likelihood (nats) of `ids[1..]` given the preceding tokens, as one
+    /// prefill from an empty context; also returns the number of predicted tokens.
+    pub fn nll(&mut self, ids: &[u32]) -> Result<(f64, usize), RunError> {
+        self.reset().map_err(|e| RunError::OutputShape { name: "cache".into(), reason: e })?;
+        let (all, vocab) = self.feed_all(ids)?;
+        let mut total = 0.0;
+        for (pos, &next) in ids.iter().enumerate().skip(1) {
+            let row = &all[(pos - 1) * vocab..pos * vocab];
+            total -= log_softmax_at(row, next as usize);
+        }
+        Ok((total, ids.len().saturating_sub(1)))
+    }
+}
+
+/// log(softmax(row)[i]) in f64.
+pub fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    row[i] as f64 - max - sum.ln()
+}
+
+impl Session<'_> {
 
     /// Feeds the prompt, then samples up to `max_new` tokens, calling `on_token` for each (return
     /// false to stop); stops early at any of `stop`.
