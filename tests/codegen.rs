@@ -264,3 +264,44 @@ fn parallel_matmul_matches_interpreter() {
         }
     }
 }
+
+/// `lm::Session` on the tiny Llama (a full-sequence graph: re-run over the whole text each step):
+/// greedy tokens and logits match the interpreter run on the same growing text.
+#[test]
+fn greedy_generation_matches_the_interpreter() {
+    use edgec_runtime::lm::{Sampling, Session};
+    let dir = common::repo_root().join("models/tiny/llama");
+    let g = load(&dir);
+    let c = compile(&g, &opts("host")).unwrap();
+    let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+    let mut session = Session::new(&model).unwrap();
+    assert!(session.spec().cache.is_empty());
+    let prompt = [5u32, 17, 3, 99];
+    let mut got = Vec::new();
+    let stats = session.generate(&prompt, 6, &[], &Sampling::default(), &mut |t| {
+        got.push(t);
+        true
+    });
+    assert_eq!(stats.unwrap().generated, 6);
+    // The same loop on the interpreter.
+    let interp = Interpreter::new(&g).unwrap();
+    let mut text: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut want = Vec::new();
+    for _ in 0..6 {
+        let n = text.len();
+        let feeds = vec![
+            ("input_ids".to_string(), Tensor::from_vec(vec![1, n], text.clone())),
+            ("attention_mask".to_string(), Tensor::from_vec(vec![1, n], vec![1i64; n])),
+            ("position_ids".to_string(), Tensor::from_vec(vec![1, n], (0..n as i64).collect::<Vec<_>>())),
+        ];
+        let out = interp.run(&feeds).unwrap();
+        let logits = out[0].1.to_f64_vec();
+        let vocab = out[0].1.shape[2];
+        let last = &logits[(n - 1) * vocab..];
+        let next = (0..vocab).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+        want.push(next as u32);
+        text.push(next as i64);
+    }
+    assert_eq!(got, want);
+    assert_eq!(session.tokens().len(), prompt.len() + 6);
+}

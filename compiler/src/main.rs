@@ -376,7 +376,12 @@ fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Optio
         eprint!("\rwindow {}/{n}: perplexity so far {:.4}", i + 1, (nll / count as f64).exp());
     }
     eprintln!();
-    println!("tokens: {} ({} windows of up to {ctx}), {count} predicted, {:.1} s", ids.len(), n, t0.elapsed().as_secs_f64());
+    println!(
+        "tokens: {} ({} windows of up to {ctx}), {count} predicted, {:.1} s",
+        ids.len(),
+        n,
+        t0.elapsed().as_secs_f64()
+    );
     println!("perplexity: {:.4}", (nll / count as f64).exp());
     Ok(())
 }

@@ -163,6 +163,9 @@ pub struct Session<'m> {
     model: &'m Model,
     spec: LmSpec,
     tokens: Vec<u32>,
+    /// Generated tokens not yet run through the model (the last one of a generation); the next
+    /// `feed` runs them first.
+    pending: Vec<u32>,
     /// Per cache input (in `spec.cache` order, key then value): the cache tensor.
     cache: Vec<Tensor>,
 }
@@ -170,7 +173,7 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model) -> Result<Session<'m>, String> {
         let spec = LmSpec::detect(model)?;
-        let mut s = Session { model, spec, tokens: Vec::new(), cache: Vec::new() };
+        let mut s = Session { model, spec, tokens: Vec::new(), pending: Vec::new(), cache: Vec::new() };
         s.reset()?;
         Ok(s)
     }
@@ -182,6 +185,7 @@ impl<'m> Session<'m> {
     /// Forgets the text and empties the cache.
     pub fn reset(&mut self) -> Result<(), String> {
         self.tokens.clear();
+        self.pending.clear();
         self.cache.clear();
         let m = self.model.meta();
         for &(k, v, _, _) in &self.spec.cache {
@@ -204,8 +208,9 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+    /// The text so far (prompt and generated tokens).
+    pub fn tokens(&self) -> Vec<u32> {
+        self.tokens.iter().chain(&self.pending).copied().collect()
     }
 
     /// Appends `ids` to the text and returns the logits after its last token.
@@ -217,6 +222,8 @@ impl<'m> Session<'m> {
     /// Appends `ids` and returns the logits at every new position (`ids.len()` rows of `vocab`) and
     /// the vocabulary size. (Without a KV cache the rows cover the whole text.)
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), RunError> {
+        let ids: Vec<u32> = std::mem::take(&mut self.pending).into_iter().chain(ids.iter().copied()).collect();
+        let ids = &ids[..];
         let with_cache = !self.spec.cache.is_empty();
         let past = if with_cache { self.tokens.len() } else { 0 };
         self.tokens.extend_from_slice(ids);
@@ -280,7 +287,6 @@ pub fn log_softmax_at(row: &[f32], i: usize) -> f64 {
 }
 
 impl Session<'_> {
-
     /// Feeds the prompt, then samples up to `max_new` tokens, calling `on_token` for each (return
     /// false to stop); stops early at any of `stop`.
     pub fn generate(
@@ -297,13 +303,15 @@ impl Session<'_> {
         let mut stats =
             GenStats { prompt_tokens: prompt.len(), prompt_secs: t0.elapsed().as_secs_f64(), ..Default::default() };
         let t1 = Instant::now();
-        for _ in 0..max_new {
+        for step in 0..max_new {
             let next = sample(&logits, &self.tokens, sampling, &mut rng);
             if stop.contains(&next) {
                 break;
             }
             stats.generated += 1;
-            if !on_token(next) {
+            if !on_token(next) || step + 1 == max_new {
+                // Not run yet: a later feed starts with it.
+                self.pending.push(next);
                 break;
             }
             logits = self.feed(&[next])?;

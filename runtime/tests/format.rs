@@ -154,3 +154,31 @@ fn writer_refuses_what_the_runtime_would_refuse() {
     let e = err(ArtifactWriter::new(X86, 0, &bad, X86_CODE, &[]));
     assert_eq!(e.to_string(), "META outputs[0].shape[1]: symbol `nope` is not declared in `symbols`");
 }
+
+/// The optional TOKENIZER section round-trips, is checksummed like the others, and must be UTF-8.
+#[test]
+fn tokenizer_section_round_trips() {
+    use edgec_runtime::{Artifact, ArtifactWriter, SectionKind};
+    let meta = common::meta();
+    let json = br#"{"version":"1.0","model":{"type":"BPE"}}"#;
+    let bytes = ArtifactWriter::new(common::X86, 0, &meta, common::X86_CODE, &[])
+        .with_tokenizer(Some(json))
+        .to_bytes()
+        .unwrap();
+    let art = Artifact::parse(&bytes).unwrap();
+    assert_eq!(art.tokenizer, Some(std::str::from_utf8(json).unwrap()));
+    let s = art.section(SectionKind::Tokenizer).unwrap().range();
+    let mut bad = bytes.clone();
+    bad[s.start + 3] ^= 1;
+    assert!(
+        Artifact::parse(&bad).unwrap_err().to_string().contains("TOKENIZER"),
+        "{}",
+        Artifact::parse(&bad).unwrap_err()
+    );
+    let no = ArtifactWriter::new(common::X86, 0, &meta, common::X86_CODE, &[]).to_bytes().unwrap();
+    assert_eq!(Artifact::parse(&no).unwrap().tokenizer, None);
+    assert!(ArtifactWriter::new(common::X86, 0, &meta, common::X86_CODE, &[])
+        .with_tokenizer(Some(&[0xff, 0xfe]))
+        .to_bytes()
+        .is_err());
+}
