@@ -149,8 +149,8 @@ def input_args(d: Path) -> list[str]:
     return args
 
 
-def edgec_bench(edgec: Path, art: Path, d: Path, runs: int, warmup: int) -> float:
-    p = sh([edgec, "bench", art, *input_args(d), "--runs", runs, "--warmup", warmup])
+def edgec_bench(edgec: Path, art: Path, d: Path, runs: int, warmup: int, threads: int = 1) -> float:
+    p = sh([edgec, "bench", art, *input_args(d), "--runs", runs, "--warmup", warmup, "--threads", threads])
     mt = re.search(r"median ([0-9.]+) ms", p.stdout)
     if p.returncode != 0 or not mt:
         raise RuntimeError(f"bench: {error_line(p)}")
@@ -312,7 +312,8 @@ def main() -> int:
         row["runs"] = runs
         if "edgec" in cal:
             try:
-                row["edgec_ms"] = edgec_bench(args.edgec, art, d, runs, warmup)
+                row["edgec_ms"] = edgec_bench(args.edgec, art, d, runs, warmup, 1)
+                row["edgec2_ms"] = edgec_bench(args.edgec, art, d, runs, warmup, os.cpu_count() or 1)
             except RuntimeError as e:
                 row["check"] = f"**FAIL** {e}"
         row["ort1_ms"] = ort_time(s1, feeds, runs, warmup)
@@ -333,22 +334,23 @@ def main() -> int:
         f"Load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} "
         "(other work on the machine skews the numbers, the 2-thread ones most).  ",
         "Median ms over the same number of runs (after the same warm-up) per engine; edgec is "
-        "`edgec bench` (in-process `run_model`, single-threaded, 1 µs resolution), onnxruntime is one "
+        "`edgec bench` (in-process `run_model`, 1 µs resolution) with `--threads 1` (1t) and one thread "
+        f"per CPU (nt, {os.cpu_count()}), onnxruntime is one "
         "`InferenceSession.run` from Python (CPU EP, ORT_ENABLE_ALL) with intra_op_num_threads=1 "
-        f"(1t) or its default threading (dflt, {os.cpu_count()} CPUs). ratio = ORT time / edgec time: "
+        f"(1t) or its default threading (dflt, {os.cpu_count()} CPUs). ratio = ORT time / edgec time at the same threads: "
         "> 1 means edgec is faster (bold when slower; ~ when edgec's median is under 20 µs, so imprecise). GFLOP/s = 2·M·K·N / median. "
         f"Check: edgec outputs vs ORT, rtol {RTOL:g} / atol {ATOL:g} (max abs err).",
         "",
-        "| model | shape | edgec ms | ORT 1t ms | ORT dflt ms | ORT-1t / edgec | ORT-dflt / edgec "
-        "| edgec GFLOP/s | ORT-1t GFLOP/s | runs | compile ms | artifact bytes | check |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| model | shape | edgec 1t ms | ORT 1t ms | ratio 1t | edgec nt ms | ORT dflt ms | ratio nt "
+        "| edgec 1t GFLOP/s | ORT 1t GFLOP/s | runs | compile ms | artifact bytes | check |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         e = r.get("edgec_ms")
         name = r["name"] if not r["check"].startswith("**FAIL") else f"**FAIL** {r['name']}"
         lines.append(
-            f"| {name} | {r['shape']} | {fmt_ms(e)} | {fmt_ms(r['ort1_ms'])} | {fmt_ms(r['ort2_ms'])} "
-            f"| {fmt_ratio(r['ort1_ms'], e)} | {fmt_ratio(r['ort2_ms'], e)} "
+            f"| {name} | {r['shape']} | {fmt_ms(e)} | {fmt_ms(r['ort1_ms'])} | {fmt_ratio(r['ort1_ms'], e)} "
+            f"| {fmt_ms(r.get('edgec2_ms'))} | {fmt_ms(r['ort2_ms'])} | {fmt_ratio(r['ort2_ms'], r.get('edgec2_ms'))} "
             f"| {gflops(r['flops'], e)} | {gflops(r['flops'], r['ort1_ms'])} | {r['runs'] or '–'} "
             f"| {fmt_int(r.get('codegen_ms'))} "
             f"| {r.get('bytes', '–')} | {r['check'].replace('|', '/')} |"
