@@ -32,6 +32,9 @@ pub fn write(c: &Compiled, out: &Path, prefix: &str, weights_file: bool) -> Resu
         obj.flags =
             object::FileFlags::Elf { os_abi: 0, abi_version: 0, e_flags: object::elf::EF_RISCV_FLOAT_ABI_DOUBLE };
     }
+    // An empty .note.GNU-stack: the code needs no executable stack (without it, GNU ld warns and
+    // makes the whole program's stack executable).
+    obj.add_section(Vec::new(), b".note.GNU-stack".to_vec(), object::SectionKind::Note);
     let text = obj.section_id(StandardSection::Text);
     // Page-aligned: aarch64 code addresses functions with adrp (4 KiB pages).
     let code_off = obj.append_section_data(text, &c.code, 4096);
@@ -106,11 +109,11 @@ pub fn header(c: &Compiled, prefix: &str, weights_file: bool) -> String {
     };
     h.push_str("\n/* Inputs, in order (dense row-major, element-aligned): */\n");
     for (i, t) in m.inputs.iter().enumerate() {
-        h.push_str(&format!("/*   {i}: {} */\n", describe(t)));
+        h.push_str(&format!("#define {up}_INPUT_{} {i} /* {} */\n", c_name(&t.name), describe(t)));
     }
     h.push_str("/* Outputs, in order: */\n");
     for (i, t) in m.outputs.iter().enumerate() {
-        h.push_str(&format!("/*   {i}: {} */\n", describe(t)));
+        h.push_str(&format!("#define {up}_OUTPUT_{} {i} /* {} */\n", c_name(&t.name), describe(t)));
     }
     h.push_str(&format!("\nvoid {p}_entry(const EdgecCall *call);\n"));
     if weights_file {
