@@ -120,6 +120,9 @@ enum Command {
         seed: u64,
         #[arg(long)]
         threads: Option<usize>,
+        /// Keep generating past end-of-text tokens (for benchmarks: always -n tokens).
+        #[arg(long)]
+        ignore_eos: bool,
     },
     /// Perplexity of a compiled language model on a text file (non-overlapping windows of --ctx
     /// tokens, each from an empty context).
@@ -396,6 +399,7 @@ fn chatml(system: Option<&str>, prompt: &str) -> String {
     s
 }
 
+#[allow(clippy::too_many_arguments)]
 fn generate(
     path: &Path,
     prompt: &str,
@@ -404,6 +408,7 @@ fn generate(
     max_tokens: usize,
     sampling: &edgec_runtime::lm::Sampling,
     threads: Option<usize>,
+    ignore_eos: bool,
 ) -> Result<(), String> {
     use std::io::Write;
     let model = load_artifact(path, threads)?;
@@ -414,8 +419,11 @@ fn generate(
         return Err("the prompt encodes to no tokens".into());
     }
     // Stop at the end-of-text / end-of-turn tokens the vocabulary has.
-    let stop: Vec<u32> =
-        ["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
+    let stop: Vec<u32> = if ignore_eos {
+        Vec::new()
+    } else {
+        ["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"].iter().filter_map(|t| tok.token_to_id(t)).collect()
+    };
     let mut session = edgec_runtime::lm::Session::new(&model)?;
     let mut generated: Vec<u32> = Vec::new();
     let mut shown = String::new();
@@ -508,9 +516,10 @@ fn main() -> ExitCode {
             repetition_penalty,
             seed,
             threads,
+            ignore_eos,
         } => {
             let sampling = edgec_runtime::lm::Sampling { temperature, top_k, top_p, repetition_penalty, seed };
-            generate(&model, &prompt, chat, system.as_deref(), max_tokens, &sampling, threads)
+            generate(&model, &prompt, chat, system.as_deref(), max_tokens, &sampling, threads, ignore_eos)
         }
     };
     match result {
