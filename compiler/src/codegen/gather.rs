@@ -4,7 +4,7 @@
 //! a bad index can never read outside the tensor.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::emit::Kb;
 use super::map::{cast, load_elem, store_elem, View};
@@ -51,5 +51,4 @@ pub fn emit_gather(kb: &mut Kb, g: &GatherKernel) {
         let dst = kb.elem_addr(bases[0], offs[0], g.out.dtype.size());
         store_elem(kb, g.out.dtype, v, dst, 0);
     });
-    let _ = types::I64;
 }

@@ -491,7 +491,6 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
                     }
                 }
             }
-            let _ = outer_dense;
             let rows = Rows { outer, outer_strides: os, len, row_strides: rs, locs, dtypes, multi: None };
             Kernel::LayerNorm { rows, eps: *epsilon, has_bias, stats }
         }
@@ -541,11 +540,10 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let a = norm_axis(*axis, ds.len());
             let dd = dense_strides(&ds);
             let id = dense_strides(&is);
-            let q = is.len();
+            // Output axes: data's leading axes, then the indices' axes, then data's trailing axes.
             let mut data_strides = Vec::new();
             let mut idx_strides = Vec::new();
-            for (k, s) in dd.iter().enumerate().take(a) {
-                let _ = k;
+            for s in &dd[..a] {
                 data_strides.push(s.clone());
                 idx_strides.push(Dim::fixed(0));
             }
@@ -557,7 +555,6 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
                 data_strides.push(s.clone());
                 idx_strides.push(Dim::fixed(0));
             }
-            let _ = q;
             Kernel::Gather(Box::new(GatherKernel {
                 dims: oshape.clone(),
                 out: out_view(0),
