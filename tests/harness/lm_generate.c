@@ -18,38 +18,9 @@
 #include <string.h>
 
 #include MODEL_HEADER
+#include "alloc_io.h"
 
 #define LAYERS ((MODEL_NUM_INPUTS - MODEL_INPUT_PAST_KEY_VALUES_0_KEY) / 2)
-
-static void *alloc64(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    memset(p, 0, n ? n : 64);
-    return p;
-}
-
-static void *read_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    long n;
-    void *p;
-    if (!f) {
-        perror(path);
-        exit(2);
-    }
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    p = alloc64((size_t)n);
-    if (n > 0 && fread(p, 1, (size_t)n, f) != (size_t)n) {
-        perror(path);
-        exit(2);
-    }
-    fclose(f);
-    return p;
-}
 
 int main(int argc, char **argv) {
     long vocab, heads, head_dim, n_new, n_prompt, total_max, i, l, step;

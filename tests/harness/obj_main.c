@@ -16,34 +16,7 @@
 #include <string.h>
 
 #include MODEL_HEADER
-
-static void *alloc64(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    memset(p, 0, n ? n : 64);
-    return p;
-}
-
-static void *read_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        perror(path);
-        exit(2);
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *p = alloc64((size_t)n);
-    if (n > 0 && fread(p, 1, (size_t)n, f) != (size_t)n) {
-        perror(path);
-        exit(2);
-    }
-    fclose(f);
-    return p;
-}
+#include "alloc_io.h"
 
 int main(int argc, char **argv) {
     int want = 1 + MODEL_NUM_SYMBOLS + MODEL_NUM_INPUTS + 2 * MODEL_NUM_OUTPUTS;

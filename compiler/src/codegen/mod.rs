@@ -217,26 +217,6 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                     values: inferred.values[&v].clone(),
                 })
                 .collect()
-        } else if plan.locs.get(&ValueRef { node: n, slot: 0 }).is_some_and(|l| {
-            matches!(
-                node.op,
-                crate::ir::Op::Identity
-                    | crate::ir::Op::Reshape { .. }
-                    | crate::ir::Op::Flatten { .. }
-                    | crate::ir::Op::Squeeze
-                    | crate::ir::Op::Unsqueeze
-                    | crate::ir::Op::Dropout
-            ) && g.inputs_of(n)[0].is_some_and(|src| plan.locs.get(&src) == Some(l))
-        }) {
-            // An alias of its input: nothing to do (a Dropout mask would still need writing).
-            let cx = LowerCx {
-                g: &g,
-                inferred: &inferred,
-                locs: &plan.locs,
-                scratch: plan.scratch.get(&n).copied(),
-                packed: &plan.packed,
-            };
-            lower::lower_node(&cx, n)?.into_iter().skip(1).collect()
         } else {
             let cx = LowerCx {
                 g: &g,
@@ -245,7 +225,13 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
             };
-            lower::lower_node(&cx, n)?
+            let ks = lower::lower_node(&cx, n)?;
+            // An alias of its input copies nothing (a Dropout mask would still need writing).
+            if plan.aliases.contains(&n) {
+                ks.into_iter().skip(1).collect()
+            } else {
+                ks
+            }
         };
         if !kernels.is_empty() {
             groups.push((node.name.clone(), kernels));

@@ -30,6 +30,8 @@ pub struct Plan {
     pub arena_unshared: u64,
     /// Matmul weights stored in column panels (see `pack_panels`) instead of row-major.
     pub packed: HashSet<ValueRef>,
+    /// View nodes (Reshape, Squeeze, ...) whose output shares its input's buffer: nothing to copy.
+    pub aliases: HashSet<NodeIndex>,
 }
 
 /// Columns per packed weight panel: one 64-byte line of f32 per k step.
@@ -115,6 +117,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
     let mut locs: HashMap<ValueRef, Loc> = HashMap::new();
     let mut weights: Vec<u8> = Vec::new();
     let mut packed = HashSet::new();
+    let mut aliases = HashSet::new();
     let mut output_copies = Vec::new();
     let mut output_of: HashMap<ValueRef, usize> = HashMap::new();
     for (i, o) in g.outputs.iter().enumerate() {
@@ -205,6 +208,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
             }
             if slot == 0 && is_view(&node.op) && !known.contains(&n) {
                 let src = g.inputs_of(n)[0].expect("view ops have a data input");
+                aliases.insert(n);
                 match buffer_of.get(&src) {
                     Some(&b) => drop(buffer_of.insert(v, b)),
                     None => drop(locs.insert(v, locs[&src])),
@@ -227,7 +231,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
         locs.insert(*v, Loc::Arena(offsets[*b]));
     }
     let scratch = scratch_buf.into_iter().map(|(n, b)| (n, offsets[b])).collect();
-    Ok(Plan { order, locs, known, scratch, output_copies, arena_bytes, weights, arena_unshared, packed })
+    Ok(Plan { order, locs, known, scratch, output_copies, arena_bytes, weights, arena_unshared, packed, aliases })
 }
 
 /// Greedy placement, largest buffers first: each goes at the lowest offset that does not overlap a
