@@ -165,7 +165,8 @@ impl Arch {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Element types, shared by the compiler's IR and the runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
@@ -199,6 +200,14 @@ impl DType {
             DType::I64 => "i64",
             DType::Bool => "bool",
         }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F64)
+    }
+
+    pub fn is_int(self) -> bool {
+        matches!(self, DType::I8 | DType::U8 | DType::I32 | DType::I64)
     }
 
     /// The `EDGEC_DTYPE_*` code of the C API (1-based; 0 is never valid).

@@ -95,18 +95,6 @@ impl Compiled {
     }
 }
 
-fn runtime_dtype(dt: DType) -> fmt::DType {
-    match dt {
-        DType::F32 => fmt::DType::F32,
-        DType::F64 => fmt::DType::F64,
-        DType::I8 => fmt::DType::I8,
-        DType::U8 => fmt::DType::U8,
-        DType::I32 => fmt::DType::I32,
-        DType::I64 => fmt::DType::I64,
-        DType::Bool => fmt::DType::Bool,
-    }
-}
-
 fn runtime_dim(d: &Dim) -> fmt::Dim {
     fmt::Dim(d.terms().map(|(c, syms)| fmt::Term(*c, syms.clone())).collect())
 }
@@ -146,7 +134,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         }
         inputs_meta.push(TensorMeta {
             name: val.name.clone(),
-            dtype: runtime_dtype(val.ty.dtype),
+            dtype: val.ty.dtype,
             shape: shape.iter().map(runtime_dim).collect(),
         });
     }
@@ -194,7 +182,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             let ty = g.ty(o.value);
             TensorMeta {
                 name: o.name.clone(),
-                dtype: runtime_dtype(ty.dtype),
+                dtype: ty.dtype,
                 shape: ty.shape.as_ref().expect("checked by the plan").iter().map(runtime_dim).collect(),
             }
         })
@@ -466,18 +454,6 @@ fn compile_func(ctx: &mut Context, target: &Target, name: &str) -> Result<Compil
     Ok(f)
 }
 
-fn ir_dtype(dt: fmt::DType) -> DType {
-    match dt {
-        fmt::DType::F32 => DType::F32,
-        fmt::DType::F64 => DType::F64,
-        fmt::DType::I8 => DType::I8,
-        fmt::DType::U8 => DType::U8,
-        fmt::DType::I32 => DType::I32,
-        fmt::DType::I64 => DType::I64,
-        fmt::DType::Bool => DType::Bool,
-    }
-}
-
 /// Runs a loaded artifact with named IR tensors (any order), returning outputs in META order.
 pub fn run_model(
     model: &edgec_runtime::Model,
@@ -489,7 +465,7 @@ pub fn run_model(
             .iter()
             .find(|(n, _)| *n == m.name)
             .ok_or_else(|| Error::Invalid(format!("no value given for input `{}`", m.name)))?;
-        let rt = edgec_runtime::Tensor::from_bytes(runtime_dtype(t.dtype()), t.shape.clone(), &t.to_le_bytes())
+        let rt = edgec_runtime::Tensor::from_bytes(t.dtype(), t.shape.clone(), &t.to_le_bytes())
             .map_err(|e| Error::Invalid(format!("input `{}`: {e}", m.name)))?;
         bufs.push(rt);
     }
@@ -500,8 +476,8 @@ pub fn run_model(
         .iter()
         .zip(outs)
         .map(|(m, t)| {
-            let it = crate::ir::Tensor::from_le_bytes(ir_dtype(t.dtype()), t.shape().to_vec(), t.bytes())
-                .map_err(Error::Invalid)?;
+            let it =
+                crate::ir::Tensor::from_le_bytes(t.dtype(), t.shape().to_vec(), t.bytes()).map_err(Error::Invalid)?;
             Ok((m.name.clone(), it))
         })
         .collect()

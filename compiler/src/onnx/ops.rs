@@ -308,7 +308,7 @@ pub fn convert(node: &NodeProto, opset: i64) -> Result<Converted, ConvertError> 
         "DequantizeLinear" => {
             match a.int("output_dtype", 0)? {
                 0 | 1 => {}
-                code => return unsupported(format!("output_dtype {}", DType::onnx_code_name(code as i32))),
+                code => return unsupported(format!("output_dtype {}", crate::ir::dtype::onnx_code_name(code as i32))),
             }
             Op::DequantizeLinear { axis: a.int("axis", 1)?, block_size: a.int("block_size", 0)? }
         }

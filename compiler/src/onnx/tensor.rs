@@ -60,8 +60,8 @@ fn parse_u64(key: &str, v: &str) -> Result<u64, String> {
 
 /// The tensor's element type, or an error naming the ONNX type we lack.
 pub fn dtype_of(code: i32) -> Result<DType, String> {
-    DType::from_onnx_code(code)
-        .ok_or_else(|| format!("data type {} ({code}) is not supported", DType::onnx_code_name(code)))
+    crate::ir::dtype::from_onnx_code(code)
+        .ok_or_else(|| format!("data type {} ({code}) is not supported", crate::ir::dtype::onnx_code_name(code)))
 }
 
 /// Decodes a TensorProto into a constant (name, type, shape, little-endian bytes).
