@@ -218,7 +218,7 @@ pub fn emit_map(kb: &mut Kb, kernel: &MapKernel) {
         && inner_fixed(&k.out) == Some(1)
         && k.inputs.iter().all(|v| matches!(inner_fixed(v), Some(0) | Some(1)));
     let ctx = Ctx { k: &k, views: &views, bases, dims, strides, vector };
-    ctx.level(kb, 0, offsets, Vec::new(), rank);
+    ctx.level(kb, offsets, rank);
 }
 
 struct Ctx<'a> {
@@ -232,46 +232,32 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Loops over axis `axis` carrying each view's element offset; the last axis is the inner loop.
-    fn level(&self, kb: &mut Kb, axis: usize, offs: Vec<Value>, idx: Vec<Value>, rank: usize) {
+    /// The outer axes as a loop nest carrying each view's element offset (`Kb::loop_nest`); the
+    /// last axis is the inner loop.
+    fn level(&self, kb: &mut Kb, offs: Vec<Value>, rank: usize) {
         if rank == 0 {
             let ptrs = self.ptrs(kb, &offs);
             self.element(kb, &ptrs, &[], None, types::INVALID);
             return;
         }
-        if axis + 1 < rank {
-            let zero = kb.iconst(0);
-            kb.for_range(zero, self.dims[axis], 1, |kb, i| {
-                let offs: Vec<Value> = offs
-                    .iter()
-                    .zip(&self.strides)
-                    .map(|(&o, s)| {
-                        let d = kb.fb.ins().imul(i, s[axis]);
-                        kb.fb.ins().iadd(o, d)
-                    })
-                    .collect();
-                let mut idx = idx.clone();
-                idx.push(i);
-                self.level(kb, axis + 1, offs, idx, rank);
-            });
-            return;
-        }
-        let ptrs = self.ptrs(kb, &offs);
+        let outer = &self.dims[..rank - 1];
+        kb.loop_nest(outer, &self.strides, offs, &mut Vec::new(), &mut |kb, offs, idx| {
+            self.inner(kb, offs, idx, rank - 1)
+        });
+    }
+
+    /// The inner loop over `axis`: f32x4 steps when vectorised, then a scalar tail.
+    fn inner(&self, kb: &mut Kb, offs: &[Value], idx: &[Value], axis: usize) {
+        let ptrs = self.ptrs(kb, offs);
         let zero = kb.iconst(0);
         let n = self.dims[axis];
+        let at = |j: Value| idx.iter().copied().chain(std::iter::once(j)).collect::<Vec<_>>();
         let start = if self.vector {
-            kb.for_steps(zero, n, 4, |kb, j| {
-                let mut idx = idx.clone();
-                idx.push(j);
-                self.element(kb, &ptrs, &idx, Some(j), types::F32X4);
-            })
+            kb.for_steps(zero, n, 4, |kb, j| self.element(kb, &ptrs, &at(j), Some(j), types::F32X4))
         } else {
             zero
         };
-        kb.for_range(start, n, 1, |kb, j| {
-            let mut idx = idx.clone();
-            idx.push(j);
-            self.element(kb, &ptrs, &idx, Some(j), types::INVALID);
-        });
+        kb.for_range(start, n, 1, |kb, j| self.element(kb, &ptrs, &at(j), Some(j), types::INVALID));
     }
 
     fn ptrs(&self, kb: &mut Kb, offs: &[Value]) -> Vec<Value> {
