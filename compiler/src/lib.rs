@@ -4,6 +4,7 @@
 //! -> `passes` (pass manager and IR-to-IR passes) -> `interp` (the reference
 //! interpreter every later stage is checked against).
 
+pub mod calib;
 pub mod codegen;
 pub mod error;
 pub mod interp;

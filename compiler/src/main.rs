@@ -16,6 +16,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Print a model's IR (after import and shape inference, or after passes).
     Inspect {
@@ -75,6 +76,8 @@ enum Command {
         /// profiling: run with EDGEC_PERF_MAP=OUTPUT.symbols under `perf record`).
         #[arg(long)]
         symbols: bool,
+        #[command(flatten)]
+        prune: PruneArgs,
     },
     /// Run a model (.onnx with the reference interpreter, .edgec natively); writes NAME.npy per output.
     Run {
@@ -153,6 +156,61 @@ enum Command {
     },
 }
 
+/// Pruning and calibration options of `compile`.
+#[derive(clap::Args, Default)]
+struct PruneArgs {
+    /// Prune linear layers: `unstructured:F`, `N:M` (e.g. `2:4`), `structured:F`; append
+    /// `:recover` (or pass --recover) for least-squares recovery on the calibration text.
+    #[arg(long, value_name = "SPEC")]
+    prune: Option<String>,
+    /// Recover pruned layers (layer by layer, on the pruned model's own activations).
+    #[arg(long)]
+    recover: bool,
+    /// Calibration text (tokenized with the model's tokenizer.json); needed by structured pruning
+    /// and recovery. Alone, it collects and reports activation statistics.
+    #[arg(long, value_name = "FILE")]
+    calibrate: Option<PathBuf>,
+    /// Calibration tokens (spread over the text as sequences of --calib-seq).
+    #[arg(long, default_value_t = 1024)]
+    calib_tokens: usize,
+    /// Calibration sequence length.
+    #[arg(long, default_value_t = 512)]
+    calib_seq: usize,
+}
+
+/// Calibration and pruning between the pass pipeline and code generation.
+fn prune_step(g: &mut edgec::ir::Graph, args: &PruneArgs, tokenizer: Option<&[u8]>) -> Result<(), String> {
+    let seqs = match &args.calibrate {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--calibrate {}: {e}", path.display()))?;
+            let tok = tokenizer
+                .ok_or("--calibrate needs a tokenizer (--tokenizer FILE or tokenizer.json beside the model)")?;
+            Some(
+                edgec::calib::token_sequences(tok, &text, args.calib_tokens, args.calib_seq)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => None,
+    };
+    let Some(text) = &args.prune else {
+        if args.recover {
+            return Err("--recover needs --prune".into());
+        }
+        if let Some(seqs) = &seqs {
+            let cal = edgec::calib::Calibration::collect(g, seqs, &Default::default()).map_err(|e| e.to_string())?;
+            println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
+        }
+        return Ok(());
+    };
+    let mut spec = edgec::passes::prune::PruneSpec::parse(text).map_err(|e| e.to_string())?;
+    if args.recover && spec.recover == edgec::passes::prune::Recover::None {
+        spec.recover = edgec::passes::prune::Recover::Sequential;
+    }
+    let report = edgec::passes::prune::prune(g, &spec, text, seqs.as_deref()).map_err(|e| e.to_string())?;
+    print!("{}", report.summary());
+    edgec::ir::verify::verify(g).map_err(|e| format!("the graph is invalid after pruning: {e}"))
+}
+
 fn pipeline(list: &str) -> edgec::Result<PassManager> {
     PassManager::parse(if list == "none" { "" } else { list })
 }
@@ -229,6 +287,7 @@ fn compile(
     prefix: &str,
     symbols: bool,
     tokenizer: Option<String>,
+    prune: &PruneArgs,
 ) -> Result<(), String> {
     let tokenizer_path = match tokenizer.as_deref() {
         Some("none") => None,
@@ -242,6 +301,7 @@ fn compile(
     let t0 = Instant::now();
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
     pipeline(passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
+    prune_step(&mut g, prune, tokenizer_bytes.as_deref())?;
     let t_import = t0.elapsed();
     let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
     let default_ext = if emit == "obj" { "o" } else { "edgec" };
@@ -491,6 +551,7 @@ fn main() -> ExitCode {
             prefix,
             symbols,
             tokenizer,
+            prune,
         } => parse_bounds(&bounds).and_then(|bounds| {
             let opts = edgec::codegen::Options {
                 target,
@@ -500,7 +561,7 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer)
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &prune)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
         Command::Eval { model, text, ctx, max_windows, threads } => eval(&model, &text, ctx, max_windows, threads),

@@ -123,6 +123,9 @@ pub struct Interpreter<'g> {
     consts: Vec<OnceLock<Tensor>>,
 }
 
+/// A node hook for `Interpreter::run_hooked`: sees each op node's inputs, may replace one.
+pub type Hook<'a> = dyn FnMut(NodeIndex, &[Option<&Tensor>]) -> Result<Option<(usize, Tensor)>, String> + 'a;
+
 /// Symbol values bound from the feeds (and from unknown dims as they are met).
 type Bindings = HashMap<String, i64>;
 
@@ -173,6 +176,26 @@ impl<'g> Interpreter<'g> {
 
     /// Runs the graph; returns the outputs in graph-output order.
     pub fn run(&self, feeds: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        self.run_hooked(feeds, &mut |_, _| Ok(None))
+    }
+
+    /// Runs the graph and shows `observe` every op node (not inputs or constants) with its
+    /// input tensors just before it is evaluated (calibration collects activation statistics so).
+    pub fn run_observed(
+        &self,
+        feeds: &[(String, Tensor)],
+        observe: &mut dyn FnMut(NodeIndex, &[Option<&Tensor>]),
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.run_hooked(feeds, &mut |n, args| {
+            observe(n, args);
+            Ok(None)
+        })
+    }
+
+    /// Like `run_observed`, but the hook may substitute one input of the node: `Some((slot, t))`
+    /// evaluates the node with `t` in input `slot` (sequential pruning swaps in a layer's pruned
+    /// weight, so later layers see the pruned model's activations). An `Err` stops the run.
+    pub fn run_hooked(&self, feeds: &[(String, Tensor)], hook: &mut Hook) -> Result<Vec<(String, Tensor)>> {
         let g = self.g;
         let mut bind = Bindings::new();
         let mut by_name: HashMap<&str, &Tensor> = HashMap::new();
@@ -209,7 +232,15 @@ impl<'g> Interpreter<'g> {
                     vec![self.consts[*id].get_or_init(|| c.to_tensor()).clone()]
                 }
                 op => {
-                    let args: Vec<Option<&Tensor>> = wiring.iter().map(|v| v.and_then(|v| values.get(&v))).collect();
+                    let mut args: Vec<Option<&Tensor>> =
+                        wiring.iter().map(|v| v.and_then(|v| values.get(&v))).collect();
+                    let replaced = hook(n, &args).map_err(node_err)?;
+                    if let Some((slot, t)) = &replaced {
+                        if *slot >= args.len() {
+                            return Err(node_err(format!("a hook replaced input {slot}, which the node lacks")));
+                        }
+                        args[*slot] = Some(t);
+                    }
                     let outs = eval_op(op, &args, node.outputs.len()).map_err(node_err)?;
                     if outs.len() < node.outputs.len() {
                         return Err(node_err(format!(

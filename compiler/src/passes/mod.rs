@@ -7,6 +7,8 @@
 pub mod const_fold;
 pub mod cse;
 pub mod dce;
+pub mod prune;
+pub mod prune_structured;
 pub mod shape_infer;
 
 use crate::error::{Error, Result};

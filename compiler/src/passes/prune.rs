@@ -1,0 +1,533 @@
+//! Weight pruning of linear layers (constant-weight MatMul / Gemm), with optional layer-wise
+//! recovery on calibration data.
+//!
+//! Kinds (`PruneSpec::parse`, `edgec compile --prune SPEC`):
+//! - `unstructured:F` — per weight matrix, zero the fraction F of weights with the smallest |w|;
+//! - `N:M` (e.g. `2:4`) — in every group of M consecutive weights along the input (K) dimension keep
+//!   the N largest |w|;
+//! - `structured:F` — remove attention heads and MLP channels and shrink the dense matrices
+//!   (`prune_structured.rs`).
+//!
+//! Recovery (`:recover` suffix or `--recover`) re-fits the remaining weights of each pruned layer by
+//! least squares against the unpruned layer's output on the calibration activations, using only the
+//! Gram matrix `H = XᵀX` of the layer's input: minimise `tr((W'−W)ᵀ H (W'−W))` with the sparsity
+//! pattern fixed. Structured pruning removes whole input rows, so the optimum is closed-form,
+//! `W'_S = (H_SS + λI)⁻¹ H_S: W`; for N:M / unstructured masks every output column has its own
+//! support, and the layer is solved OBS-style in one sweep over the input rows (SparseGPT's update
+//! with the mask held fixed: the error of each removed weight is spread over the not yet visited
+//! weights of its column through the Cholesky factor of `H⁻¹`), which costs `K²·N` instead of a
+//! `K×K` solve per column.
+//!
+//! Recovery is sequential by default: the calibration batch runs through the model once, and each
+//! layer is pruned when the interpreter reaches it, from the Gram matrix of its input *in the
+//! already pruned model*; the pruned weight is swapped in (`Interpreter::run_hooked`), so later
+//! layers fit to the errors of earlier ones. `recover=oneshot` uses the unpruned model's Gram
+//! matrices for every layer instead (`calib::Calibration`).
+//!
+//! The embedding and the output projection (lm_head: a layer whose result is a graph output, or that
+//! reads a matrix a Gather also reads) stay dense.
+
+use super::prune_structured as structured;
+use crate::calib::{self, linalg, Gram, Linear};
+use crate::error::{Error, Result};
+use crate::interp::Interpreter;
+use crate::ir::{DType, Graph, Op, Tensor, ValueRef};
+use petgraph::stable_graph::NodeIndex;
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use std::collections::HashMap;
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PruneKind {
+    /// Fraction of each matrix's weights to zero.
+    Unstructured(f64),
+    /// Keep `n` of every `m` weights along K.
+    NofM { n: usize, m: usize },
+    /// Fraction of the attention and MLP parameters of each block to remove.
+    Structured(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Recover {
+    None,
+    /// Every layer from the unpruned model's activations.
+    OneShot,
+    /// Layer by layer from the pruned model's own activations.
+    Sequential,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneSpec {
+    pub kind: PruneKind,
+    pub recover: Recover,
+    /// Damping λ relative to the mean of diag(H).
+    pub damp: f64,
+}
+
+impl PruneSpec {
+    /// `unstructured:0.5`, `2:4`, `structured:0.3`, each optionally followed by `:recover`,
+    /// `:recover=oneshot` or `:damp=0.01`.
+    pub fn parse(s: &str) -> Result<PruneSpec> {
+        let bad = |why: &str| {
+            Error::invalid(format!(
+                "--prune '{s}': {why} (expected unstructured:F, N:M such as 2:4, or structured:F; \
+                 optionally followed by :recover, :recover=oneshot, :damp=X)"
+            ))
+        };
+        let parts: Vec<&str> = s.split(':').map(str::trim).collect();
+        let fraction = |p: Option<&&str>| -> Result<f64> {
+            let f: f64 = p.ok_or_else(|| bad("missing fraction"))?.parse().map_err(|_| bad("bad fraction"))?;
+            if !(0.0..1.0).contains(&f) {
+                return Err(bad("the fraction must be in [0, 1)"));
+            }
+            Ok(f)
+        };
+        let (kind, rest) = match parts[0] {
+            "unstructured" => (PruneKind::Unstructured(fraction(parts.get(1))?), &parts[2..]),
+            "structured" => (PruneKind::Structured(fraction(parts.get(1))?), &parts[2..]),
+            n if n.parse::<usize>().is_ok() => {
+                let n: usize = n.parse().unwrap();
+                let m: usize = parts.get(1).and_then(|m| m.parse().ok()).ok_or_else(|| bad("bad N:M"))?;
+                if n == 0 || m == 0 || n >= m {
+                    return Err(bad("N:M needs 0 < N < M"));
+                }
+                (PruneKind::NofM { n, m }, &parts[2..])
+            }
+            _ => return Err(bad("unknown kind")),
+        };
+        let mut spec = PruneSpec { kind, recover: Recover::None, damp: 0.01 };
+        for opt in rest {
+            match opt.split_once('=') {
+                None if *opt == "recover" => spec.recover = Recover::Sequential,
+                Some(("recover", "sequential")) => spec.recover = Recover::Sequential,
+                Some(("recover", "oneshot")) => spec.recover = Recover::OneShot,
+                Some(("damp", v)) => {
+                    spec.damp = v.parse().ok().filter(|d: &f64| *d >= 0.0).ok_or_else(|| bad("bad damp"))?;
+                }
+                _ => return Err(bad(&format!("unknown option '{opt}'"))),
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Whether the pass needs calibration data.
+    pub fn needs_calibration(&self) -> bool {
+        self.recover != Recover::None || matches!(self.kind, PruneKind::Structured(_))
+    }
+}
+
+/// One pruned weight matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerReport {
+    /// The weight's constant name.
+    pub name: String,
+    pub shape_before: Vec<usize>,
+    pub shape_after: Vec<usize>,
+    pub nonzeros: usize,
+    /// Zero fraction of the matrix as stored after pruning.
+    pub sparsity: f64,
+    /// `‖X(W'−W)‖² / ‖XW‖²` on the calibration rows the layer was pruned with (structured: against
+    /// the unshrunk matrix), when calibration ran.
+    pub rel_error: Option<f64>,
+}
+
+/// What pruning did. Bytes count every float constant (the dense storage; `nonzero_bytes_after`
+/// counts only nonzero elements, what a sparse format could store).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PruneReport {
+    pub spec: String,
+    pub layers: Vec<LayerReport>,
+    pub param_bytes_before: usize,
+    pub param_bytes_after: usize,
+    pub nonzero_bytes_after: usize,
+    /// Structured: per attention block, (query heads, KV heads) before and after.
+    pub heads: Vec<((usize, usize), (usize, usize))>,
+    /// Structured: per MLP, channels before and after.
+    pub mlp_channels: Vec<(usize, usize)>,
+    /// Structured: per attention block (in graph order), the query heads kept (KV group g holds
+    /// query heads g·rep .. (g+1)·rep).
+    pub kept_heads: Vec<Vec<usize>>,
+    /// Structured: per MLP (in graph order), the intermediate channels kept.
+    pub kept_channels: Vec<Vec<usize>>,
+    pub calib_tokens: usize,
+    pub seconds: f64,
+}
+
+impl PruneReport {
+    /// Human-readable summary (one line per layer, then totals).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for l in &self.layers {
+            s.push_str(&format!(
+                "prune       {} {:?} -> {:?}: sparsity {:.3}{}\n",
+                l.name,
+                l.shape_before,
+                l.shape_after,
+                l.sparsity,
+                l.rel_error.map_or(String::new(), |e| format!(", rel. output error {e:.4}"))
+            ));
+        }
+        for (i, (b, a)) in self.heads.iter().enumerate() {
+            s.push_str(&format!("prune       attention {i}: heads {}q/{}kv -> {}q/{}kv\n", b.0, b.1, a.0, a.1));
+        }
+        for (i, (b, a)) in self.mlp_channels.iter().enumerate() {
+            s.push_str(&format!("prune       mlp {i}: channels {b} -> {a}\n"));
+        }
+        s.push_str(&format!(
+            "prune       {}: parameters {} -> {} bytes dense ({} bytes nonzero), {} layers, {} calibration tokens, {:.1} s\n",
+            self.spec,
+            self.param_bytes_before,
+            self.param_bytes_after,
+            self.nonzero_bytes_after,
+            self.layers.len(),
+            self.calib_tokens,
+            self.seconds
+        ));
+        s
+    }
+}
+
+/// Bytes of float constants, dense and nonzero.
+fn param_bytes(g: &Graph) -> (usize, usize) {
+    let (mut dense, mut nz) = (0, 0);
+    for n in g.g.node_indices() {
+        if let Some(c) = g.const_of(ValueRef { node: n, slot: 0 }) {
+            if c.dtype.is_float() {
+                dense += c.bytes.len();
+                let t = c.to_tensor();
+                nz += t.to_f64_vec().iter().filter(|&&x| x != 0.0).count() * c.dtype.size();
+            }
+        }
+    }
+    (dense, nz)
+}
+
+/// The linear layers pruning may touch: everything but the output projection / tied embedding.
+pub fn prunable_layers(g: &Graph) -> Vec<Linear> {
+    calib::linear_layers(g).into_iter().filter(|l| !is_output_projection(g, l)).collect()
+}
+
+fn is_output_projection(g: &Graph, l: &Linear) -> bool {
+    // A weight shared with a Gather is a tied embedding.
+    let shared_with_gather = g.users_of(l.weight).iter().any(|(u, _)| matches!(g.g[*u].op, Op::Gather { .. }));
+    // Follow shape-only ops from the result: reaching a graph output makes it the head.
+    let mut v = ValueRef { node: l.node, slot: 0 };
+    loop {
+        if g.outputs.iter().any(|o| o.value == v) {
+            return true;
+        }
+        let users = g.users_of(v);
+        match users.as_slice() {
+            [(u, 0)]
+                if matches!(
+                    g.g[*u].op,
+                    Op::Reshape { .. } | Op::Identity | Op::Cast { .. } | Op::Squeeze | Op::Unsqueeze
+                ) =>
+            {
+                v = ValueRef { node: *u, slot: 0 };
+            }
+            _ => return shared_with_gather,
+        }
+    }
+}
+
+/// The weight as an f64 `[K, N]` matrix.
+pub fn weight_kn(g: &Graph, l: &Linear) -> Vec<f64> {
+    let w = g.const_of(l.weight).expect("a linear layer's weight is a constant").to_tensor().to_f64_vec();
+    let mut out = vec![0.0; l.k * l.n];
+    for k in 0..l.k {
+        for n in 0..l.n {
+            out[k * l.n + n] = w[l.index(k, n)];
+        }
+    }
+    out
+}
+
+/// A `[K, N]` matrix back in the layer's storage order, as a tensor.
+pub fn weight_tensor(l: &Linear, w: &[f64]) -> Tensor {
+    let mut out = vec![0f32; l.k * l.n];
+    for k in 0..l.k {
+        for n in 0..l.n {
+            out[l.index(k, n)] = w[k * l.n + n] as f32;
+        }
+    }
+    let shape = if l.transposed { vec![l.n, l.k] } else { vec![l.k, l.n] };
+    Tensor::from_vec(shape, out)
+}
+
+/// Replaces input `slot` of `node` with `v` (only that edge; other readers of the old value keep it).
+pub fn set_input(g: &mut Graph, node: NodeIndex, slot: usize, v: ValueRef) {
+    let old: Vec<_> =
+        g.g.edges_directed(node, Direction::Incoming).filter(|e| e.weight().dst == slot).map(|e| e.id()).collect();
+    for e in old {
+        g.g.remove_edge(e);
+    }
+    g.g.add_edge(v.node, node, crate::ir::Edge { src: v.slot, dst: slot });
+}
+
+/// Gives a layer a new weight constant (named after the old one).
+pub fn replace_weight(g: &mut Graph, l: &Linear, t: &Tensor) -> ValueRef {
+    let name = g.const_of(l.weight).map_or_else(|| "weight".to_string(), |c| c.name.clone());
+    let c = g.add_const(name, t);
+    set_input(g, l.node, 1, c);
+    c
+}
+
+/// Keep-mask (true = kept) from magnitudes, `[K, N]`.
+fn magnitude_mask(w: &[f64], k: usize, n: usize, kind: &PruneKind) -> Vec<bool> {
+    match *kind {
+        PruneKind::Unstructured(f) => {
+            let drop = ((f * w.len() as f64).round() as usize).min(w.len());
+            let mut idx: Vec<usize> = (0..w.len()).collect();
+            let mut mask = vec![true; w.len()];
+            if drop > 0 {
+                // Ties broken by index, so the count is exact.
+                idx.select_nth_unstable_by(drop - 1, |&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+                for &i in &idx[..drop] {
+                    mask[i] = false;
+                }
+            }
+            mask
+        }
+        PruneKind::NofM { n: keep, m } => {
+            let mut mask = vec![false; w.len()];
+            for col in 0..n {
+                for g0 in (0..k).step_by(m) {
+                    let mut rows: Vec<usize> = (g0..(g0 + m).min(k)).collect();
+                    rows.sort_by(|&a, &b| w[b * n + col].abs().total_cmp(&w[a * n + col].abs()).then(a.cmp(&b)));
+                    for &r in rows.iter().take(keep) {
+                        mask[r * n + col] = true;
+                    }
+                }
+            }
+            mask
+        }
+        PruneKind::Structured(_) => vec![true; w.len()],
+    }
+}
+
+/// `tr(Dᵀ H D)` for `D` `[K, N]`.
+fn quad_form(h: &Gram, d: &[f64], n: usize) -> f64 {
+    let k = h.k;
+    // Column-wise: dᵀ H d, with H·D computed row by row (rows of D are contiguous).
+    let mut total = 0.0;
+    let mut hd = vec![0f64; n];
+    for i in 0..k {
+        hd.iter_mut().for_each(|x| *x = 0.0);
+        for j in 0..k {
+            let c = h.h[i * k + j];
+            if c != 0.0 {
+                for (x, &y) in hd.iter_mut().zip(&d[j * n..j * n + n]) {
+                    *x += c * y;
+                }
+            }
+        }
+        total += linalg::dot(&hd, &d[i * n..i * n + n]);
+    }
+    total
+}
+
+/// Relative output error of replacing `w` by `w2` on the rows behind `h`.
+pub fn rel_error(h: &Gram, w: &[f64], w2: &[f64], n: usize) -> f64 {
+    let d: Vec<f64> = w.iter().zip(w2).map(|(a, b)| b - a).collect();
+    let base = quad_form(h, w, n);
+    if base > 0.0 {
+        quad_form(h, &d, n) / base
+    } else {
+        0.0
+    }
+}
+
+/// Masked least-squares recovery in one OBS sweep: zeroes the weights `mask` drops and compensates
+/// each through the upper factor `u` of `(H + λI)⁻¹` (`linalg::inverse_upper_factor`).
+pub fn obs_sweep(w: &mut [f64], k: usize, n: usize, mask: &[bool], u: &[f64]) {
+    let mut err = vec![0f64; n];
+    for i in 0..k {
+        let d = u[i * k + i];
+        let mut any = false;
+        for j in 0..n {
+            if !mask[i * n + j] {
+                err[j] = w[i * n + j] / d;
+                w[i * n + j] = 0.0;
+                any = true;
+            } else {
+                err[j] = 0.0;
+            }
+        }
+        if !any {
+            continue;
+        }
+        for r in i + 1..k {
+            let c = u[i * k + r];
+            if c != 0.0 {
+                for (x, &e) in w[r * n..r * n + n].iter_mut().zip(&err) {
+                    *x -= c * e;
+                }
+            }
+        }
+    }
+    // Masked entries that later updates touched are zero by construction (row i is final once
+    // visited); kept entries carry the compensation.
+}
+
+/// Prunes one matrix (`[K, N]`) with an N:M / unstructured mask; with `h`, recovers it.
+fn prune_sparse(w: &[f64], l: &Linear, kind: &PruneKind, h: Option<(&Gram, f64)>) -> Result<(Vec<f64>, Option<f64>)> {
+    let mask = magnitude_mask(w, l.k, l.n, kind);
+    let Some((h, damp)) = h else {
+        let out = w.iter().zip(&mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect();
+        return Ok((out, None));
+    };
+    let u = linalg::inverse_upper_factor(&linalg::damped(&h.h, h.k, damp), h.k).map_err(Error::invalid)?;
+    let mut out = w.to_vec();
+    obs_sweep(&mut out, l.k, l.n, &mask, &u);
+    let e = rel_error(h, w, &out, l.n);
+    Ok((out, Some(e)))
+}
+
+fn check_layer(l: &Linear, kind: &PruneKind) -> Result<()> {
+    if let PruneKind::NofM { m, .. } = kind {
+        if !l.k.is_multiple_of(*m) {
+            return Err(Error::invalid(format!(
+                "N:M pruning needs the input width to be a multiple of {m}; a layer has K = {}",
+                l.k
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Prunes `g` in place. `calib` holds token sequences of equal length (one batch) for specs that
+/// need calibration. Runs shape inference and dead-code elimination afterwards.
+pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[Vec<u32>]>) -> Result<PruneReport> {
+    let t0 = Instant::now();
+    let (bytes_before, _) = param_bytes(g);
+    let calib = match (spec.needs_calibration(), calib) {
+        (true, None) => {
+            return Err(Error::invalid(format!("--prune {spec_text} needs calibration data (--calibrate FILE)")))
+        }
+        (true, Some(c)) => Some(c),
+        (false, _) => None,
+    };
+    let mut report = PruneReport {
+        spec: spec_text.to_string(),
+        calib_tokens: calib.map_or(0, |c| c.iter().map(Vec::len).sum()),
+        ..Default::default()
+    };
+    match &spec.kind {
+        PruneKind::Structured(f) => structured::prune(g, *f, spec, calib.expect("checked"), &mut report)?,
+        kind => {
+            let layers = prunable_layers(g);
+            if layers.is_empty() {
+                return Err(Error::invalid("the model has no prunable linear layers (constant-weight MatMul/Gemm)"));
+            }
+            for l in &layers {
+                check_layer(l, kind)?;
+            }
+            let mut results: HashMap<NodeIndex, (Vec<f64>, Option<f64>)> = HashMap::new();
+            match (spec.recover, calib) {
+                (Recover::None, _) | (_, None) => {
+                    for l in &layers {
+                        results.insert(l.node, prune_sparse(&weight_kn(g, l), l, kind, None)?);
+                    }
+                }
+                (recover, Some(seqs)) => {
+                    let by_node: HashMap<NodeIndex, &Linear> = layers.iter().map(|l| (l.node, l)).collect();
+                    let sequential = recover == Recover::Sequential;
+                    let gref: &Graph = g;
+                    let mut grams = GramCache::new(&layers);
+                    run_layers(gref, seqs, &mut |n, x| {
+                        let Some(l) = by_node.get(&n) else { return Ok(None) };
+                        let h = grams.get(l, x);
+                        let w = weight_kn(gref, l);
+                        let (w2, e) = prune_sparse(&w, l, kind, Some((&h, spec.damp))).map_err(|e| e.to_string())?;
+                        grams.done(l);
+                        let t = weight_tensor(l, &w2);
+                        results.insert(n, (w2, e));
+                        Ok(sequential.then_some(t))
+                    })?;
+                }
+            }
+            for l in &layers {
+                let (w2, e) = results.remove(&l.node).ok_or_else(|| {
+                    Error::invalid(format!("linear layer '{}' did not run during calibration", g.g[l.node].name))
+                })?;
+                let t = weight_tensor(l, &w2);
+                let name = g.const_of(l.weight).map_or(String::new(), |c| c.name.clone());
+                let nz = w2.iter().filter(|&&x| x != 0.0).count();
+                replace_weight(g, l, &t);
+                report.layers.push(LayerReport {
+                    name,
+                    shape_before: t.shape.clone(),
+                    shape_after: t.shape.clone(),
+                    nonzeros: nz,
+                    sparsity: 1.0 - nz as f64 / w2.len().max(1) as f64,
+                    rel_error: e,
+                });
+            }
+        }
+    }
+    super::shape_infer::infer_shapes(g)?;
+    super::Pass::run(&super::dce::Dce, g)?;
+    let (after, nz) = param_bytes(g);
+    report.param_bytes_before = bytes_before;
+    report.param_bytes_after = after;
+    report.nonzero_bytes_after = nz;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Gram matrices of layer inputs during one hooked run, each computed once and dropped when the
+/// last layer reading it is done (a 30-block model's Grams would otherwise take ~1 GB).
+pub struct GramCache {
+    grams: HashMap<ValueRef, Gram>,
+    pending: HashMap<ValueRef, usize>,
+}
+
+impl GramCache {
+    pub fn new(layers: &[Linear]) -> GramCache {
+        let mut pending = HashMap::new();
+        for l in layers {
+            *pending.entry(l.input).or_insert(0) += 1;
+        }
+        GramCache { grams: HashMap::new(), pending }
+    }
+
+    pub fn get(&mut self, l: &Linear, x: &[f32]) -> Gram {
+        self.grams
+            .entry(l.input)
+            .or_insert_with(|| {
+                let mut h = Gram::new(l.k);
+                h.add_rows(x);
+                h
+            })
+            .clone()
+    }
+
+    pub fn done(&mut self, l: &Linear) {
+        if let Some(p) = self.pending.get_mut(&l.input) {
+            *p -= 1;
+            if *p == 0 {
+                self.grams.remove(&l.input);
+            }
+        }
+    }
+}
+
+/// See `run_layers`.
+pub type LayerHook<'a> = dyn FnMut(NodeIndex, &[f32]) -> std::result::Result<Option<Tensor>, String> + 'a;
+
+/// Runs the calibration batch through `g`; `f(node, x)` sees each op node with its input 0 as f32
+/// (when it is f32) and may return a replacement for input 1 (a weight).
+pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], f: &mut LayerHook) -> Result<()> {
+    let feeds = calib::lm_feeds(g, seqs)?;
+    let interp = Interpreter::new(g)?;
+    interp.run_hooked(&feeds, &mut |n, args| {
+        let Some(x) = args.first().copied().flatten() else { return Ok(None) };
+        if x.dtype() != DType::F32 || !matches!(g.g[n].op, Op::MatMul | Op::Gemm { .. }) {
+            return Ok(None);
+        }
+        Ok(f(n, x.as_slice::<f32>()?)?.map(|t| (1, t)))
+    })?;
+    Ok(())
+}
