@@ -102,39 +102,26 @@ impl Gram {
         self.h[i * self.k + j]
     }
 
-    /// Adds the rows of `x` (row-major, `x.len() / k` rows of `k`).
+    /// Adds the rows of `x` (row-major, `x.len() / k` rows of `k`). Row bands of H are spread over
+    /// the CPUs (the Gram of a 1536-wide input over 1k tokens is 2.4 G multiply-adds).
     pub fn add_rows(&mut self, x: &[f32]) {
         let k = self.k;
         let rows = x.len() / k;
-        let mut tile = vec![0f32; TILE * TILE];
-        for r0 in (0..rows).step_by(BLOCK_ROWS) {
-            let block = &x[r0 * k..(r0 + BLOCK_ROWS).min(rows) * k];
-            // Lower triangle, tile by tile.
-            for i0 in (0..k).step_by(TILE) {
-                let i1 = (i0 + TILE).min(k);
-                for j0 in (0..=i0).step_by(TILE) {
-                    let j1 = (j0 + TILE).min(k);
-                    let w = j1 - j0;
-                    tile[..TILE * TILE].fill(0.0);
-                    for row in block.chunks_exact(k) {
-                        let xj = &row[j0..j1];
-                        for i in i0..i1 {
-                            let xi = row[i];
-                            let t = &mut tile[(i - i0) * TILE..(i - i0) * TILE + w];
-                            for (tv, &xv) in t.iter_mut().zip(xj) {
-                                *tv += xi * xv;
-                            }
-                        }
-                    }
-                    for i in i0..i1 {
-                        let hrow = &mut self.h[i * k + j0..i * k + j1];
-                        for (hv, &tv) in hrow.iter_mut().zip(&tile[(i - i0) * TILE..(i - i0) * TILE + w]) {
-                            *hv += tv as f64;
-                        }
-                    }
-                }
-            }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(k.div_ceil(TILE)).max(1);
+        let mut bands: Vec<Vec<(usize, &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
+        for (b, band) in self.h.chunks_mut(TILE * k).enumerate() {
+            bands[b % threads].push((b * TILE, band));
         }
+        std::thread::scope(|s| {
+            for mine in bands {
+                s.spawn(move || {
+                    let mut tile = vec![0f32; TILE * TILE];
+                    for (i0, band) in mine {
+                        gram_band(x, k, rows, i0, band, &mut tile);
+                    }
+                });
+            }
+        });
         self.rows += rows;
         // Mirror the lower triangle (cheap next to the products, keeps `h` plainly symmetric).
         for i in 0..k {
@@ -148,6 +135,35 @@ impl Gram {
     pub fn channel_mean_sq(&self) -> Vec<f64> {
         let r = self.rows.max(1) as f64;
         (0..self.k).map(|i| self.get(i, i) / r).collect()
+    }
+}
+
+/// Lower-triangle rows `i0..i0+TILE` of `XᵀX` added into `band` (those rows of H), tile by tile.
+fn gram_band(x: &[f32], k: usize, rows: usize, i0: usize, band: &mut [f64], tile: &mut [f32]) {
+    let i1 = (i0 + TILE).min(k);
+    for r0 in (0..rows).step_by(BLOCK_ROWS) {
+        let block = &x[r0 * k..(r0 + BLOCK_ROWS).min(rows) * k];
+        for j0 in (0..=i0).step_by(TILE) {
+            let j1 = (j0 + TILE).min(k);
+            let w = j1 - j0;
+            tile.fill(0.0);
+            for row in block.chunks_exact(k) {
+                let xj = &row[j0..j1];
+                for i in i0..i1 {
+                    let xi = row[i];
+                    let t = &mut tile[(i - i0) * TILE..(i - i0) * TILE + w];
+                    for (tv, &xv) in t.iter_mut().zip(xj) {
+                        *tv += xi * xv;
+                    }
+                }
+            }
+            for i in i0..i1 {
+                let hrow = &mut band[(i - i0) * k + j0..(i - i0) * k + j1];
+                for (hv, &tv) in hrow.iter_mut().zip(&tile[(i - i0) * TILE..(i - i0) * TILE + w]) {
+                    *hv += tv as f64;
+                }
+            }
+        }
     }
 }
 
@@ -354,4 +370,33 @@ pub fn lm_feeds(g: &Graph, seqs: &[Vec<u32>]) -> Result<Vec<(String, Tensor)>> {
         return Err(Error::invalid("calibration needs a causal LM with an `input_ids` input"));
     }
     Ok(feeds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threaded_gram_equals_the_plain_sum() {
+        let (k, rows) = (200, 70);
+        let x: Vec<f32> = (0..k * rows).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 25.0).collect();
+        let mut h = Gram::new(k);
+        h.add_rows(&x[..k * 33]);
+        h.add_rows(&x[k * 33..]);
+        assert_eq!(h.rows, rows);
+        for i in 0..k {
+            for j in 0..k {
+                let want: f64 = (0..rows).map(|r| x[r * k + i] as f64 * x[r * k + j] as f64).sum();
+                assert!((h.get(i, j) - want).abs() <= 1e-5 * (1.0 + want.abs()), "H[{i},{j}]");
+            }
+        }
+    }
+
+    #[test]
+    fn percentile_is_the_nearest_rank_of_abs() {
+        let mut t = TopAbs::new(1, 3);
+        t.add_rows(&(1..=100).map(|v| -(v as f32)).collect::<Vec<_>>());
+        let s = t.finish(98.0);
+        assert_eq!((s.min[0], s.max[0], s.abs_percentile[0]), (-100.0, -1.0, 98.0));
+    }
 }

@@ -307,33 +307,37 @@ fn magnitude_mask(w: &[f64], k: usize, n: usize, kind: &PruneKind) -> Vec<bool> 
     }
 }
 
-/// `tr(Dᵀ H D)` for `D` `[K, N]`.
-fn quad_form(h: &Gram, d: &[f64], n: usize) -> f64 {
+/// Output columns the error estimate looks at (evenly strided when a layer has more): the exact
+/// `tr(Dᵀ H D)` over every column costs as much as the pruning itself.
+const ERROR_COLUMNS: usize = 128;
+
+/// `Σ_c d_cᵀ H d_c` over columns `cols` of `D` `[K, N]`.
+fn quad_form(h: &Gram, d: &[f64], n: usize, cols: &[usize]) -> f64 {
     let k = h.k;
-    // Column-wise: dᵀ H d, with H·D computed row by row (rows of D are contiguous).
     let mut total = 0.0;
-    let mut hd = vec![0f64; n];
-    for i in 0..k {
-        hd.iter_mut().for_each(|x| *x = 0.0);
-        for j in 0..k {
-            let c = h.h[i * k + j];
-            if c != 0.0 {
-                for (x, &y) in hd.iter_mut().zip(&d[j * n..j * n + n]) {
-                    *x += c * y;
-                }
+    let mut dc = vec![0f64; k];
+    for &c in cols {
+        for (r, x) in dc.iter_mut().enumerate() {
+            *x = d[r * n + c];
+        }
+        for i in 0..k {
+            if dc[i] != 0.0 {
+                total += dc[i] * linalg::dot(&h.h[i * k..i * k + k], &dc);
             }
         }
-        total += linalg::dot(&hd, &d[i * n..i * n + n]);
     }
     total
 }
 
-/// Relative output error of replacing `w` by `w2` on the rows behind `h`.
+/// Relative output error `‖X(W'−W)‖² / ‖XW‖²` of replacing `w` by `w2` on the rows behind `h`
+/// (exact up to `ERROR_COLUMNS` output columns, estimated on that many strided columns beyond).
 pub fn rel_error(h: &Gram, w: &[f64], w2: &[f64], n: usize) -> f64 {
     let d: Vec<f64> = w.iter().zip(w2).map(|(a, b)| b - a).collect();
-    let base = quad_form(h, w, n);
+    let cols: Vec<usize> =
+        if n <= ERROR_COLUMNS { (0..n).collect() } else { (0..ERROR_COLUMNS).map(|i| i * n / ERROR_COLUMNS).collect() };
+    let base = quad_form(h, w, n, &cols);
     if base > 0.0 {
-        quad_form(h, &d, n) / base
+        quad_form(h, &d, n, &cols) / base
     } else {
         0.0
     }
@@ -342,6 +346,45 @@ pub fn rel_error(h: &Gram, w: &[f64], w2: &[f64], n: usize) -> f64 {
 /// Masked least-squares recovery in one OBS sweep: zeroes the weights `mask` drops and compensates
 /// each through the upper factor `u` of `(H + λI)⁻¹` (`linalg::inverse_upper_factor`).
 pub fn obs_sweep(w: &mut [f64], k: usize, n: usize, mask: &[bool], u: &[f64]) {
+    // Columns are independent: split them over the CPUs in contiguous blocks.
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n / 32).max(1);
+    if threads > 1 {
+        let bounds: Vec<usize> = (0..=threads).map(|t| t * n / threads).collect();
+        let parts: Vec<(Vec<f64>, Vec<bool>)> = bounds
+            .windows(2)
+            .map(|b| {
+                let (c0, c1) = (b[0], b[1]);
+                let w: Vec<f64> = (0..k).flat_map(|r| w[r * n + c0..r * n + c1].iter().copied()).collect();
+                let m: Vec<bool> = (0..k).flat_map(|r| mask[r * n + c0..r * n + c1].iter().copied()).collect();
+                (w, m)
+            })
+            .collect();
+        let done: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .zip(bounds.windows(2))
+                .map(|((mut pw, pm), b)| {
+                    let cols = b[1] - b[0];
+                    s.spawn(move || {
+                        obs_sweep_serial(&mut pw, k, cols, &pm, u);
+                        pw
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("no panics in the sweep")).collect()
+        });
+        for (pw, b) in done.iter().zip(bounds.windows(2)) {
+            let cols = b[1] - b[0];
+            for r in 0..k {
+                w[r * n + b[0]..r * n + b[1]].copy_from_slice(&pw[r * cols..(r + 1) * cols]);
+            }
+        }
+        return;
+    }
+    obs_sweep_serial(w, k, n, mask, u);
+}
+
+fn obs_sweep_serial(w: &mut [f64], k: usize, n: usize, mask: &[bool], u: &[f64]) {
     let mut err = vec![0f64; n];
     for i in 0..k {
         let d = u[i * k + i];
@@ -371,18 +414,18 @@ pub fn obs_sweep(w: &mut [f64], k: usize, n: usize, mask: &[bool], u: &[f64]) {
     // visited); kept entries carry the compensation.
 }
 
-/// Prunes one matrix (`[K, N]`) with an N:M / unstructured mask; with `h`, recovers it.
-fn prune_sparse(w: &[f64], l: &Linear, kind: &PruneKind, h: Option<(&Gram, f64)>) -> Result<(Vec<f64>, Option<f64>)> {
+/// Prunes one matrix (`[K, N]`) with an N:M / unstructured mask; with the input's Gram matrix and
+/// the inverse factor of its damped form, recovers it.
+fn prune_sparse(w: &[f64], l: &Linear, kind: &PruneKind, h: Option<(&Gram, &[f64])>) -> (Vec<f64>, Option<f64>) {
     let mask = magnitude_mask(w, l.k, l.n, kind);
-    let Some((h, damp)) = h else {
+    let Some((h, u)) = h else {
         let out = w.iter().zip(&mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect();
-        return Ok((out, None));
+        return (out, None);
     };
-    let u = linalg::inverse_upper_factor(&linalg::damped(&h.h, h.k, damp), h.k).map_err(Error::invalid)?;
     let mut out = w.to_vec();
-    obs_sweep(&mut out, l.k, l.n, &mask, &u);
+    obs_sweep(&mut out, l.k, l.n, &mask, u);
     let e = rel_error(h, w, &out, l.n);
-    Ok((out, Some(e)))
+    (out, Some(e))
 }
 
 fn check_layer(l: &Linear, kind: &PruneKind) -> Result<()> {
@@ -428,7 +471,7 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
             match (spec.recover, calib) {
                 (Recover::None, _) | (_, None) => {
                     for l in &layers {
-                        results.insert(l.node, prune_sparse(&weight_kn(g, l), l, kind, None)?);
+                        results.insert(l.node, prune_sparse(&weight_kn(g, l), l, kind, None));
                     }
                 }
                 (recover, Some(seqs)) => {
@@ -438,9 +481,9 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
                     let mut grams = GramCache::new(&layers);
                     run_layers(gref, seqs, &mut |n, x| {
                         let Some(l) = by_node.get(&n) else { return Ok(None) };
-                        let h = grams.get(l, x);
+                        let (h, u) = grams.get_with_factor(l, x, spec.damp)?;
                         let w = weight_kn(gref, l);
-                        let (w2, e) = prune_sparse(&w, l, kind, Some((&h, spec.damp))).map_err(|e| e.to_string())?;
+                        let (w2, e) = prune_sparse(&w, l, kind, Some((&h, &u)));
                         grams.done(l);
                         let t = weight_tensor(l, &w2);
                         results.insert(n, (w2, e));
@@ -480,7 +523,7 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
 /// Gram matrices of layer inputs during one hooked run, each computed once and dropped when the
 /// last layer reading it is done (a 30-block model's Grams would otherwise take ~1 GB).
 pub struct GramCache {
-    grams: HashMap<ValueRef, Gram>,
+    grams: HashMap<ValueRef, (std::rc::Rc<Gram>, Option<std::rc::Rc<Vec<f64>>>)>,
     pending: HashMap<ValueRef, usize>,
 }
 
@@ -493,15 +536,32 @@ impl GramCache {
         GramCache { grams: HashMap::new(), pending }
     }
 
-    pub fn get(&mut self, l: &Linear, x: &[f32]) -> Gram {
+    pub fn get(&mut self, l: &Linear, x: &[f32]) -> std::rc::Rc<Gram> {
         self.grams
             .entry(l.input)
             .or_insert_with(|| {
                 let mut h = Gram::new(l.k);
                 h.add_rows(x);
-                h
+                (std::rc::Rc::new(h), None)
             })
+            .0
             .clone()
+    }
+
+    /// The Gram matrix and the upper factor of `(H + λI)⁻¹` (shared by layers reading one input).
+    pub fn get_with_factor(
+        &mut self,
+        l: &Linear,
+        x: &[f32],
+        damp: f64,
+    ) -> std::result::Result<(std::rc::Rc<Gram>, std::rc::Rc<Vec<f64>>), String> {
+        let h = self.get(l, x);
+        let entry = self.grams.get_mut(&l.input).expect("inserted by get");
+        if entry.1.is_none() {
+            let u = linalg::inverse_upper_factor(&linalg::damped(&h.h, h.k, damp), h.k)?;
+            entry.1 = Some(std::rc::Rc::new(u));
+        }
+        Ok((h, entry.1.clone().expect("set above")))
     }
 
     pub fn done(&mut self, l: &Linear) {
@@ -521,7 +581,18 @@ pub type LayerHook<'a> = dyn FnMut(NodeIndex, &[f32]) -> std::result::Result<Opt
 /// (when it is f32) and may return a replacement for input 1 (a weight).
 pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], f: &mut LayerHook) -> Result<()> {
     let feeds = calib::lm_feeds(g, seqs)?;
-    let interp = Interpreter::new(g)?;
+    // The output projection is never pruned: stop the run at its input (lm_head is ~20 % of the
+    // FLOPs of a small LM). Node indices are stable, so the hook's keys still hold.
+    let mut trimmed = g.clone();
+    for l in calib::linear_layers(g).iter().filter(|l| is_output_projection(g, l)) {
+        for o in trimmed.outputs.iter_mut() {
+            if o.value == (ValueRef { node: l.node, slot: 0 }) {
+                o.value = l.input;
+            }
+        }
+    }
+    super::Pass::run(&super::dce::Dce, &mut trimmed)?;
+    let interp = Interpreter::new(&trimmed)?;
     interp.run_hooked(&feeds, &mut |n, args| {
         let Some(x) = args.first().copied().flatten() else { return Ok(None) };
         if x.dtype() != DType::F32 || !matches!(g.g[n].op, Op::MatMul | Op::Gemm { .. }) {
@@ -530,4 +601,44 @@ pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], f: &mut LayerHook) -> Result<()>
         Ok(f(n, x.as_slice::<f32>()?)?.map(|t| (1, t)))
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn threaded_obs_sweep_matches_the_serial_one() {
+        let (k, n) = (24, 100);
+        let xs: Vec<f32> = lcg(64 * k, 1).iter().map(|&v| v as f32).collect();
+        let mut h = Gram::new(k);
+        h.add_rows(&xs);
+        let u = linalg::inverse_upper_factor(&linalg::damped(&h.h, k, 0.01), k).unwrap();
+        let w = lcg(k * n, 2);
+        let mask = magnitude_mask(&w, k, n, &PruneKind::NofM { n: 2, m: 4 });
+        let (mut a, mut b) = (w.clone(), w.clone());
+        obs_sweep(&mut a, k, n, &mask, &u);
+        obs_sweep_serial(&mut b, k, n, &mask, &u);
+        assert_eq!(a, b);
+        assert!(a.iter().zip(&mask).all(|(&x, &m)| m || x == 0.0));
+        assert!(
+            rel_error(&h, &w, &a, n)
+                < rel_error(
+                    &h,
+                    &w,
+                    &w.iter().zip(&mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect::<Vec<_>>(),
+                    n
+                )
+        );
+    }
 }
