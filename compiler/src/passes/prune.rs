@@ -36,6 +36,7 @@ use petgraph::stable_graph::NodeIndex;
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -523,7 +524,7 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
 /// Gram matrices of layer inputs during one hooked run, each computed once and dropped when the
 /// last layer reading it is done (a 30-block model's Grams would otherwise take ~1 GB).
 pub struct GramCache {
-    grams: HashMap<ValueRef, (std::rc::Rc<Gram>, Option<std::rc::Rc<Vec<f64>>>)>,
+    grams: HashMap<ValueRef, (Rc<Gram>, Option<Rc<Vec<f64>>>)>,
     pending: HashMap<ValueRef, usize>,
 }
 
@@ -536,13 +537,13 @@ impl GramCache {
         GramCache { grams: HashMap::new(), pending }
     }
 
-    pub fn get(&mut self, l: &Linear, x: &[f32]) -> std::rc::Rc<Gram> {
+    pub fn get(&mut self, l: &Linear, x: &[f32]) -> Rc<Gram> {
         self.grams
             .entry(l.input)
             .or_insert_with(|| {
                 let mut h = Gram::new(l.k);
                 h.add_rows(x);
-                (std::rc::Rc::new(h), None)
+                (Rc::new(h), None)
             })
             .0
             .clone()
@@ -554,12 +555,12 @@ impl GramCache {
         l: &Linear,
         x: &[f32],
         damp: f64,
-    ) -> std::result::Result<(std::rc::Rc<Gram>, std::rc::Rc<Vec<f64>>), String> {
+    ) -> std::result::Result<(Rc<Gram>, Rc<Vec<f64>>), String> {
         let h = self.get(l, x);
         let entry = self.grams.get_mut(&l.input).expect("inserted by get");
         if entry.1.is_none() {
             let u = linalg::inverse_upper_factor(&linalg::damped(&h.h, h.k, damp), h.k)?;
-            entry.1 = Some(std::rc::Rc::new(u));
+            entry.1 = Some(Rc::new(u));
         }
         Ok((h, entry.1.clone().expect("set above")))
     }
