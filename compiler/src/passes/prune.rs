@@ -521,10 +521,13 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
     Ok(report)
 }
 
+/// The upper factor `U` of `(H + λI)⁻¹` (`linalg::inverse_upper_factor`), row-major K×K.
+pub type InverseFactor = Vec<f64>;
+
 /// Gram matrices of layer inputs during one hooked run, each computed once and dropped when the
 /// last layer reading it is done (a 30-block model's Grams would otherwise take ~1 GB).
 pub struct GramCache {
-    grams: HashMap<ValueRef, (Rc<Gram>, Option<Rc<Vec<f64>>>)>,
+    grams: HashMap<ValueRef, (Rc<Gram>, Option<Rc<InverseFactor>>)>,
     pending: HashMap<ValueRef, usize>,
 }
 
