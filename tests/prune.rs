@@ -284,3 +284,38 @@ fn bad_specs_and_missing_calibration_are_clear_errors() {
     let r = prune::prune(&mut g, &s, "2:4:recover", Some(&[vec![5000, 1, 2]]));
     assert!(r.is_err());
 }
+
+/// `edgec compile --prune` as a user runs it: the report is printed, bad specs and missing
+/// calibration are one-line errors.
+#[test]
+fn cli_prune_flags() {
+    let dir = std::env::temp_dir().join(format!("edgec-prune-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("m.edgec");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_edgec"))
+            .args(args)
+            .current_dir(common::repo_root())
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let model = "models/tiny-lm/model.onnx";
+    let (ok, stdout, stderr) = run(&["compile", model, "--prune", "2:4", "-o", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("prune       2:4: parameters"), "{stdout}");
+    assert!(stdout.contains("sparsity 0.500"), "{stdout}");
+    for (args, want) in [
+        (vec!["--prune", "2:5:x"], "unknown option"),
+        (vec!["--prune", "structured:0.3"], "--calibrate"),
+        (vec!["--recover"], "--recover needs --prune"),
+        (vec!["--prune", "2:4", "--calibrate", "missing.txt"], "missing.txt"),
+    ] {
+        let mut a = vec!["compile", model, "-o", out.to_str().unwrap()];
+        a.extend(args.iter().copied());
+        let (ok, _, stderr) = run(&a);
+        assert!(!ok && stderr.starts_with("error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
