@@ -4,6 +4,7 @@
 
 pub mod emit;
 pub mod gather;
+pub mod layout;
 pub mod link;
 pub mod lower;
 pub mod map;
@@ -11,6 +12,7 @@ pub mod math;
 pub mod matmul;
 pub mod object;
 pub mod plan;
+pub mod qmatmul;
 pub mod reduce;
 pub mod target;
 
@@ -212,6 +214,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                 locs: &plan.locs,
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
+                nbits: &plan.nbits,
             };
             let ks = lower::lower_node(&cx, n)?;
             // An alias of its input copies nothing (a Dropout mask would still need writing).

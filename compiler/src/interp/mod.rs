@@ -109,6 +109,10 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
             one(quant::dequantize_linear(arg(0)?, arg(1)?, opt(2), *axis, *block_size)?)
         }
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
+        Op::MatMulNBits { k, n, bits, block_size } => {
+            let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
+            one(linalg::matmul(arg(0)?, &Tensor::from_vec(vec![*k, *n], w))?)
+        }
     }
 }
 

@@ -123,6 +123,17 @@ pub enum Op {
         block_size: i64,
     },
     DynamicQuantizeLinear,
+    /// onnxruntime's MatMulNBits (domain com.microsoft): A [..., K] times a K x N weight stored
+    /// quantized in blocks of `block_size` along K. Inputs: A (f32), B (u8 [N, blocks,
+    /// block_size * bits / 8], low nibble first), scales (f32, N * blocks), zero points
+    /// (optional, u8 packed like B; default 2^(bits - 1)). `--quantize` writes this op; edgec
+    /// also accepts `block_size = K` (one block per column: per-channel) for any K.
+    MatMulNBits {
+        k: usize,
+        n: usize,
+        bits: usize,
+        block_size: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -309,6 +320,7 @@ impl Op {
             QuantizeLinear { .. } => "QuantizeLinear",
             DequantizeLinear { .. } => "DequantizeLinear",
             DynamicQuantizeLinear => "DynamicQuantizeLinear",
+            MatMulNBits { .. } => "MatMulNBits",
         }
     }
 
@@ -418,6 +430,9 @@ impl Op {
                 }
                 a
             }
+            MatMulNBits { k, n, bits, block_size } => {
+                vec![format!("K={k}"), format!("N={n}"), format!("bits={bits}"), format!("block_size={block_size}")]
+            }
             _ => vec![],
         }
     }
@@ -462,6 +477,7 @@ impl Op {
             Slice => (3, 5),
             CumSum { .. } => (2, 2),
             QuantizeLinear { .. } | DequantizeLinear { .. } => (2, 3),
+            MatMulNBits { .. } => (3, 4),
         }
     }
 }
