@@ -422,6 +422,7 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::ArgReduce { rows, max, last } => reduce::emit_arg_reduce(kb, rows, *max, *last),
         Kernel::CumSum { rows, exclusive, reverse } => reduce::emit_cumsum(kb, rows, *exclusive, *reverse),
         Kernel::MatMul(m) => matmul::emit_matmul(kb, m, None),
+        Kernel::QuantizeRows { a, rows, scratch, pk } => qmatmul::emit_quantize_rows(kb, *a, rows, *scratch, pk),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
         Kernel::Values { loc, dtype, values } => {
             let base = kb.base(*loc);

@@ -18,21 +18,32 @@ pub struct Scheme {
     /// Values per block along K; `None` is one block per output channel (the whole column).
     pub group: Option<usize>,
     pub asym: bool,
+    /// Activations rounded to int8 per row and block at run time (integer dot products).
+    pub a8: bool,
 }
 
 impl std::str::FromStr for Scheme {
     type Err = String;
-    /// `int8` (per channel), `int4` (group 32), `int4:g128`, `int4:g32:asym`, `int8:g64`, ...
+    /// `int8` (per channel), `int4` (group 32), `int4:g128`, `int4:g32:asym`, `int8:g64`, ...;
+    /// `:a8` (or `w8a8`, `w4a8`) adds int8 activations.
     fn from_str(s: &str) -> std::result::Result<Scheme, String> {
         let mut parts = s.split(':');
-        let (bits, default_group) = match parts.next() {
-            Some("int8") => (8, None),
-            Some("int4") => (4, Some(32)),
-            _ => return Err(format!("unknown quantization scheme '{s}' (int8, int4, int4:g128, int4:g32:asym)")),
+        let (bits, default_group, a8) = match parts.next() {
+            Some("int8") => (8, None, false),
+            Some("int4") => (4, Some(32), false),
+            Some("w8a8") => (8, None, true),
+            Some("w4a8") => (4, Some(32), true),
+            _ => {
+                return Err(format!(
+                    "unknown quantization scheme '{s}' (int8, int4, int4:g128, int4:g32:asym, w8a8, w4a8)"
+                ))
+            }
         };
-        let mut scheme = Scheme { bits, group: default_group, asym: false };
+        let mut scheme = Scheme { bits, group: default_group, asym: false, a8 };
         for p in parts {
-            if p == "asym" {
+            if p == "a8" {
+                scheme.a8 = true;
+            } else if p == "asym" {
                 scheme.asym = true;
             } else if p == "sym" {
                 scheme.asym = false;
@@ -60,6 +71,9 @@ impl std::fmt::Display for Scheme {
         }
         if self.asym {
             write!(f, ":asym")?;
+        }
+        if self.a8 {
+            write!(f, ":a8")?;
         }
         Ok(())
     }
@@ -244,7 +258,8 @@ impl Pass for Quantize {
                     let zp = q.zero_points.map(|z| {
                         g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
                     });
-                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size };
+                    let accuracy_level = if self.scheme.a8 { 4 } else { 0 };
+                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level };
                     let out = node.outputs[0].clone();
                     let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
                     g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: m, slot: 0 });
@@ -334,9 +349,13 @@ mod tests {
 
     #[test]
     fn schemes_parse() {
-        assert_eq!("int8".parse::<Scheme>().unwrap(), Scheme { bits: 8, group: None, asym: false });
-        assert_eq!("int4".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false });
-        assert_eq!("int4:g128:asym".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(128), asym: true });
+        assert_eq!("int8".parse::<Scheme>().unwrap(), Scheme { bits: 8, group: None, asym: false, a8: false });
+        assert_eq!("int4".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false, a8: false });
+        assert_eq!(
+            "int4:g128:asym".parse::<Scheme>().unwrap(),
+            Scheme { bits: 4, group: Some(128), asym: true, a8: false }
+        );
+        assert_eq!("w4a8".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false, a8: true });
         assert!("int3".parse::<Scheme>().is_err());
         assert!("int4:g7".parse::<Scheme>().is_err());
     }
