@@ -298,7 +298,11 @@ fn cli_prune_flags() {
             .current_dir(common::repo_root())
             .output()
             .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
     };
     let model = "models/tiny-lm/model.onnx";
     let (ok, stdout, stderr) = run(&["compile", model, "--prune", "2:4", "-o", out.to_str().unwrap()]);

@@ -77,6 +77,8 @@ enum Command {
         #[arg(long)]
         symbols: bool,
         #[command(flatten)]
+        optimize: OptimizeArgs,
+        #[command(flatten)]
         prune: PruneArgs,
     },
     /// Run a model (.onnx with the reference interpreter, .edgec natively); writes NAME.npy per output.
@@ -140,6 +142,10 @@ enum Command {
         max_windows: usize,
         #[arg(long)]
         threads: Option<usize>,
+        /// Also report mean KL divergence (reference || model) and top-1 agreement against this
+        /// artifact (e.g. the fp32 build), on the same windows.
+        #[arg(long, value_name = "OTHER.edgec")]
+        reference: Option<PathBuf>,
     },
     /// Time a compiled .edgec artifact: median latency over N runs.
     Bench {
@@ -179,7 +185,11 @@ struct PruneArgs {
 }
 
 /// Calibration and pruning between the pass pipeline and code generation.
-fn prune_step(g: &mut edgec::ir::Graph, args: &PruneArgs, tokenizer: Option<&[u8]>) -> Result<(), String> {
+fn prune_step(
+    g: &mut edgec::ir::Graph,
+    args: &PruneArgs,
+    tokenizer: Option<&[u8]>,
+) -> Result<Option<edgec::passes::prune::PruneReport>, String> {
     let seqs = match &args.calibrate {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("--calibrate {}: {e}", path.display()))?;
@@ -200,7 +210,7 @@ fn prune_step(g: &mut edgec::ir::Graph, args: &PruneArgs, tokenizer: Option<&[u8
             let cal = edgec::calib::Calibration::collect(g, seqs, &Default::default()).map_err(|e| e.to_string())?;
             println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
         }
-        return Ok(());
+        return Ok(None);
     };
     let mut spec = edgec::passes::prune::PruneSpec::parse(text).map_err(|e| e.to_string())?;
     if args.recover && spec.recover == edgec::passes::prune::Recover::None {
@@ -208,7 +218,53 @@ fn prune_step(g: &mut edgec::ir::Graph, args: &PruneArgs, tokenizer: Option<&[u8
     }
     let report = edgec::passes::prune::prune(g, &spec, text, seqs.as_deref()).map_err(|e| e.to_string())?;
     print!("{}", report.summary());
-    edgec::ir::verify::verify(g).map_err(|e| format!("the graph is invalid after pruning: {e}"))
+    edgec::ir::verify::verify(g).map_err(|e| format!("the graph is invalid after pruning: {e}"))?;
+    Ok(Some(report))
+}
+
+/// The optimisation flags of `edgec compile`.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct OptimizeArgs {
+    /// Weight quantization: `int8` (per channel), `int4` (group 32, symmetric), `int4:g128`,
+    /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
+    #[arg(long, value_name = "SCHEME")]
+    quantize: Option<String>,
+    /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
+    /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.
+    #[arg(long = "keep-fp32", value_name = "PATTERN")]
+    keep_fp32: Vec<String>,
+    /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+}
+
+impl OptimizeArgs {
+    /// The passes the flags add after the base pipeline.
+    fn passes(&self) -> Result<Vec<Box<dyn edgec::passes::Pass>>, String> {
+        let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
+        if let Some(q) = &self.quantize {
+            let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
+            passes.push(Box::new(edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone())));
+        }
+        if !passes.is_empty() {
+            passes.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
+        }
+        Ok(passes)
+    }
+}
+
+/// Bytes of the constants that something still reads.
+fn live_weight_bytes(g: &edgec::ir::Graph) -> usize {
+    g.g.node_indices()
+        .filter_map(|n| match g.node(n).op {
+            edgec::ir::Op::Const { id } => {
+                let read = g.g.edges_directed(n, petgraph::Direction::Outgoing).next().is_some()
+                    || g.outputs.iter().any(|o| o.value.node == n);
+                read.then(|| g.consts.get(id).map_or(0, |c| c.bytes.len()))
+            }
+            _ => None,
+        })
+        .sum()
 }
 
 fn pipeline(list: &str) -> edgec::Result<PassManager> {
@@ -287,6 +343,7 @@ fn compile(
     prefix: &str,
     symbols: bool,
     tokenizer: Option<String>,
+    optimize: &OptimizeArgs,
     prune: &PruneArgs,
 ) -> Result<(), String> {
     let tokenizer_path = match tokenizer.as_deref() {
@@ -300,10 +357,56 @@ fn compile(
     };
     let t0 = Instant::now();
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
-    pipeline(passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
-    prune_step(&mut g, prune, tokenizer_bytes.as_deref())?;
+    // Base pipeline, then pruning (it needs plain MatMuls), then the optimisation passes.
+    let pm = pipeline(passes).map_err(|e| e.to_string())?;
+    let mut opt_pm = pipeline("").map_err(|e| e.to_string())?;
+    for p in optimize.passes()? {
+        opt_pm.push(p);
+    }
+    let mut rows = vec![format!(
+        r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
+        g.op_count(),
+        live_weight_bytes(&g),
+        t0.elapsed().as_secs_f64() * 1e3
+    )];
+    let mut t_pass = Instant::now();
+    let mut observe = |name: &str, stats: &edgec::passes::PassStats, g: &edgec::ir::Graph| {
+        let (ops, bytes) = (g.op_count(), live_weight_bytes(g));
+        if stats.changed > 0 || name == "quantize" {
+            println!("pass        {name}: {} nodes changed, {ops} ops, {bytes} weight bytes", stats.changed);
+        }
+        rows.push(format!(
+            r#"{{"pass":"{name}","changed":{},"ops":{ops},"weight_bytes":{bytes},"ms":{:.1}}}"#,
+            stats.changed,
+            t_pass.elapsed().as_secs_f64() * 1e3
+        ));
+        t_pass = Instant::now();
+    };
+    pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
+    let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref())?;
+    opt_pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
+    if let Some(r) = prune_report {
+        rows.insert(rows.len() - opt_pm.names().len(), r.to_json());
+    }
     let t_import = t0.elapsed();
     let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
+    if let Some(path) = &optimize.report {
+        let s = &c.stats;
+        let json = format!(
+            "{{\n\"model\":{:?},\n\"options\":{:?},\n\"passes\":[\n{}\n],\n\"codegen\":{{\"target\":{:?},\"nodes\":{},\"kernels\":{},\"code_bytes\":{},\"weight_bytes\":{},\"arena_bytes\":{},\"ms\":{:.1}}}\n}}\n",
+            model.display().to_string(),
+            format!("{optimize:?}"),
+            rows.join(",\n"),
+            c.target.triple.to_string(),
+            s.nodes,
+            s.kernels,
+            s.code_bytes,
+            s.weight_bytes,
+            s.arena_bytes,
+            s.compile_ms
+        );
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     let default_ext = if emit == "obj" { "o" } else { "edgec" };
     let out = output.unwrap_or_else(|| model.with_extension(default_ext));
     let mut written = match emit {
@@ -419,23 +522,65 @@ fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize, threads: 
     Ok(())
 }
 
-fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Option<usize>) -> Result<(), String> {
+/// log-softmax of one row of logits, in f64.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
+}
+
+fn eval(
+    path: &Path,
+    text: &Path,
+    ctx: usize,
+    max_windows: usize,
+    threads: Option<usize>,
+    reference: Option<&Path>,
+) -> Result<(), String> {
     if ctx < 2 {
         return Err("--ctx must be at least 2".into());
     }
     let model = load_artifact(path, threads)?;
+    let other = reference.map(|p| load_artifact(p, threads)).transpose()?;
     let tok = model.tokenizer()?;
     let body = std::fs::read_to_string(text).map_err(|e| format!("{}: {e}", text.display()))?;
     let ids = tok.encode(body.as_str(), false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec();
     let mut session = edgec_runtime::lm::Session::new(&model)?;
+    let mut ref_session = other.as_ref().map(edgec_runtime::lm::Session::new).transpose()?;
     let (mut nll, mut count) = (0.0, 0usize);
+    let (mut kl, mut agree) = (0.0, 0usize);
     let t0 = Instant::now();
     let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
     let n = if max_windows > 0 { windows.len().min(max_windows) } else { windows.len() };
     for (i, w) in windows.iter().take(n).enumerate() {
-        let (s, c) = session.nll(w).map_err(|e| e.to_string())?;
-        nll += s;
-        count += c;
+        session.reset()?;
+        let (all, vocab) = session.feed_all(w).map_err(|e| e.to_string())?;
+        let reference_logits = match &mut ref_session {
+            Some(r) => {
+                r.reset()?;
+                let (all, v) = r.feed_all(w).map_err(|e| e.to_string())?;
+                if v != vocab {
+                    return Err(format!("--reference has a vocabulary of {v}, the model {vocab}"));
+                }
+                Some(all)
+            }
+            None => None,
+        };
+        for pos in 0..w.len() - 1 {
+            let row = &all[pos * vocab..(pos + 1) * vocab];
+            nll -= edgec_runtime::lm::log_softmax_at(row, w[pos + 1] as usize);
+            if let Some(r) = &reference_logits {
+                let rrow = &r[pos * vocab..(pos + 1) * vocab];
+                let (lp, lq) = (log_probs(rrow), log_probs(row));
+                kl += lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+                agree += (argmax(rrow) == argmax(row)) as usize;
+            }
+        }
+        count += w.len() - 1;
         eprint!("\rwindow {}/{n}: perplexity so far {:.4}", i + 1, (nll / count as f64).exp());
     }
     eprintln!();
@@ -446,6 +591,11 @@ fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Optio
         t0.elapsed().as_secs_f64()
     );
     println!("perplexity: {:.4}", (nll / count as f64).exp());
+    if let Some(r) = reference {
+        println!("reference: {}", r.display());
+        println!("mean KL divergence: {:.6} nats", kl / count as f64);
+        println!("top-1 agreement: {:.2} % ({agree}/{count})", 100.0 * agree as f64 / count as f64);
+    }
     Ok(())
 }
 
@@ -551,6 +701,7 @@ fn main() -> ExitCode {
             prefix,
             symbols,
             tokenizer,
+            optimize,
             prune,
         } => parse_bounds(&bounds).and_then(|bounds| {
             let opts = edgec::codegen::Options {
@@ -561,10 +712,12 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &prune)
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &optimize, &prune)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
-        Command::Eval { model, text, ctx, max_windows, threads } => eval(&model, &text, ctx, max_windows, threads),
+        Command::Eval { model, text, ctx, max_windows, threads, reference } => {
+            eval(&model, &text, ctx, max_windows, threads, reference.as_deref())
+        }
         Command::Generate {
             model,
             prompt,

@@ -4,6 +4,7 @@
 
 pub mod emit;
 pub mod gather;
+pub mod layout;
 pub mod link;
 pub mod lower;
 pub mod map;
@@ -11,6 +12,7 @@ pub mod math;
 pub mod matmul;
 pub mod object;
 pub mod plan;
+pub mod qmatmul;
 pub mod reduce;
 pub mod target;
 
@@ -212,6 +214,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                 locs: &plan.locs,
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
+                nbits: &plan.nbits,
             };
             let ks = lower::lower_node(&cx, n)?;
             // An alias of its input copies nothing (a Dropout mask would still need writing).
@@ -419,6 +422,7 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::ArgReduce { rows, max, last } => reduce::emit_arg_reduce(kb, rows, *max, *last),
         Kernel::CumSum { rows, exclusive, reverse } => reduce::emit_cumsum(kb, rows, *exclusive, *reverse),
         Kernel::MatMul(m) => matmul::emit_matmul(kb, m, None),
+        Kernel::QuantizeRows { a, rows, scratch, pk } => qmatmul::emit_quantize_rows(kb, *a, rows, *scratch, pk),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
         Kernel::Values { loc, dtype, values } => {
             let base = kb.base(*loc);

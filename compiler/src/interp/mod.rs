@@ -109,6 +109,12 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
             one(quant::dequantize_linear(arg(0)?, arg(1)?, opt(2), *axis, *block_size)?)
         }
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
+        Op::MatMulNBits { k, n, bits, block_size, accuracy_level } => {
+            let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
+            let a =
+                if *accuracy_level == 4 { quant::round_rows_to_int8(arg(0)?, *block_size)? } else { arg(0)?.clone() };
+            one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
+        }
     }
 }
 

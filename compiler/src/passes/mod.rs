@@ -9,6 +9,7 @@ pub mod cse;
 pub mod dce;
 pub mod prune;
 pub mod prune_structured;
+pub mod quantize;
 pub mod shape_infer;
 
 use crate::error::{Error, Result};
@@ -78,6 +79,11 @@ impl PassManager {
 
     pub fn default_pipeline() -> PassManager {
         PassManager::parse("default").expect("the default pipeline parses")
+    }
+
+    /// Appends a configured pass (one that `pass_by_name` cannot build, e.g. `quantize`).
+    pub fn push(&mut self, p: Box<dyn Pass>) {
+        self.passes.push(p);
     }
 
     pub fn names(&self) -> Vec<&'static str> {

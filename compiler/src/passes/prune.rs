@@ -189,6 +189,42 @@ impl PruneReport {
     }
 }
 
+impl PruneReport {
+    /// One JSON object (a row of `edgec compile --report`).
+    pub fn to_json(&self) -> String {
+        let layers: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| {
+                format!(
+                    r#"{{"name":{:?},"shape_before":{:?},"shape_after":{:?},"nonzeros":{},"sparsity":{:.6},"rel_error":{}}}"#,
+                    l.name,
+                    l.shape_before,
+                    l.shape_after,
+                    l.nonzeros,
+                    l.sparsity,
+                    l.rel_error.map_or("null".to_string(), |e| format!("{e:.6}"))
+                )
+            })
+            .collect();
+        let heads: Vec<String> =
+            self.heads.iter().map(|(b, a)| format!("[[{},{}],[{},{}]]", b.0, b.1, a.0, a.1)).collect();
+        let mlp: Vec<String> = self.mlp_channels.iter().map(|(b, a)| format!("[{b},{a}]")).collect();
+        format!(
+            r#"{{"pass":"prune","spec":{:?},"param_bytes_before":{},"param_bytes_after":{},"nonzero_bytes_after":{},"calib_tokens":{},"ms":{:.1},"heads":[{}],"mlp_channels":[{}],"layers":[{}]}}"#,
+            self.spec,
+            self.param_bytes_before,
+            self.param_bytes_after,
+            self.nonzero_bytes_after,
+            self.calib_tokens,
+            self.seconds * 1e3,
+            heads.join(","),
+            mlp.join(","),
+            layers.join(",")
+        )
+    }
+}
+
 /// Bytes of float constants, dense and nonzero.
 fn param_bytes(g: &Graph) -> (usize, usize) {
     let (mut dense, mut nz) = (0, 0);

@@ -1,0 +1,145 @@
+//! Weight layouts chosen at compile time, so the device does no repacking at load.
+//!
+//! f32 matmul weights: column panels of 16 floats per k step (`pack_panels`).
+//! Quantized weights (`Op::MatMulNBits`): the same 16-column panels, each split into the blocks
+//! along K, every block a record of its 16 scales (and, with zero points, 16 offsets `-zero *
+//! scale`) followed by its rows of 16 quantized values, so a kernel streams one panel front to
+//! back and dequantizes in registers (`NBitsPacking`).
+
+use crate::ir::nbits::NBitsLayout;
+
+/// Columns per packed weight panel: one 64-byte line of f32 per k step.
+pub const PANEL_COLS: usize = 16;
+
+/// Repacks a K x N f32 matrix (element (k, n) at `k*ks + n*ns`) into column panels: panel p holds
+/// columns 16p..16p+16 as K rows of 16 contiguous floats (zero-padded past N), so a matmul reads
+/// B sequentially instead of striding a row of N floats per k step.
+pub fn pack_panels(src: &[u8], k: usize, n: usize, ks: usize, ns: usize) -> Vec<u8> {
+    let panels = n.div_ceil(PANEL_COLS);
+    let mut out = vec![0u8; panels * k * PANEL_COLS * 4];
+    for p in 0..panels {
+        for kk in 0..k {
+            for c in 0..PANEL_COLS.min(n - p * PANEL_COLS) {
+                let s = (kk * ks + (p * PANEL_COLS + c) * ns) * 4;
+                let d = ((p * k + kk) * PANEL_COLS + c) * 4;
+                out[d..d + 4].copy_from_slice(&src[s..s + 4]);
+            }
+        }
+    }
+    out
+}
+
+/// The packed form of a MatMulNBits weight.
+///
+/// Rows: 8-bit without zero points hold `q - 128` as i8; 8-bit with zero points hold q as u8;
+/// 4-bit rows are 8 bytes, byte c holding column c in its low nibble and column c + 8 in its high
+/// nibble (without zero points the kernel subtracts the implied 8).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NBitsPacking {
+    pub layout: NBitsLayout,
+    /// Records carry offsets (the weight had zero points).
+    pub asym: bool,
+    /// Integer-dot form for int8 activations: records carry i32 zero points, and rows come in
+    /// 64-byte chunks of 16 columns x 4 consecutive k (8 for 4 bits: k in the low nibble, k + 4
+    /// in the high one), so one 4-byte group of activations multiplies 4 columns at once.
+    pub int_dot: bool,
+}
+
+/// Whether a MatMulNBits with int8 activations gets integer dot products (else its activations are
+/// rounded to int8 and back in f32 and the float kernel runs).
+pub fn int_dot_ok(bits: usize, block_size: usize, simd: bool) -> bool {
+    simd && block_size.is_multiple_of(if bits == 4 { 8 } else { 4 })
+}
+
+/// Scratch bytes per row of A for a MatMulNBits with int8 activations: the int8 row (padded to
+/// whole blocks) then per block its scale (f32) and sum(q) (i32); or the rounded f32 row.
+pub fn activation_row_bytes(k: usize, block_size: usize, int_dot: bool) -> usize {
+    let blocks = k.div_ceil(block_size);
+    if int_dot {
+        (blocks * block_size + 8 * blocks).next_multiple_of(16)
+    } else {
+        k * 4
+    }
+}
+
+impl NBitsPacking {
+    /// Offset of the per-block scales in a row of the activation scratch.
+    pub fn act_scales_offset(&self) -> usize {
+        self.layout.blocks() * self.layout.block_size
+    }
+    pub fn act_row_bytes(&self) -> usize {
+        activation_row_bytes(self.layout.k, self.layout.block_size, self.int_dot)
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        PANEL_COLS * self.layout.bits / 8
+    }
+    pub fn header_bytes(&self) -> usize {
+        PANEL_COLS * 4 * if self.asym || self.int_dot { 2 } else { 1 }
+    }
+    /// k steps per 64-byte chunk of the integer-dot form.
+    pub fn chunk_k(&self) -> usize {
+        if self.layout.bits == 4 {
+            8
+        } else {
+            4
+        }
+    }
+    pub fn record_bytes(&self) -> usize {
+        self.header_bytes() + self.layout.block_size * self.row_bytes()
+    }
+    pub fn panel_bytes(&self) -> usize {
+        self.layout.blocks() * self.record_bytes()
+    }
+    pub fn panels(&self) -> usize {
+        self.layout.n.div_ceil(PANEL_COLS)
+    }
+
+    /// Repacks B (ONNX MatMulNBits layout), its scales and zero points. Columns past N are zero.
+    pub fn pack(&self, b: &[u8], scales: &[f32], zp: Option<&[u8]>) -> Vec<u8> {
+        let l = self.layout;
+        let mut out = vec![0u8; self.panels() * self.panel_bytes()];
+        for p in 0..self.panels() {
+            for blk in 0..l.blocks() {
+                let rec = p * self.panel_bytes() + blk * self.record_bytes();
+                for c in 0..PANEL_COLS.min(l.n - p * PANEL_COLS) {
+                    let col = p * PANEL_COLS + c;
+                    let s = scales[col * l.blocks() + blk];
+                    out[rec + 4 * c..rec + 4 * c + 4].copy_from_slice(&s.to_le_bytes());
+                    let zero = l.zero(zp, blk, col);
+                    if self.int_dot {
+                        // The zero point of the stored values as i32: int8 rows hold q - 128.
+                        let z = if l.bits == 8 { zero as i32 - 128 } else { zero as i32 };
+                        let o = rec + 64 + 4 * c;
+                        out[o..o + 4].copy_from_slice(&z.to_le_bytes());
+                    } else if self.asym {
+                        let m = -(zero as f32) * s;
+                        let o = rec + 64 + 4 * c;
+                        out[o..o + 4].copy_from_slice(&m.to_le_bytes());
+                    }
+                    let rows = l.block_size.min(l.k - blk * l.block_size);
+                    for j in 0..rows {
+                        let q = l.q(b, blk * l.block_size + j, col);
+                        if self.int_dot {
+                            let (ck, kk) = (j / self.chunk_k(), j % self.chunk_k());
+                            let o = rec + self.header_bytes() + ck * 64 + 4 * c + kk % 4;
+                            if l.bits == 8 {
+                                out[o] = q.wrapping_sub(128);
+                            } else {
+                                out[o] |= q << (4 * (kk / 4));
+                            }
+                            continue;
+                        }
+                        let row = rec + self.header_bytes() + j * self.row_bytes();
+                        match (l.bits, self.asym) {
+                            (8, false) => out[row + c] = q.wrapping_sub(zero),
+                            (8, true) => out[row + c] = q,
+                            _ => out[row + c % 8] |= q << (4 * (c / 8)),
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,503 @@
+//! Matmul with a quantized weight: out[m, n] = sum_k A[m, k] * W[k, n], W read from its packed
+//! 4- or 8-bit form (`layout::NBitsPacking`) and dequantized in registers, never materialised.
+//!
+//! Per 16-column panel and per block of K: the block's scales (and offsets) are loaded once, then
+//! every k step loads one row of 8 or 16 bytes, widens it to f32x4 vectors, scales them and
+//! multiply-adds them into a tile of accumulators (4 rows x 8 columns for prompts, 1 row x 16
+//! columns for decoding). Targets without vectors run a scalar 1 x 16 tile over the same bytes.
+
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+
+use cranelift_codegen::ir::condcodes::IntCC;
+
+use super::emit::{mem, Kb, Loc};
+use super::layout::{NBitsPacking, PANEL_COLS};
+use super::math::Fm;
+use super::matmul::{column_range, MatMulKernel};
+use crate::ir::Dim;
+
+struct Q<'m> {
+    pk: &'m NBitsPacking,
+    a: Value,
+    b: Value,
+    out: Value,
+    /// Columns of the whole matrix (stores past it are skipped).
+    n: Value,
+    k: usize,
+    split_fma: bool,
+}
+
+pub fn emit(kb: &mut Kb, mm: &MatMulKernel, pk: &NBitsPacking, units: Option<(Value, Value)>) {
+    let q = Q {
+        pk,
+        a: kb.base(mm.a.loc),
+        b: kb.base(mm.b.loc),
+        out: kb.base(mm.out.loc),
+        n: kb.iconst(pk.layout.n as i64),
+        k: pk.layout.k,
+        split_fma: kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx"),
+    };
+    let m = kb.dim(&mm.m);
+    let (lo, hi) = column_range(kb, mm, units);
+    let full_end = kb.fb.ins().band_imm_s(hi, !(PANEL_COLS as i64 - 1));
+    let next = kb.for_steps(lo, full_end, PANEL_COLS as i64, |kb, j| panel(kb, &q, j, m, true));
+    // The last panel of a matrix whose N is not a multiple of 16.
+    let partial = kb.fb.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, next, hi);
+    kb.if_then(partial, |kb| panel(kb, &q, next, m, false));
+}
+
+/// Every row of the panel starting at column `j`.
+fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
+    let idx = kb.fb.ins().ushr_imm_s(j, 4);
+    let off = kb.fb.ins().imul_imm_s(idx, q.pk.panel_bytes() as i64);
+    let pp = kb.fb.ins().iadd(q.b, off);
+    let zero = kb.iconst(0);
+    if q.pk.int_dot {
+        kb.for_range(zero, m, 1, |kb, i| int_tile(kb, q, pp, i, j, full));
+        return;
+    }
+    if !kb.target.simd() {
+        kb.for_range(zero, m, 1, |kb, i| scalar_tile(kb, q, pp, i, j, full));
+        return;
+    }
+    let end = kb.for_steps(zero, m, 4, |kb, i| {
+        tile(kb, q, pp, i, j, 4, &[0], full);
+        tile(kb, q, pp, i, j, 4, &[1], full);
+    });
+    kb.for_range(end, m, 1, |kb, i| tile(kb, q, pp, i, j, 1, &[0, 1], full));
+}
+
+/// A tile of `rows` rows and the 8-column `halves` of the panel at `pp` (column `j`).
+#[allow(clippy::too_many_arguments)]
+fn tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, halves: &[usize], full: bool) {
+    let pk = q.pk;
+    let row_bytes = (q.k * 4) as i64;
+    let a_off = kb.fb.ins().imul_imm_s(i, row_bytes);
+    let a_ptr = kb.fb.ins().iadd(q.a, a_off);
+    let zero_v = Fm::new(kb, types::F32X4).c(0.0);
+    let nacc = rows * halves.len() * 2;
+    let mut state = vec![zero_v; nacc];
+    state.extend([a_ptr, pp]);
+    let bs = pk.layout.block_size;
+    let (full_blocks, tail) = (q.k / bs, q.k % bs);
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(full_blocks as i64);
+    let (_, mut st) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
+        let mut out = block(kb, q, st, rows, halves, bs);
+        let rec = out[nacc + 1];
+        out[nacc + 1] = kb.fb.ins().iadd_imm_s(rec, pk.record_bytes() as i64);
+        out
+    });
+    if tail > 0 {
+        st = block(kb, q, &st, rows, halves, tail);
+    }
+    for r in 0..rows {
+        let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
+        for (hi, &h) in halves.iter().enumerate() {
+            for v in 0..2 {
+                store_vec(kb, q, ir, j, h * 8 + v * 4, st[(r * halves.len() + hi) * 2 + v], full);
+            }
+        }
+    }
+}
+
+/// Stores the f32x4 of columns j + col .. j + col + 4 of row `i`, skipping columns past N unless
+/// the panel is `full`.
+fn store_vec(kb: &mut Kb, q: &Q, i: Value, j: Value, col: usize, acc: Value, full: bool) {
+    let off = kb.fb.ins().imul_imm_s(i, (q.pk.layout.n * 4) as i64);
+    let row = kb.fb.ins().iadd(q.out, off);
+    let jo = kb.fb.ins().ishl_imm_s(j, 2);
+    let row = kb.fb.ins().iadd(row, jo);
+    if full {
+        kb.fb.ins().store(mem(), acc, row, (col * 4) as i32);
+        return;
+    }
+    for lane in 0..4 {
+        let c = kb.fb.ins().iadd_imm_s(j, (col + lane) as i64);
+        let inside = kb.fb.ins().icmp(IntCC::SignedLessThan, c, q.n);
+        let x = kb.fb.ins().extractlane(acc, lane as u8);
+        kb.if_then(inside, |kb| {
+            kb.fb.ins().store(mem(), x, row, ((col + lane) * 4) as i32);
+        });
+    }
+}
+
+/// The integer-dot tile: one row of int8 activations (scratch) by the panel's 16 columns. Per block,
+/// four i32x4 accumulators (lanes = columns) collect exact dot products of 4 (int8) or 8 (int4)
+/// k steps per 64-byte chunk; then acc += (dot - zero * sum(q)) * (scale * act_scale).
+fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
+    let pk = q.pk;
+    let bs = pk.layout.block_size;
+    let x_off = kb.fb.ins().imul_imm_s(i, pk.act_row_bytes() as i64);
+    let x_row = kb.fb.ins().iadd(q.a, x_off);
+    let s_ptr = kb.fb.ins().iadd_imm_s(x_row, pk.act_scales_offset() as i64);
+    let zero_f = Fm::new(kb, types::F32X4).c(0.0);
+    let mut state = vec![zero_f; 4];
+    state.extend([pp, x_row, s_ptr]);
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(pk.layout.blocks() as i64);
+    let pmaddubsw = pk.layout.bits == 4 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("ssse3");
+    let (_, fin) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
+        let (rec, xp, sp) = (st[4], st[5], st[6]);
+        let zi = kb.fb.ins().iconst(types::I32, 0);
+        let zi = kb.fb.ins().splat(types::I32X4, zi);
+        let mut inner = vec![zi; 4];
+        let qp = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
+        inner.extend([qp, xp]);
+        let z = kb.iconst(0);
+        let chunks = kb.iconst((bs / pk.chunk_k()) as i64);
+        let (_, dots) = kb.fold_range(z, chunks, 1, &inner, |kb, _, st| {
+            let (qp, xp) = (st[4], st[5]);
+            let xa = splat_i32_bytes(kb, xp, 0);
+            let mut out = Vec::with_capacity(6);
+            if pk.layout.bits == 4 {
+                let xb = splat_i32_bytes(kb, xp, 4);
+                // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
+                let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
+                let mask = kb.fb.ins().splat(types::I32X4, mask);
+                let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
+                let (xa16, xb16) =
+                    if pmaddubsw { (xa, xb) } else { (kb.fb.ins().swiden_low(xa), kb.fb.ins().swiden_low(xb)) };
+                for cg in 0..4 {
+                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+                    let lo = kb.fb.ins().band(raw, mask);
+                    let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
+                    let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
+                    let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
+                    let hi = kb.fb.ins().band(shifted, mask);
+                    let d = if pmaddubsw {
+                        // u8 nibbles x s8 activations: pairs fit i16 (2 * 15 * 127), no saturation.
+                        let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
+                        let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
+                        let p = kb.fb.ins().iadd(p0, p1);
+                        let one = kb.fb.ins().iconst(types::I16, 1);
+                        let ones = kb.fb.ins().splat(types::I16X8, one);
+                        pmaddwd(kb, p, ones)
+                    } else {
+                        let d0 = dot4(kb, lo, xa16);
+                        let d1 = dot4(kb, hi, xb16);
+                        kb.fb.ins().iadd(d0, d1)
+                    };
+                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
+                }
+            } else {
+                // An activation splat repeats every 4 bytes: its low half is the whole pattern.
+                let x16 = kb.fb.ins().swiden_low(xa);
+                for cg in 0..4 {
+                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+                    let d = dot4(kb, raw, x16);
+                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
+                }
+            }
+            out.push(kb.fb.ins().iadd_imm_s(qp, 64));
+            out.push(kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64));
+            out
+        });
+        let sx = kb.fb.ins().load(types::F32, mem(), sp, 0);
+        let sx = kb.fb.ins().splat(types::F32X4, sx);
+        let sum = kb.fb.ins().load(types::I32, mem(), sp, 4);
+        let sum = kb.fb.ins().splat(types::I32X4, sum);
+        let mut out = Vec::with_capacity(7);
+        for cg in 0..4 {
+            // sum (w - z) x = dot - z * sum(x), exactly in i32, then one rounding to f32.
+            let s = kb.fb.ins().load(types::F32X4, mem(), rec, 16 * cg);
+            let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg);
+            let zs = kb.fb.ins().imul(z, sum);
+            let d = kb.fb.ins().isub(dots[cg as usize], zs);
+            let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
+            let scale = kb.fb.ins().fmul(s, sx);
+            out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[cg as usize]));
+        }
+        out.push(kb.fb.ins().iadd_imm_s(rec, pk.record_bytes() as i64));
+        out.push(dots[5]);
+        out.push(kb.fb.ins().iadd_imm_s(sp, 8));
+        out
+    });
+    for (cg, &acc) in fin[..4].iter().enumerate() {
+        store_vec(kb, q, i, j, cg * 4, acc, full);
+    }
+}
+
+fn vec_flags() -> cranelift_codegen::ir::MemFlagsData {
+    cranelift_codegen::ir::MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
+/// The 4 bytes at `p + off` repeated into all four 32-bit lanes, as i8x16.
+fn splat_i32_bytes(kb: &mut Kb, p: Value, off: i32) -> Value {
+    let w = kb.fb.ins().load(types::I32, mem(), p, off);
+    let v = kb.fb.ins().splat(types::I32X4, w);
+    kb.fb.ins().bitcast(types::I8X16, vec_flags(), v)
+}
+
+/// i32x4 of sums of adjacent i16 products: the tree x64 lowers to pmaddwd.
+fn pmaddwd(kb: &mut Kb, a: Value, b: Value) -> Value {
+    let (al, bl) = (kb.fb.ins().swiden_low(a), kb.fb.ins().swiden_low(b));
+    let (ah, bh) = (kb.fb.ins().swiden_high(a), kb.fb.ins().swiden_high(b));
+    let lo = kb.fb.ins().imul(al, bl);
+    let hi = kb.fb.ins().imul(ah, bh);
+    kb.fb.ins().iadd_pairwise(lo, hi)
+}
+
+/// Lane c = sum over 4 bytes of w[4c..4c+4] * x (x: the 4 activation bytes as i16x8, repeated).
+fn dot4(kb: &mut Kb, w: Value, x16: Value) -> Value {
+    let wl = kb.fb.ins().swiden_low(w);
+    let wh = kb.fb.ins().swiden_high(w);
+    let dl = pmaddwd(kb, wl, x16);
+    let dh = pmaddwd(kb, wh, x16);
+    kb.fb.ins().iadd_pairwise(dl, dh)
+}
+
+/// Rounds each row of A to int8 per block of K into scratch (MatMulNBits accuracy_level 4):
+/// scale = max |x| / 127 and q = round_half_even(x * 127 / max |x|), as the interpreter does.
+/// Integer-dot form: the int8 row (blocks zero-padded), then per block its scale and sum(q).
+/// Otherwise the rounded values as f32, for the float kernel.
+pub fn emit_quantize_rows(kb: &mut Kb, a: Loc, rows: &Dim, scratch: Loc, pk: &NBitsPacking) {
+    let (k, bs) = (pk.layout.k, pk.layout.block_size);
+    let (src0, dst0) = (kb.base(a), kb.base(scratch));
+    let m = kb.dim(rows);
+    let zero = kb.iconst(0);
+    kb.for_range(zero, m, 1, |kb, r| {
+        let so = kb.fb.ins().imul_imm_s(r, (k * 4) as i64);
+        let src = kb.fb.ins().iadd(src0, so);
+        let d_off = kb.fb.ins().imul_imm_s(r, pk.act_row_bytes() as i64);
+        let dst = kb.fb.ins().iadd(dst0, d_off);
+        let sp = kb.fb.ins().iadd_imm_s(dst, pk.act_scales_offset() as i64);
+        let nb = kb.iconst((k / bs) as i64);
+        let z = kb.iconst(0);
+        let (_, st) = kb.fold_range(z, nb, 1, &[src, dst, sp], |kb, _, st| quantize_block(kb, pk, st, bs, bs));
+        if !k.is_multiple_of(bs) {
+            quantize_block(kb, pk, &st, k % bs, bs);
+        }
+    });
+}
+
+/// One block of `len` values (in a `block`-sized slot); `st` = source, destination and scale
+/// pointers, returned advanced.
+fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, block: usize) -> Vec<Value> {
+    let (src, dst, sp) = (st[0], st[1], st[2]);
+    let z = kb.iconst(0);
+    let n = kb.iconst(len as i64);
+    let zf = Fm::new(kb, types::F32).c(0.0);
+    let (_, amax) = kb.fold_range(z, n, 1, &[zf], |kb, jj, acc| {
+        let o = kb.fb.ins().ishl_imm_s(jj, 2);
+        let p = kb.fb.ins().iadd(src, o);
+        let x = kb.fb.ins().load(types::F32, mem(), p, 0);
+        let mut fm = Fm::new(kb, types::F32);
+        let ax = fm.abs(x);
+        vec![fm.max(acc[0], ax)]
+    });
+    let mut fm = Fm::new(kb, types::F32);
+    let c127 = fm.c(127.0);
+    let scale = fm.div(amax[0], c127);
+    let inv = fm.div(c127, amax[0]);
+    let zero_f = fm.c(0.0);
+    let is_zero = fm.cmp(cranelift_codegen::ir::condcodes::FloatCC::Equal, amax[0], zero_f);
+    let inv = kb.fb.ins().select(is_zero, zero_f, inv);
+    let scale = kb.fb.ins().select(is_zero, zero_f, scale);
+    let zi = kb.fb.ins().iconst(types::I32, 0);
+    let (_, sum) = kb.fold_range(z, n, 1, &[zi], |kb, jj, acc| {
+        let o = kb.fb.ins().ishl_imm_s(jj, 2);
+        let p = kb.fb.ins().iadd(src, o);
+        let x = kb.fb.ins().load(types::F32, mem(), p, 0);
+        let mut fm = Fm::new(kb, types::F32);
+        let y = fm.mul(x, inv);
+        let r = fm.round(y);
+        if pk.int_dot {
+            let qi = kb.fb.ins().fcvt_to_sint_sat(types::I32, r);
+            let d = kb.fb.ins().iadd(dst, jj);
+            kb.fb.ins().istore8(mem(), qi, d, 0);
+            vec![kb.fb.ins().iadd(acc[0], qi)]
+        } else {
+            let v = Fm::new(kb, types::F32).mul(r, scale);
+            let d = kb.fb.ins().iadd(dst, o);
+            kb.fb.ins().store(mem(), v, d, 0);
+            acc.to_vec()
+        }
+    });
+    let src = kb.fb.ins().iadd_imm_s(src, (len * 4) as i64);
+    if !pk.int_dot {
+        let dst = kb.fb.ins().iadd_imm_s(dst, (len * 4) as i64);
+        return vec![src, dst, sp];
+    }
+    // The padded tail of a partial block multiplies zero activations.
+    for j in len..block {
+        let zb = kb.fb.ins().iconst(types::I32, 0);
+        kb.fb.ins().istore8(mem(), zb, dst, j as i32);
+    }
+    kb.fb.ins().store(mem(), scale, sp, 0);
+    kb.fb.ins().store(mem(), sum[0], sp, 4);
+    let dst = kb.fb.ins().iadd_imm_s(dst, block as i64);
+    let sp = kb.fb.ins().iadd_imm_s(sp, 8);
+    vec![src, dst, sp]
+}
+
+/// One block of `len` k steps: loads the block's scales (and offsets) for the tile's columns,
+/// then multiply-adds. `st` is the accumulators, the A pointer and the record pointer; the A
+/// pointer comes back advanced by `len` floats.
+fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: usize) -> Vec<Value> {
+    let pk = q.pk;
+    let nacc = rows * halves.len() * 2;
+    let (a_ptr, rec) = (st[nacc], st[nacc + 1]);
+    let mut scale = Vec::new();
+    let mut offset = Vec::new();
+    for &h in halves {
+        for v in 0..2 {
+            let col = (h * 8 + v * 4) as i32;
+            scale.push(kb.fb.ins().load(types::F32X4, mem(), rec, col * 4));
+            if pk.asym {
+                offset.push(kb.fb.ins().load(types::F32X4, mem(), rec, 64 + col * 4));
+            }
+        }
+    }
+    let q_ptr = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
+    let mut state = st[..nacc].to_vec();
+    state.extend([a_ptr, q_ptr]);
+    let zero = kb.iconst(0);
+    let end = kb.iconst(len as i64);
+    let row_stride = (q.k * 4) as i32;
+    let (_, fin) = kb.fold_range(zero, end, 1, &state, |kb, _, st| {
+        let (acc, ptrs) = st.split_at(nacc);
+        let (a, qp) = (ptrs[0], ptrs[1]);
+        // The weights of this k step, dequantized.
+        let mut w = Vec::new();
+        let packed4 = (pk.layout.bits == 4).then(|| kb.fb.ins().uload8x8(mem(), qp, 0));
+        for &h in halves {
+            let q16 = match (pk.layout.bits, pk.asym, packed4) {
+                (4, asym, Some(raw)) => {
+                    let nib = if h == 0 {
+                        let mask = kb.fb.ins().iconst(types::I16, 15);
+                        let mask = kb.fb.ins().splat(types::I16X8, mask);
+                        kb.fb.ins().band(raw, mask)
+                    } else {
+                        kb.fb.ins().ushr_imm_s(raw, 4)
+                    };
+                    if asym {
+                        nib
+                    } else {
+                        let eight = kb.fb.ins().iconst(types::I16, 8);
+                        let eight = kb.fb.ins().splat(types::I16X8, eight);
+                        kb.fb.ins().isub(nib, eight)
+                    }
+                }
+                (_, false, _) => kb.fb.ins().sload8x8(mem(), qp, (h * 8) as i32),
+                (_, true, _) => kb.fb.ins().uload8x8(mem(), qp, (h * 8) as i32),
+            };
+            let lo = kb.fb.ins().swiden_low(q16);
+            let hi = kb.fb.ins().swiden_high(q16);
+            for half in [lo, hi] {
+                let f = kb.fb.ins().fcvt_from_sint(types::F32X4, half);
+                let slot = w.len();
+                w.push(if pk.asym {
+                    Fm::new(kb, types::F32X4).fma(f, scale[slot], offset[slot])
+                } else {
+                    kb.fb.ins().fmul(f, scale[slot])
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(nacc + 2);
+        for r in 0..rows {
+            let x = kb.fb.ins().load(types::F32, mem(), a, row_stride * r as i32);
+            let x = kb.fb.ins().splat(types::F32X4, x);
+            for (c, &wv) in w.iter().enumerate() {
+                let prev = acc[r * w.len() + c];
+                out.push(if q.split_fma {
+                    let t = kb.fb.ins().fmul(x, wv);
+                    kb.fb.ins().fadd(prev, t)
+                } else {
+                    Fm::new(kb, types::F32X4).fma(x, wv, prev)
+                });
+            }
+        }
+        out.push(kb.fb.ins().iadd_imm_s(a, 4));
+        out.push(kb.fb.ins().iadd_imm_s(qp, pk.row_bytes() as i64));
+        out
+    });
+    let mut out = fin[..nacc].to_vec();
+    out.extend([fin[nacc], rec]);
+    out
+}
+
+/// Targets without vectors: one row by the panel's 16 columns in scalar registers.
+fn scalar_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
+    let pk = q.pk;
+    let a_off = kb.fb.ins().imul_imm_s(i, (q.k * 4) as i64);
+    let a_ptr = kb.fb.ins().iadd(q.a, a_off);
+    let zero_f = Fm::new(kb, types::F32).c(0.0);
+    let bs = pk.layout.block_size;
+    // A loop over the block records; k steps inside a block loop.
+    let mut st = vec![zero_f; PANEL_COLS];
+    st.extend([a_ptr, pp]);
+    let zero = kb.iconst(0);
+    let nb = kb.iconst((q.k / bs) as i64);
+    let step = |kb: &mut Kb, st: &[Value], len: usize| -> Vec<Value> {
+        let (a, rec) = (st[PANEL_COLS], st[PANEL_COLS + 1]);
+        let mut sc = Vec::new();
+        let mut of = Vec::new();
+        for c in 0..PANEL_COLS {
+            sc.push(kb.fb.ins().load(types::F32, mem(), rec, (c * 4) as i32));
+            if pk.asym {
+                of.push(kb.fb.ins().load(types::F32, mem(), rec, (64 + c * 4) as i32));
+            }
+        }
+        let qp = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
+        let mut state = st[..PANEL_COLS].to_vec();
+        state.extend([a, qp]);
+        let z = kb.iconst(0);
+        let end = kb.iconst(len as i64);
+        let (_, fin) = kb.fold_range(z, end, 1, &state, |kb, _, st| {
+            let (a, qp) = (st[PANEL_COLS], st[PANEL_COLS + 1]);
+            let x = kb.fb.ins().load(types::F32, mem(), a, 0);
+            let mut out = Vec::new();
+            for c in 0..PANEL_COLS {
+                let v = match (pk.layout.bits, pk.asym) {
+                    (4, asym) => {
+                        let byte = kb.fb.ins().uload8(types::I32, mem(), qp, (c % 8) as i32);
+                        let sh = kb.fb.ins().ushr_imm_s(byte, (4 * (c / 8)) as i64);
+                        let nib = kb.fb.ins().band_imm_s(sh, 15);
+                        if asym {
+                            nib
+                        } else {
+                            kb.fb.ins().iadd_imm_s(nib, -8)
+                        }
+                    }
+                    (_, false) => kb.fb.ins().sload8(types::I32, mem(), qp, c as i32),
+                    (_, true) => kb.fb.ins().uload8(types::I32, mem(), qp, c as i32),
+                };
+                let f = kb.fb.ins().fcvt_from_sint(types::F32, v);
+                let w = if pk.asym { Fm::new(kb, types::F32).fma(f, sc[c], of[c]) } else { kb.fb.ins().fmul(f, sc[c]) };
+                out.push(Fm::new(kb, types::F32).fma(x, w, st[c]));
+            }
+            out.push(kb.fb.ins().iadd_imm_s(a, 4));
+            out.push(kb.fb.ins().iadd_imm_s(qp, pk.row_bytes() as i64));
+            out
+        });
+        let mut out = fin[..PANEL_COLS].to_vec();
+        out.extend([fin[PANEL_COLS], rec]);
+        out
+    };
+    let (_, fin) = kb.fold_range(zero, nb, 1, &st, |kb, _, st| {
+        let mut out = step(kb, st, bs);
+        out[PANEL_COLS + 1] = kb.fb.ins().iadd_imm_s(out[PANEL_COLS + 1], pk.record_bytes() as i64);
+        out
+    });
+    st = fin;
+    if !q.k.is_multiple_of(bs) {
+        st = step(kb, &st, q.k % bs);
+    }
+    let acc = &st[..PANEL_COLS];
+    let off = kb.fb.ins().imul_imm_s(i, (pk.layout.n * 4) as i64);
+    let row = kb.fb.ins().iadd(q.out, off);
+    let jo = kb.fb.ins().ishl_imm_s(j, 2);
+    let row = kb.fb.ins().iadd(row, jo);
+    for (c, &v) in acc.iter().enumerate() {
+        if full {
+            kb.fb.ins().store(mem(), v, row, (c * 4) as i32);
+        } else {
+            let col = kb.fb.ins().iadd_imm_s(j, c as i64);
+            let inside = kb.fb.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, col, q.n);
+            kb.if_then(inside, |kb| {
+                kb.fb.ins().store(mem(), v, row, (c * 4) as i32);
+            });
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Weight quantization (`--quantize`): the IR it writes (insta snapshot), its error against the
+//! f32 model on the reference interpreter. (MatMulNBits as onnxruntime runs it: the nbits_mlp
+//! fixture in tiny_models.rs; native code for quantized models: codegen.rs.)
+
+mod common;
+
+use edgec::interp::Interpreter;
+use edgec::ir::{text::render, Graph, Tensor};
+use edgec::passes::quantize::Quantize;
+use edgec::passes::{pass_by_name, Pass, PassManager};
+
+fn tiny_llama() -> (Graph, Vec<(String, Tensor)>) {
+    let dir = common::repo_root().join("models/tiny/llama");
+    let mut g = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap();
+    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    (g, common::read_npy_dir(&dir.join("inputs")))
+}
+
+fn quantized(g: &Graph, scheme: &str, keep: &[&str]) -> Graph {
+    let mut q = g.clone();
+    let pass = Quantize::new(scheme.parse().unwrap(), keep.iter().map(|s| s.to_string()).collect());
+    pass.run(&mut q).unwrap();
+    pass_by_name("dce").unwrap().run(&mut q).unwrap();
+    edgec::ir::verify::verify(&q).unwrap();
+    q
+}
+
+/// ||got - want|| / ||want|| over the first output (the logits).
+fn relative_error(g: &Graph, reference: &[(String, Tensor)], feeds: &[(String, Tensor)]) -> f64 {
+    let got = Interpreter::new(g).unwrap().run(feeds).unwrap();
+    let (a, b) = (got[0].1.to_f64_vec(), reference[0].1.to_f64_vec());
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn quantized_llama_snapshot() {
+    let (g, _) = tiny_llama();
+    insta::assert_snapshot!("llama@quantize-int4", render(&quantized(&g, "int4", &["lm_head"])));
+}
+
+/// More bits, smaller error; every scheme stays close to f32 on the tiny Llama's logits.
+#[test]
+fn quantization_error_is_bounded_and_ordered() {
+    let (g, feeds) = tiny_llama();
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let err = |scheme: &str| relative_error(&quantized(&g, scheme, &[]), &reference, &feeds);
+    let (e8, e4, e4a, e4g) = (err("int8"), err("int4"), err("int4:g32:asym"), err("int4:channel"));
+    println!(
+        "relative logit error: int8 {e8:.2e}, int4 g32 {e4:.2e}, int4 g32 asym {e4a:.2e}, int4 per channel {e4g:.2e}"
+    );
+    // Random tiny weights amplify rounding (SmolLM2 itself is measured by `edgec eval`).
+    assert!(e8 < 0.03, "int8 {e8}");
+    assert!(e4 < 0.3 && e4a < 0.3, "int4 {e4} {e4a}");
+    assert!(e8 < e4 / 4.0, "int8 {e8} vs int4 {e4}");
+    assert!(e4 < e4g, "groups of 32 {e4} should beat one scale per channel {e4g}");
+    // Keeping every matmul in f32 is exact.
+    let kept = quantized(&g, "int4", &["*"]);
+    assert_eq!(relative_error(&kept, &reference, &feeds), 0.0);
+}
+
+/// One MatMulNBits with int8 activations per scheme, fed directly (so the activation rounding sees
+/// bit-identical inputs): the integer-dot kernels (host with pmaddubsw, x86_64 baseline, aarch64
+/// under qemu) and the float fallback (riscv64 scalar, under qemu) against the interpreter, tight.
+#[test]
+fn int8_activation_kernels_match_the_interpreter() {
+    use common::qemu::{run_jobs, CrossArch};
+    use edgec::ir::{DType, Dim, GraphOutput, Op, TensorType, Value, ValueRef};
+    let (k, n, rows) = (80, 40, 5);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
+    let x: Vec<f32> = (0..rows * k).map(|_| next() * 3.0).collect();
+    for scheme in ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48"] {
+        let mut g = Graph::new("t", 17);
+        let ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(k as i64)]);
+        let xin = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty }]);
+        g.inputs.push(xin);
+        let wc = g.add_const("w".into(), &Tensor::from_vec(vec![k, n], w.clone()));
+        let out_ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(n as i64)]);
+        let x_ref = ValueRef { node: xin, slot: 0 };
+        let y = Value { name: "y".into(), ty: out_ty };
+        let mm = g.add_node(Op::MatMul, "mm".into(), &[Some(x_ref), Some(wc)], vec![y]);
+        g.outputs.push(GraphOutput { name: "y".into(), value: ValueRef { node: mm, slot: 0 } });
+        let q = quantized(&g, scheme, &[]);
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![rows, k], x.clone()))];
+        let want = Interpreter::new(&q).unwrap().run(&feeds).unwrap();
+        for target in ["host", "x86_64"] {
+            let c = edgec::codegen::compile(&q, &common::native::test_options(target)).unwrap();
+            let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+            let got = edgec::codegen::run_model(&model, &feeds).unwrap();
+            common::compare(&got[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{scheme} {target}: {e}"));
+        }
+        for arch in CrossArch::CROSS {
+            let inputs = vec![feeds[0].1.clone()];
+            let wants = vec![want[0].1.clone()];
+            let job = common::native::cross_job(scheme, &q, &inputs, &wants, arch.name()).unwrap();
+            let raw = run_jobs(arch, &[job], None).unwrap();
+            let got = common::native::decode_outputs(&raw[0], &wants).unwrap();
+            common::compare(&got[0], &wants[0], 1e-5, 1e-5)
+                .unwrap_or_else(|e| panic!("{scheme} on {}: {e}", arch.name()));
+        }
+    }
+}
