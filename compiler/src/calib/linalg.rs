@@ -112,6 +112,40 @@ pub fn inverse_upper_factor(a: &[f64], n: usize) -> Result<Vec<f64>, String> {
     Ok(u)
 }
 
+/// `b ← Uᵀ·U·b` (= `A⁻¹·b` for the `U` of `inverse_upper_factor(A)`); `b` is `n × m` row-major.
+pub fn inverse_apply(u: &[f64], n: usize, b: &mut [f64], m: usize) {
+    // y = U·b: row i of y only needs rows i.. of b, so go top-down in place.
+    for i in 0..n {
+        let (head, tail) = b.split_at_mut((i + 1) * m);
+        let bi = &mut head[i * m..];
+        let d = u[i * n + i];
+        bi.iter_mut().for_each(|x| *x *= d);
+        for j in i + 1..n {
+            let c = u[i * n + j];
+            if c != 0.0 {
+                for (x, &y) in bi.iter_mut().zip(&tail[(j - i - 1) * m..(j - i) * m]) {
+                    *x += c * y;
+                }
+            }
+        }
+    }
+    // z = Uᵀ·y: row i of z needs rows ..=i of y, so go bottom-up in place.
+    for i in (0..n).rev() {
+        let (head, tail) = b.split_at_mut(i * m);
+        let bi = &mut tail[..m];
+        let d = u[i * n + i];
+        bi.iter_mut().for_each(|x| *x *= d);
+        for j in 0..i {
+            let c = u[j * n + i];
+            if c != 0.0 {
+                for (x, &y) in bi.iter_mut().zip(&head[j * m..j * m + m]) {
+                    *x += c * y;
+                }
+            }
+        }
+    }
+}
+
 /// Inverse of a lower-triangular matrix.
 fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
     // Row i of X = L⁻¹: X_ii = 1/L_ii, X_ij = -(Σ_{j<=k<i} L_ik X_kj) / L_ii, done as row updates.
@@ -178,6 +212,17 @@ mod tests {
             }
         }
         assert!((0..n).all(|i| (0..i).all(|j| u[i * n + j] == 0.0)), "U is upper triangular");
+        // inverse_apply solves like cholesky_solve.
+        let mut b2 = vec![0.0; n * 2];
+        for i in 0..n {
+            for c in 0..2 {
+                b2[i * 2 + c] = (0..n).map(|k| a[i * n + k] * x_true[k * 2 + c]).sum();
+            }
+        }
+        inverse_apply(&u, n, &mut b2, 2);
+        for (g, w) in b2.iter().zip(&x_true) {
+            assert!((g - w).abs() < 1e-8, "{g} vs {w}");
+        }
     }
 
     #[test]

@@ -108,20 +108,7 @@ impl Gram {
         let k = self.k;
         let rows = x.len() / k;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(k.div_ceil(TILE)).max(1);
-        let mut bands: Vec<Vec<(usize, &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
-        for (b, band) in self.h.chunks_mut(TILE * k).enumerate() {
-            bands[b % threads].push((b * TILE, band));
-        }
-        std::thread::scope(|s| {
-            for mine in bands {
-                s.spawn(move || {
-                    let mut tile = vec![0f32; TILE * TILE];
-                    for (i0, band) in mine {
-                        gram_band(x, k, rows, i0, band, &mut tile);
-                    }
-                });
-            }
-        });
+        products_by_band(x, x, k, rows, &mut self.h, threads, false);
         self.rows += rows;
         // Mirror the lower triangle (cheap next to the products, keeps `h` plainly symmetric).
         for i in 0..k {
@@ -138,17 +125,50 @@ impl Gram {
     }
 }
 
-/// Lower-triangle rows `i0..i0+TILE` of `XᵀX` added into `band` (those rows of H), tile by tile.
-fn gram_band(x: &[f32], k: usize, rows: usize, i0: usize, band: &mut [f64], tile: &mut [f32]) {
+/// `out += Aᵀ·B` for row-major `rows × k` matrices (`lower`: only the lower triangle, for `A = B`),
+/// row bands of `out` spread over `threads`.
+fn products_by_band(a: &[f32], b: &[f32], k: usize, rows: usize, out: &mut [f64], threads: usize, full: bool) {
+    let mut bands: Vec<Vec<(usize, &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, band) in out.chunks_mut(TILE * k).enumerate() {
+        bands[i % threads].push((i * TILE, band));
+    }
+    std::thread::scope(|s| {
+        for mine in bands {
+            s.spawn(move || {
+                let mut tile = vec![0f32; TILE * TILE];
+                for (i0, band) in mine {
+                    gram_band(a, b, k, rows, i0, band, &mut tile, full);
+                }
+            });
+        }
+    });
+}
+
+/// `XaᵀXb` over calibration rows (K×K row-major, not symmetric): the cross term of fitting a layer
+/// fed `Xa` (the pruned model's activations) to the outputs it has on `Xb` (the original model's).
+pub fn cross_gram(xa: &[f32], xb: &[f32], k: usize) -> Vec<f64> {
+    let rows = xa.len() / k;
+    let mut out = vec![0f64; k * k];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(k.div_ceil(TILE)).max(1);
+    products_by_band(xa, xb, k, rows.min(xb.len() / k), &mut out, threads, true);
+    out
+}
+
+/// Rows `i0..i0+TILE` of `AᵀB` (lower triangle only unless `full`) added into `band` (those rows of
+/// the output), tile by tile.
+#[allow(clippy::too_many_arguments)]
+fn gram_band(xa: &[f32], xb: &[f32], k: usize, rows: usize, i0: usize, band: &mut [f64], tile: &mut [f32], full: bool) {
     let i1 = (i0 + TILE).min(k);
+    let j_end = if full { k } else { i0 + 1 };
     for r0 in (0..rows).step_by(BLOCK_ROWS) {
-        let block = &x[r0 * k..(r0 + BLOCK_ROWS).min(rows) * k];
-        for j0 in (0..=i0).step_by(TILE) {
+        let ablock = &xa[r0 * k..(r0 + BLOCK_ROWS).min(rows) * k];
+        let bblock = &xb[r0 * k..(r0 + BLOCK_ROWS).min(rows) * k];
+        for j0 in (0..j_end).step_by(TILE) {
             let j1 = (j0 + TILE).min(k);
             let w = j1 - j0;
             tile.fill(0.0);
-            for row in block.chunks_exact(k) {
-                let xj = &row[j0..j1];
+            for (row, brow) in ablock.chunks_exact(k).zip(bblock.chunks_exact(k)) {
+                let xj = &brow[j0..j1];
                 for i in i0..i1 {
                     let xi = row[i];
                     let t = &mut tile[(i - i0) * TILE..(i - i0) * TILE + w];
@@ -384,6 +404,12 @@ mod tests {
         h.add_rows(&x[..k * 33]);
         h.add_rows(&x[k * 33..]);
         assert_eq!(h.rows, rows);
+        let rev: Vec<f32> = x.iter().rev().copied().collect();
+        let c = cross_gram(&x, &rev, k);
+        for (i, j) in [(0, 0), (3, 150), (199, 7), (120, 120)] {
+            let want: f64 = (0..rows).map(|r| x[r * k + i] as f64 * rev[r * k + j] as f64).sum();
+            assert!((c[i * k + j] - want).abs() <= 1e-5 * (1.0 + want.abs()), "C[{i},{j}]");
+        }
         for i in 0..k {
             for j in 0..k {
                 let want: f64 = (0..rows).map(|r| x[r * k + i] as f64 * x[r * k + j] as f64).sum();
