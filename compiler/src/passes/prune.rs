@@ -56,6 +56,10 @@ pub enum Recover {
     OneShot,
     /// Layer by layer from the pruned model's own activations.
     Sequential,
+    /// Sequential, but each layer is fitted to the *original* model's output at that layer (the
+    /// calibration batch runs twice side by side, unpruned and pruned), so it also corrects the
+    /// error earlier layers left in its input: `min ‖X_p W' − X_o W‖`.
+    Corrective,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -74,7 +78,7 @@ impl PruneSpec {
         let bad = |why: &str| {
             Error::invalid(format!(
                 "--prune '{s}': {why} (expected unstructured:F, N:M such as 2:4, or structured:F; \
-                 optionally followed by :recover, :recover=oneshot, :damp=X)"
+                 optionally followed by :recover, :recover=oneshot|corrective, :damp=X)"
             ))
         };
         let parts: Vec<&str> = s.split(':').map(str::trim).collect();
@@ -107,6 +111,7 @@ impl PruneSpec {
                 None if *opt == "recover" => spec.recover = Recover::Sequential,
                 Some(("recover", "sequential")) => spec.recover = Recover::Sequential,
                 Some(("recover", "oneshot")) => spec.recover = Recover::OneShot,
+                Some(("recover", "corrective")) => spec.recover = Recover::Corrective,
                 Some(("damp", v)) => {
                     spec.damp = v.parse().ok().filter(|d: &f64| *d >= 0.0).ok_or_else(|| bad("bad damp"))?;
                 }
@@ -457,13 +462,21 @@ fn obs_sweep_serial(w: &mut [f64], k: usize, n: usize, mask: &[bool], u: &[f64])
 
 /// Prunes one matrix (`[K, N]`) with an N:M / unstructured mask; with the input's Gram matrix and
 /// the inverse factor of its damped form, recovers it.
-fn prune_sparse(w: &[f64], l: &Linear, kind: &PruneKind, h: Option<(&Gram, &[f64])>) -> (Vec<f64>, Option<f64>) {
+/// `start` is the dense weight the sweep starts from (default `w`; corrective recovery starts from the
+/// least-squares fit to the original outputs).
+fn prune_sparse(
+    w: &[f64],
+    l: &Linear,
+    kind: &PruneKind,
+    h: Option<(&Gram, &[f64])>,
+    start: Option<Vec<f64>>,
+) -> (Vec<f64>, Option<f64>) {
     let mask = magnitude_mask(w, l.k, l.n, kind);
     let Some((h, u)) = h else {
         let out = w.iter().zip(&mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect();
         return (out, None);
     };
-    let mut out = w.to_vec();
+    let mut out = start.unwrap_or_else(|| w.to_vec());
     obs_sweep(&mut out, l.k, l.n, &mask, u);
     let e = rel_error(h, w, &out, l.n);
     (out, Some(e))
@@ -512,19 +525,26 @@ pub fn prune(g: &mut Graph, spec: &PruneSpec, spec_text: &str, calib: Option<&[V
             match (spec.recover, calib) {
                 (Recover::None, _) | (_, None) => {
                     for l in &layers {
-                        results.insert(l.node, prune_sparse(&weight_kn(g, l), l, kind, None));
+                        results.insert(l.node, prune_sparse(&weight_kn(g, l), l, kind, None, None));
                     }
                 }
                 (recover, Some(seqs)) => {
                     let by_node: HashMap<NodeIndex, &Linear> = layers.iter().map(|l| (l.node, l)).collect();
-                    let sequential = recover == Recover::Sequential;
+                    let sequential = recover != Recover::OneShot;
                     let gref: &Graph = g;
                     let mut grams = GramCache::new(&layers);
-                    run_layers(gref, seqs, &mut |n, x| {
+                    run_layers(gref, seqs, recover == Recover::Corrective, &mut |n, x, x_orig| {
                         let Some(l) = by_node.get(&n) else { return Ok(None) };
                         let (h, u) = grams.get_with_factor(l, x, spec.damp)?;
                         let w = weight_kn(gref, l);
-                        let (w2, e) = prune_sparse(&w, l, kind, Some((&h, &u)));
+                        // Corrective: start from W* = (H_p + λI)⁻¹ X_pᵀX_o W, the dense least-squares
+                        // fit of the original outputs (the masked objective is then ‖X_p(W' − W*)‖²).
+                        let start = x_orig.map(|xo| {
+                            let mut t = grams.cross_times(l, x, xo, &w);
+                            linalg::inverse_apply(&u, l.k, &mut t, l.n);
+                            t
+                        });
+                        let (w2, e) = prune_sparse(&w, l, kind, Some((&h, &u)), start);
                         grams.done(l);
                         let t = weight_tensor(l, &w2);
                         results.insert(n, (w2, e));
@@ -568,6 +588,7 @@ pub type InverseFactor = Vec<f64>;
 /// last layer reading it is done (a 30-block model's Grams would otherwise take ~1 GB).
 pub struct GramCache {
     grams: HashMap<ValueRef, (Rc<Gram>, Option<Rc<InverseFactor>>)>,
+    cross: HashMap<ValueRef, Rc<Vec<f64>>>,
     pending: HashMap<ValueRef, usize>,
 }
 
@@ -577,7 +598,7 @@ impl GramCache {
         for l in layers {
             *pending.entry(l.input).or_insert(0) += 1;
         }
-        GramCache { grams: HashMap::new(), pending }
+        GramCache { grams: HashMap::new(), cross: HashMap::new(), pending }
     }
 
     pub fn get(&mut self, l: &Linear, x: &[f32]) -> Rc<Gram> {
@@ -608,22 +629,56 @@ impl GramCache {
         Ok((h, entry.1.clone().expect("set above")))
     }
 
+    /// `X_pᵀX_o · W` (`[K, N]`) for a layer's input in the pruned (`x`) and original (`x_orig`)
+    /// models; the cross Gram is shared by layers reading one input.
+    pub fn cross_times(&mut self, l: &Linear, x: &[f32], x_orig: &[f32], w: &[f64]) -> Vec<f64> {
+        let c = self.cross.entry(l.input).or_insert_with(|| Rc::new(calib::cross_gram(x, x_orig, l.k))).clone();
+        let (k, n) = (l.k, l.n);
+        let mut out = vec![0f64; k * n];
+        for i in 0..k {
+            let row = &mut out[i * n..i * n + n];
+            for j in 0..k {
+                let cij = c[i * k + j];
+                if cij != 0.0 {
+                    for (o, &y) in row.iter_mut().zip(&w[j * n..j * n + n]) {
+                        *o += cij * y;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn done(&mut self, l: &Linear) {
         if let Some(p) = self.pending.get_mut(&l.input) {
             *p -= 1;
             if *p == 0 {
                 self.grams.remove(&l.input);
+                self.cross.remove(&l.input);
             }
         }
     }
 }
 
 /// See `run_layers`.
-pub type LayerHook<'a> = dyn FnMut(NodeIndex, &[f32]) -> std::result::Result<Option<Tensor>, String> + 'a;
+pub type LayerHook<'a> =
+    dyn FnMut(NodeIndex, &[f32], Option<&[f32]>) -> std::result::Result<Option<Tensor>, String> + 'a;
 
-/// Runs the calibration batch through `g`; `f(node, x)` sees each op node with its input 0 as f32
-/// (when it is f32) and may return a replacement for input 1 (a weight).
-pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], f: &mut LayerHook) -> Result<()> {
+/// Runs the calibration batch through `g`; `f(node, x, x_orig)` sees each MatMul/Gemm with its
+/// input 0 as f32 (when it is f32) and may return a replacement for input 1 (a weight).
+///
+/// `paired` runs the batch twice side by side: the first copy keeps the original weights, the
+/// second gets the replacements (a MatMul's weight becomes `[2B, K, N]`, the original B times then
+/// the new one B times), and `f` sees the second copy's rows as `x` and the first's as `x_orig`.
+pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], paired: bool, f: &mut LayerHook) -> Result<()> {
+    let doubled: Vec<Vec<u32>>;
+    let seqs = if paired {
+        doubled = seqs.iter().chain(seqs).cloned().collect();
+        &doubled[..]
+    } else {
+        seqs
+    };
+    let batch = seqs.len();
     let feeds = calib::lm_feeds(g, seqs)?;
     // The output projection is never pruned: stop the run at its input (lm_head is ~20 % of the
     // FLOPs of a small LM). Node indices are stable, so the hook's keys still hold.
@@ -642,7 +697,26 @@ pub fn run_layers(g: &Graph, seqs: &[Vec<u32>], f: &mut LayerHook) -> Result<()>
         if x.dtype() != DType::F32 || !matches!(g.g[n].op, Op::MatMul | Op::Gemm { .. }) {
             return Ok(None);
         }
-        Ok(f(n, x.as_slice::<f32>()?)?.map(|t| (1, t)))
+        let xs = x.as_slice::<f32>()?;
+        if !paired {
+            return Ok(f(n, xs, None)?.map(|t| (1, t)));
+        }
+        let w = args.get(1).copied().flatten();
+        let Some(w) = w.filter(|w| w.rank() == 2 && matches!(g.g[n].op, Op::MatMul) && x.rank() == 3) else {
+            return Ok(None);
+        };
+        if x.shape[0] != batch {
+            return Err(format!("corrective recovery expects batch {batch} at '{}'", g.g[n].name));
+        }
+        let half = xs.len() / 2;
+        let Some(new) = f(n, &xs[half..], Some(&xs[..half]))? else { return Ok(None) };
+        let (old, new) = (w.as_slice::<f32>()?, new.as_slice::<f32>()?);
+        let mut stacked = Vec::with_capacity(old.len() * batch);
+        for b in 0..batch {
+            stacked.extend_from_slice(if b < batch / 2 { old } else { new });
+        }
+        let shape = vec![batch, w.shape[0], w.shape[1]];
+        Ok(Some((1, Tensor::from_vec(shape, stacked))))
     })?;
     Ok(())
 }

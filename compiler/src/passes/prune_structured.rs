@@ -315,7 +315,15 @@ fn choose_heads(a: &Attention, remove: usize, energy: &[f64]) -> HeadChoice {
 
 /// Rows of `w` (`[K, N]`) for input channels `keep`; re-fitted to the full layer's output on `h`
 /// when `damp` is given: `(H_SS + λI)⁻¹ H_S: W`.
-fn refit_rows(w: &[f64], n: usize, keep: &[usize], h: &Gram, damp: Option<f64>) -> Result<Vec<f64>, String> {
+/// `target` (`[K, N]`) replaces `H·W` on the right-hand side: corrective recovery fits `X_pᵀX_o·W`.
+fn refit_rows(
+    w: &[f64],
+    n: usize,
+    keep: &[usize],
+    h: &Gram,
+    damp: Option<f64>,
+    target: Option<&[f64]>,
+) -> Result<Vec<f64>, String> {
     let kept: Vec<f64> = keep.iter().flat_map(|&r| w[r * n..r * n + n].iter().copied()).collect();
     let Some(damp) = damp else { return Ok(kept) };
     let (k, s) = (h.k, keep.len());
@@ -329,6 +337,13 @@ fn refit_rows(w: &[f64], n: usize, keep: &[usize], h: &Gram, damp: Option<f64>) 
     linalg::cholesky(&mut l, s)?;
     // B = H_S: W  (s × n).
     let mut b = vec![0f64; s * n];
+    if let Some(t) = target {
+        for (a, &i) in keep.iter().enumerate() {
+            b[a * n..a * n + n].copy_from_slice(&t[i * n..i * n + n]);
+        }
+        linalg::cholesky_solve(&l, s, &mut b, n);
+        return Ok(b);
+    }
     for (a, &i) in keep.iter().enumerate() {
         let brow = &mut b[a * n..a * n + n];
         for j in 0..k {
@@ -376,7 +391,7 @@ impl Unit<'_> {
     }
 }
 
-fn decide(g: &Graph, unit: &Unit, h: &Gram, spec: &PruneSpec) -> Result<Decided, String> {
+fn decide(g: &Graph, unit: &Unit, h: &Gram, spec: &PruneSpec, target: Option<&[f64]>) -> Result<Decided, String> {
     let (l, keep_rows, heads) = match *unit {
         Unit::Attn(a, remove) => {
             let w = weight_kn(g, &a.o);
@@ -397,7 +412,7 @@ fn decide(g: &Graph, unit: &Unit, h: &Gram, spec: &PruneSpec) -> Result<Decided,
     };
     let w = weight_kn(g, l);
     let damp = (spec.recover != Recover::None).then_some(spec.damp);
-    let rows = refit_rows(&w, l.n, &keep_rows, h, damp)?;
+    let rows = refit_rows(&w, l.n, &keep_rows, h, damp, target)?;
     let rel_error = super::prune::rel_error(h, &w, &expand_rows(&rows, l.n, &keep_rows, l.k), l.n);
     Ok(Decided { keep_rows, rows, heads, rel_error })
 }
@@ -426,17 +441,18 @@ pub fn prune(g: &mut Graph, f: f64, spec: &PruneSpec, seqs: &[Vec<u32>], report:
             let cal = Calibration::collect(gref, seqs, &calib::Options { channel_stats: false, ..Default::default() })?;
             for (&n, unit) in &units {
                 let h = cal.gram_for(gref, n).ok_or_else(|| Error::invalid("a pruned layer did not run"))?;
-                decided.insert(n, decide(gref, unit, h, spec).map_err(Error::invalid)?);
+                decided.insert(n, decide(gref, unit, h, spec, None).map_err(Error::invalid)?);
             }
         } else {
             // Sequential: each o / down is decided on the pruned model's activations and swapped in.
             let targets: Vec<Linear> = units.values().map(|u| u.layer().clone()).collect();
             let mut grams = GramCache::new(&targets);
-            run_layers(gref, seqs, &mut |n, x| {
+            run_layers(gref, seqs, spec.recover == Recover::Corrective, &mut |n, x, x_orig| {
                 let Some(unit) = units.get(&n) else { return Ok(None) };
                 let l = unit.layer();
                 let h = grams.get(l, x);
-                let d = decide(gref, unit, &h, spec)?;
+                let target = x_orig.map(|xo| grams.cross_times(l, x, xo, &weight_kn(gref, l)));
+                let d = decide(gref, unit, &h, spec, target.as_deref())?;
                 grams.done(l);
                 let t = weight_tensor(l, &expand_rows(&d.rows, l.n, &d.keep_rows, l.k));
                 decided.insert(n, d);
