@@ -167,6 +167,10 @@ struct OptimizeArgs {
     /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
     #[arg(long, value_name = "SCHEME")]
     quantize: Option<String>,
+    /// How weights are rounded: `mse` (per block, the clipping range with the least squared error;
+    /// the default) or `absmax` (the block's full range).
+    #[arg(long, default_value = "mse")]
+    method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
     /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.
     #[arg(long = "keep-fp32", value_name = "PATTERN")]
@@ -182,7 +186,13 @@ impl OptimizeArgs {
         let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
         if let Some(q) = &self.quantize {
             let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
-            passes.push(Box::new(edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone())));
+            let mut pass = edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone());
+            pass.search = match self.method.as_str() {
+                "mse" => true,
+                "absmax" => false,
+                m => return Err(format!("--method {m}: expected `mse` or `absmax`")),
+            };
+            passes.push(Box::new(pass));
         }
         if !passes.is_empty() {
             passes.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
