@@ -329,7 +329,18 @@ fn compile(
     })
     .map_err(|e| e.to_string())?;
     let t_import = t0.elapsed();
-    let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
+    // Code generation takes seconds on a real model: show how far it is.
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("codegen     [{bar:40}] {pos}/{len} functions {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let c = edgec::codegen::compile_with_progress(&g, &opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64 + 1);
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
     if let Some(path) = &optimize.report {
         let s = &c.stats;
         let json = format!(

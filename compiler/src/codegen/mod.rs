@@ -111,6 +111,15 @@ fn default_bound(name: &str, max_seq: u64, max_batch: u64) -> u64 {
 }
 
 pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
+    compile_with_progress(graph, opts, &mut |_, _| {})
+}
+
+/// `compile`, calling `progress(done, total)` as the node functions are compiled.
+pub fn compile_with_progress(
+    graph: &Graph,
+    opts: &Options,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Compiled> {
     let t0 = Instant::now();
     let target = Target::parse(&opts.target, opts.cpu.as_deref(), opts.features.as_deref())?;
     let mut g = graph.clone();
@@ -254,6 +263,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     let mut kernels = 0;
     let mut tasks: Vec<(String, &matmul::MatMulKernel)> = Vec::new();
     for (i, (name, ks)) in groups.iter().enumerate() {
+        progress(i, groups.len());
         kernels += ks.len();
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
         {

@@ -190,18 +190,30 @@ impl Quantized {
 pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, search: bool) -> Result<Quantized> {
     let mut out = Quantized::new(k, n, scheme)?;
     let bs = out.layout.block_size;
-    let mut col = vec![0f32; k];
-    for c in 0..n {
-        for (kk, v) in col.iter_mut().enumerate() {
-            *v = w[kk * n + c];
-        }
-        for (blk, chunk) in col.chunks(bs).enumerate() {
-            let p = if search {
-                BlockParams::fit_mse(chunk, scheme.bits, scheme.asym)
-            } else {
-                BlockParams::fit(chunk, scheme.bits, scheme.asym)
-            };
-            let q: Vec<u8> = chunk.iter().map(|&v| p.quantize(v)).collect();
+    // Each column's blocks are independent: fit them on every core, store them in order.
+    let fit_column = |c: usize| -> Vec<(BlockParams, Vec<u8>)> {
+        let col: Vec<f32> = (0..k).map(|kk| w[kk * n + c]).collect();
+        col.chunks(bs)
+            .map(|chunk| {
+                let p = if search {
+                    BlockParams::fit_mse(chunk, scheme.bits, scheme.asym)
+                } else {
+                    BlockParams::fit(chunk, scheme.bits, scheme.asym)
+                };
+                (p, chunk.iter().map(|&v| p.quantize(v)).collect())
+            })
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let per = n.div_ceil(threads);
+    let columns: Vec<Vec<(BlockParams, Vec<u8>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(fit_column).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("quantization worker")).collect()
+    });
+    for (c, blocks) in columns.into_iter().enumerate() {
+        for (blk, (p, q)) in blocks.into_iter().enumerate() {
             out.set_block(c, blk, p, &q);
         }
     }
