@@ -167,9 +167,9 @@ struct OptimizeArgs {
     /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
     #[arg(long, value_name = "SCHEME")]
     quantize: Option<String>,
-    /// How weights are rounded: `mse` (per block, the clipping range with the least squared error;
-    /// the default) or `absmax` (the block's full range).
-    #[arg(long, default_value = "mse")]
+    /// How weights are rounded: `absmax` (each block's full range; the default) or `mse` (per
+    /// block, the clipping range with the least squared weight error: measured worse on SmolLM2).
+    #[arg(long, default_value = "absmax")]
     method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
     /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.

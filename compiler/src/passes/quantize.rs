@@ -240,8 +240,9 @@ const MIN_EMBEDDING_ROWS: usize = 1024;
 
 pub struct Quantize {
     pub scheme: Scheme,
-    /// Search each block's clipping range for the least rounding error (`--method mse`, the
-    /// default) instead of taking its full range (`--method absmax`).
+    /// Search each block's clipping range for the least rounding error (`--method mse`) instead of
+    /// taking its full range (`--method absmax`, the default: on SmolLM2 int4 g32 the search gave
+    /// perplexity 44.1 against 42.2, clipped outlier weights matter more than resolution).
     pub search: bool,
     /// Node or weight names (patterns) left in f32.
     pub keep: Vec<String>,
@@ -252,7 +253,7 @@ pub struct Quantize {
 
 impl Quantize {
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
-        Quantize { scheme, keep, search: true, rounder: None }
+        Quantize { scheme, keep, search: false, rounder: None }
     }
 
     fn kept(&self, names: &[&str]) -> bool {
