@@ -424,8 +424,13 @@ pub fn emit_attention(kb: &mut Kb, ak: &AttentionKernel, units: Option<(Value, V
         }
         let (_, state) = kb.fold_range(j, cx.t, 1, &state, |kb, j, a| run(kb, j, a, 1));
         for (r, row) in rows.iter().enumerate() {
+            // No keys (t = 0): the sum is 0 and the row stays 0, as in the reference.
             let one = Fm::new(kb, types::F32).c(1.0);
-            let inv = kb.fb.ins().fdiv(one, state[2 * r + 1]);
+            let zf = Fm::new(kb, types::F32).c(0.0);
+            let l = state[2 * r + 1];
+            let inv = kb.fb.ins().fdiv(one, l);
+            let empty = kb.fb.ins().fcmp(FloatCC::Equal, l, zf);
+            let inv = kb.fb.ins().select(empty, zf, inv);
             accumulate(kb, &cx, row.o, inv, &[], row.v, zero);
         }
     });
