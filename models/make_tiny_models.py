@@ -562,6 +562,56 @@ def build_qdq_mlp() -> onnx.ModelProto:
     )
 
 
+def pack_nbits(w: np.ndarray, bits: int, block: int, asym: bool):
+    """onnxruntime's MatMulNBits operands for a [K, N] weight, written here independently of edgec:
+    B u8 [N, blocks, block*bits/8] (low nibble first), scales f32 [N*blocks], packed zero points."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    wp = np.zeros((blocks * block, n), np.float32)
+    wp[:k] = w
+    wb = wp.T.reshape(n, blocks, block)
+    qmax = (1 << bits) - 1
+    if asym:
+        lo, hi = np.minimum(wb.min(-1), 0), np.maximum(wb.max(-1), 0)
+        scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
+    else:
+        scale = (np.abs(wb).max(-1) / (qmax // 2)).astype(np.float32)
+        zero = np.full((n, blocks), 1 << (bits - 1), np.uint8)
+    q = np.clip(np.round(wb / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        if blocks % 2:
+            zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], 1)
+        zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return q, scale.reshape(-1), zero.reshape(-1)
+
+
+def build_nbits_mlp() -> onnx.ModelProto:
+    """onnxruntime's contrib MatMulNBits: asymmetric 4-bit with a partial last block, symmetric
+    4-bit, and 8-bit with zero points."""
+    b = Builder(opset=17, seed=6)
+    x = "x"
+    for i, (k, n, bits, block, asym) in enumerate([(72, 40, 4, 32, True), (40, 24, 4, 16, False),
+                                                   (24, 20, 8, 16, True)]):
+        q, scale, zero = pack_nbits(b.randn(k, n, std=0.3), bits, block, asym)
+        ins = [x, b.init(f"fc{i}.q", q), b.init(f"fc{i}.scales", scale)]
+        if asym:
+            ins.append(b.init(f"fc{i}.zero_points", zero))
+        out = "y" if i == 2 else f"fc{i}_out"
+        b.nodes.append(helper.make_node("MatMulNBits", ins, [out], name=f"/fc{i}/MatMulNBits",
+                                        domain="com.microsoft", K=k, N=n, bits=bits, block_size=block))
+        x = out if i == 2 else b.op("Relu", out)
+    m = b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 3, 72])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 3, 20])],
+        "Tiny MLP of onnxruntime MatMulNBits (com.microsoft) layers: 4-bit asym (K=72, block 32), "
+        "4-bit sym (block 16), 8-bit asym.",
+    )
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
 # ======================================================================================
 # Inputs, expected outputs, checks, README
 # ======================================================================================
@@ -627,6 +677,8 @@ def main():
         "bert": (bert, lm_inputs(with_token_types=True), False),
         "bert_int8": (build_bert_int8(bert), lm_inputs(with_token_types=True), False),
         "qdq_mlp": (build_qdq_mlp(), {"x": mlp_x}, False),
+        "nbits_mlp": (build_nbits_mlp(),
+                      {"x": np.random.default_rng(7).standard_normal((BATCH, 3, 72)).astype(np.float32)}, False),
     }
     results = {}
     for name, (model, feeds, external) in models.items():

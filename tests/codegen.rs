@@ -20,6 +20,22 @@ fn load(dir: &std::path::Path) -> Graph {
     g
 }
 
+/// The model as is, and with its matmul weights quantized (int8 per channel, int4 in groups of
+/// 32, and asymmetric int4 in groups of 48 so K leaves a partial block): native code for
+/// MatMulNBits against the interpreter's reading of the same quantized graph.
+fn variants(name: &str, g: Graph) -> Vec<(String, Graph)> {
+    let mut out = vec![(name.to_string(), g.clone())];
+    for scheme in ["int8", "int4", "int4:g48:asym"] {
+        let mut q = g.clone();
+        let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
+        let stats = edgec::passes::Pass::run(&pass, &mut q).unwrap();
+        if stats.changed > 0 {
+            out.push((format!("{name} {scheme}"), q));
+        }
+    }
+    out
+}
+
 fn opts(target: &str) -> Options {
     Options { target: target.into(), max_seq: Some(64), max_batch: Some(4), ..Default::default() }
 }
@@ -31,19 +47,20 @@ fn reference(g: &Graph, feeds: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
 #[test]
 fn tiny_models_native_host() {
     for (name, dir) in common::tiny_models() {
-        let g = load(&dir);
-        let feeds = common::read_npy_dir(&dir.join("inputs"));
-        let want = reference(&g, &feeds);
-        for target in ["host", "x86_64"] {
-            let c = compile(&g, &opts(target)).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
-            let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
-            let got = run_model(&model, &feeds).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
-            println!(
-                "{name} {target}: {} kernels, code {} B, weights {} B, arena {} B, compile {:.0} ms",
-                c.stats.kernels, c.stats.code_bytes, c.stats.weight_bytes, c.stats.arena_bytes, c.stats.compile_ms
-            );
-            for ((n, g), (_, w)) in got.iter().zip(&want) {
-                common::compare(g, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{name} {target} {n}: {e}"));
+        for (name, g) in variants(&name, load(&dir)) {
+            let feeds = common::read_npy_dir(&dir.join("inputs"));
+            let want = reference(&g, &feeds);
+            for target in ["host", "x86_64"] {
+                let c = compile(&g, &opts(target)).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
+                let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+                let got = run_model(&model, &feeds).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
+                println!(
+                    "{name} {target}: {} kernels, code {} B, weights {} B, arena {} B, compile {:.0} ms",
+                    c.stats.kernels, c.stats.code_bytes, c.stats.weight_bytes, c.stats.arena_bytes, c.stats.compile_ms
+                );
+                for ((n, g), (_, w)) in got.iter().zip(&want) {
+                    common::compare(g, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{name} {target} {n}: {e}"));
+                }
             }
         }
     }
@@ -66,15 +83,16 @@ fn tiny_models_under_qemu() {
             let mut jobs = Vec::new();
             let mut wants = Vec::new();
             for (name, dir) in common::tiny_models() {
-                let g = load(&dir);
-                let feeds = common::read_npy_dir(&dir.join("inputs"));
-                let inputs = ordered_inputs(&g, &feeds);
-                let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
-                let mut o = common::native::test_options(arch.name());
-                o.features = features.map(str::to_string);
-                let job = common::native::cross_job_with(&name, &g, &inputs, &want, &o).unwrap();
-                jobs.push(job);
-                wants.push((name, want));
+                for (name, g) in variants(&name, load(&dir)) {
+                    let feeds = common::read_npy_dir(&dir.join("inputs"));
+                    let inputs = ordered_inputs(&g, &feeds);
+                    let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
+                    let mut o = common::native::test_options(arch.name());
+                    o.features = features.map(str::to_string);
+                    let job = common::native::cross_job_with(&name, &g, &inputs, &want, &o).unwrap();
+                    jobs.push(job);
+                    wants.push((name, want));
+                }
             }
             let cpu = features.and(arch.cpu_all_features());
             let outs = run_jobs(arch, &jobs, cpu).unwrap_or_else(|e| panic!("{}: {e}", arch.name()));

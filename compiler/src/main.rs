@@ -16,6 +16,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Print a model's IR (after import and shape inference, or after passes).
     Inspect {
@@ -75,6 +76,8 @@ enum Command {
         /// profiling: run with EDGEC_PERF_MAP=OUTPUT.symbols under `perf record`).
         #[arg(long)]
         symbols: bool,
+        #[command(flatten)]
+        optimize: OptimizeArgs,
     },
     /// Run a model (.onnx with the reference interpreter, .edgec natively); writes NAME.npy per output.
     Run {
@@ -153,6 +156,51 @@ enum Command {
     },
 }
 
+/// The optimisation flags of `edgec compile`.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct OptimizeArgs {
+    /// Weight quantization: `int8` (per channel), `int4` (group 32, symmetric), `int4:g128`,
+    /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
+    #[arg(long, value_name = "SCHEME")]
+    quantize: Option<String>,
+    /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
+    /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.
+    #[arg(long = "keep-fp32", value_name = "PATTERN")]
+    keep_fp32: Vec<String>,
+    /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+}
+
+impl OptimizeArgs {
+    /// The passes the flags add after the base pipeline.
+    fn passes(&self) -> Result<Vec<Box<dyn edgec::passes::Pass>>, String> {
+        let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
+        if let Some(q) = &self.quantize {
+            let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
+            passes.push(Box::new(edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone())));
+        }
+        if !passes.is_empty() {
+            passes.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
+        }
+        Ok(passes)
+    }
+}
+
+/// Bytes of the constants that something still reads.
+fn live_weight_bytes(g: &edgec::ir::Graph) -> usize {
+    g.g.node_indices()
+        .filter_map(|n| match g.node(n).op {
+            edgec::ir::Op::Const { id } => {
+                let read = g.g.edges_directed(n, petgraph::Direction::Outgoing).next().is_some()
+                    || g.outputs.iter().any(|o| o.value.node == n);
+                read.then(|| g.consts.get(id).map_or(0, |c| c.bytes.len()))
+            }
+            _ => None,
+        })
+        .sum()
+}
+
 fn pipeline(list: &str) -> edgec::Result<PassManager> {
     PassManager::parse(if list == "none" { "" } else { list })
 }
@@ -229,6 +277,7 @@ fn compile(
     prefix: &str,
     symbols: bool,
     tokenizer: Option<String>,
+    optimize: &OptimizeArgs,
 ) -> Result<(), String> {
     let tokenizer_path = match tokenizer.as_deref() {
         Some("none") => None,
@@ -241,9 +290,49 @@ fn compile(
     };
     let t0 = Instant::now();
     let mut g = edgec::onnx::load_model(model).map_err(|e| e.to_string())?;
-    pipeline(passes).and_then(|pm| pm.run(&mut g, &mut |_, _, _| {})).map_err(|e| e.to_string())?;
+    let mut pm = pipeline(passes).map_err(|e| e.to_string())?;
+    for p in optimize.passes()? {
+        pm.push(p);
+    }
+    let mut rows = vec![format!(
+        r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
+        g.op_count(),
+        live_weight_bytes(&g),
+        t0.elapsed().as_secs_f64() * 1e3
+    )];
+    let mut t_pass = Instant::now();
+    pm.run(&mut g, &mut |name, stats, g| {
+        let (ops, bytes) = (g.op_count(), live_weight_bytes(g));
+        if stats.changed > 0 || name == "quantize" {
+            println!("pass        {name}: {} nodes changed, {ops} ops, {bytes} weight bytes", stats.changed);
+        }
+        rows.push(format!(
+            r#"{{"pass":"{name}","changed":{},"ops":{ops},"weight_bytes":{bytes},"ms":{:.1}}}"#,
+            stats.changed,
+            t_pass.elapsed().as_secs_f64() * 1e3
+        ));
+        t_pass = Instant::now();
+    })
+    .map_err(|e| e.to_string())?;
     let t_import = t0.elapsed();
     let c = edgec::codegen::compile(&g, &opts).map_err(|e| e.to_string())?;
+    if let Some(path) = &optimize.report {
+        let s = &c.stats;
+        let json = format!(
+            "{{\n\"model\":{:?},\n\"options\":{:?},\n\"passes\":[\n{}\n],\n\"codegen\":{{\"target\":{:?},\"nodes\":{},\"kernels\":{},\"code_bytes\":{},\"weight_bytes\":{},\"arena_bytes\":{},\"ms\":{:.1}}}\n}}\n",
+            model.display().to_string(),
+            format!("{optimize:?}"),
+            rows.join(",\n"),
+            c.target.triple.to_string(),
+            s.nodes,
+            s.kernels,
+            s.code_bytes,
+            s.weight_bytes,
+            s.arena_bytes,
+            s.compile_ms
+        );
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     let default_ext = if emit == "obj" { "o" } else { "edgec" };
     let out = output.unwrap_or_else(|| model.with_extension(default_ext));
     let mut written = match emit {
@@ -491,6 +580,7 @@ fn main() -> ExitCode {
             prefix,
             symbols,
             tokenizer,
+            optimize,
         } => parse_bounds(&bounds).and_then(|bounds| {
             let opts = edgec::codegen::Options {
                 target,
@@ -500,7 +590,7 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer)
+            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &optimize)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
         Command::Eval { model, text, ctx, max_windows, threads } => eval(&model, &text, ctx, max_windows, threads),

@@ -60,6 +60,8 @@ pub struct LowerCx<'a> {
     pub scratch: Option<u64>,
     /// Matmul weights stored in column panels (`plan::pack_panels`).
     pub packed: &'a std::collections::HashSet<ValueRef>,
+    /// Quantized matmul weights in packed form (`layout::NBitsPacking`).
+    pub nbits: &'a HashMap<ValueRef, super::layout::NBitsPacking>,
 }
 
 /// Which inputs a node reads at run time (others only shape the kernel at compile time).
@@ -430,6 +432,7 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             mb.finish(out_view(0), Expr::Select(Box::new(cond), Box::new(x), Box::new(zero)))
         }
         Op::MatMul | Op::MatMulInteger => return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false)?]),
+        Op::MatMulNBits { .. } => return Ok(vec![lower_matmul_nbits(cx, node, &ins, out0)?]),
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b)?];
             let c = input(2);
@@ -905,6 +908,7 @@ fn lower_matmul(
             Operand { loc: cx.loc(b), dtype: cx.dtype(b), batch_strides: bsb, strides: [bk, bn] }
         },
         b_packed: cx.packed.contains(&b),
+        b_nbits: None,
         out: Operand {
             loc: cx.loc(out),
             dtype: odt,
@@ -913,6 +917,37 @@ fn lower_matmul(
         },
         a_zero,
         b_zero,
+    })))
+}
+
+/// MatMulNBits: A's leading axes flattened into rows against the packed quantized weight.
+fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: ValueRef) -> Result<Kernel> {
+    let (a, b) = (ins[0].unwrap(), ins[1].unwrap());
+    let pk =
+        *cx.nbits.get(&b).ok_or_else(|| unsupported(node, "MatMulNBits needs constant B, scales and zero points"))?;
+    if cx.dtype(a) != DType::F32 {
+        return Err(unsupported(node, format!("MatMulNBits of {} input", cx.dtype(a))));
+    }
+    let sa = cx.shape(a);
+    let rows = sa[..sa.len().saturating_sub(1)]
+        .iter()
+        .try_fold(Dim::fixed(1), |acc, d| acc.checked_mul(d))
+        .ok_or_else(|| unsupported(node, "row count overflows"))?;
+    let (k, n) = (Dim::fixed(pk.layout.k as i64), Dim::fixed(pk.layout.n as i64));
+    let dense =
+        |loc, dtype, row: &Dim| Operand { loc, dtype, batch_strides: vec![], strides: [row.clone(), Dim::fixed(1)] };
+    Ok(Kernel::MatMul(Box::new(MatMulKernel {
+        batch: vec![],
+        m: rows,
+        a: dense(cx.loc(a), DType::F32, &k),
+        b: dense(cx.loc(b), DType::U8, &Dim::fixed(0)),
+        out: dense(cx.loc(out), DType::F32, &n),
+        k,
+        n,
+        a_zero: None,
+        b_zero: None,
+        b_packed: false,
+        b_nbits: Some(pk),
     })))
 }
 

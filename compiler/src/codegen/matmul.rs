@@ -37,6 +37,8 @@ pub struct MatMulKernel {
     pub b_zero: Option<(Loc, DType, Dim)>,
     /// B is stored in column panels of `plan::PANEL_COLS` (k stride 16 floats inside a panel).
     pub b_packed: bool,
+    /// B is a quantized weight in packed form (MatMulNBits): `qmatmul` emits the kernel.
+    pub b_nbits: Option<super::layout::NBitsPacking>,
 }
 
 /// Rows per register tile and f32x4 vectors per row.
@@ -73,23 +75,31 @@ pub fn units_and_work(kb: &mut Kb, mm: &MatMulKernel) -> (Value, Value) {
     (units, work)
 }
 
-/// The matmul restricted to the column panels `units` (a range of `COLS_PER_UNIT`-column units;
-/// `None` computes every column).
-pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>) {
-    let batch: Vec<Value> = mm.batch.iter().map(|d| kb.dim(d)).collect();
-    let strides: Vec<Vec<Value>> =
-        [&mm.a, &mm.b, &mm.out].iter().map(|o| o.batch_strides.iter().map(|d| kb.dim(d)).collect()).collect();
-    let bases = [kb.base(mm.a.loc), kb.base(mm.b.loc), kb.base(mm.out.loc)];
-    let m = kb.dim(&mm.m);
+/// The columns [lo, hi) of the parallel units `units` (all columns for `None`).
+pub fn column_range(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>) -> (Value, Value) {
     let n_all = kb.dim(&mm.n);
-    let (n_lo, n) = match units {
+    match units {
         Some((b, e)) => {
             let lo = kb.fb.ins().imul_imm_s(b, COLS_PER_UNIT);
             let hi = kb.fb.ins().imul_imm_s(e, COLS_PER_UNIT);
             (lo, kb.fb.ins().smin(hi, n_all))
         }
         None => (kb.iconst(0), n_all),
-    };
+    }
+}
+
+/// The matmul restricted to the column panels `units` (a range of `COLS_PER_UNIT`-column units;
+/// `None` computes every column).
+pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>) {
+    if let Some(pk) = &mm.b_nbits {
+        return super::qmatmul::emit(kb, mm, pk, units);
+    }
+    let batch: Vec<Value> = mm.batch.iter().map(|d| kb.dim(d)).collect();
+    let strides: Vec<Vec<Value>> =
+        [&mm.a, &mm.b, &mm.out].iter().map(|o| o.batch_strides.iter().map(|d| kb.dim(d)).collect()).collect();
+    let bases = [kb.base(mm.a.loc), kb.base(mm.b.loc), kb.base(mm.out.loc)];
+    let m = kb.dim(&mm.m);
+    let (n_lo, n) = column_range(kb, mm, units);
     let k = kb.dim(&mm.k);
     let mut s = Vec::new();
     for o in [&mm.a, &mm.b, &mm.out] {

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod emit;
 pub mod gather;
+pub mod layout;
 pub mod link;
 pub mod lower;
 pub mod map;
@@ -12,6 +13,7 @@ pub mod math;
 pub mod matmul;
 pub mod object;
 pub mod plan;
+pub mod qmatmul;
 pub mod reduce;
 pub mod target;
 
@@ -213,6 +215,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                 locs: &plan.locs,
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
+                nbits: &plan.nbits,
             };
             let ks = lower::lower_node(&cx, n)?;
             // An alias of its input copies nothing (a Dropout mask would still need writing).

@@ -32,28 +32,11 @@ pub struct Plan {
     pub packed: HashSet<ValueRef>,
     /// View nodes (Reshape, Squeeze, ...) whose output shares its input's buffer: nothing to copy.
     pub aliases: HashSet<NodeIndex>,
+    /// Quantized matmul weights (MatMulNBits B), stored with their scales in `NBitsPacking` form.
+    pub nbits: HashMap<ValueRef, NBitsPacking>,
 }
 
-/// Columns per packed weight panel: one 64-byte line of f32 per k step.
-pub const PANEL_COLS: usize = 16;
-
-/// Repacks a K x N f32 matrix (element (k, n) at `k*ks + n*ns`) into column panels: panel p holds
-/// columns 16p..16p+16 as K rows of 16 contiguous floats (zero-padded past N), so a matmul reads
-/// B sequentially instead of striding a row of N floats per k step.
-pub fn pack_panels(src: &[u8], k: usize, n: usize, ks: usize, ns: usize) -> Vec<u8> {
-    let panels = n.div_ceil(PANEL_COLS);
-    let mut out = vec![0u8; panels * k * PANEL_COLS * 4];
-    for p in 0..panels {
-        for kk in 0..k {
-            for c in 0..PANEL_COLS.min(n - p * PANEL_COLS) {
-                let s = (kk * ks + (p * PANEL_COLS + c) * ns) * 4;
-                let d = ((p * k + kk) * PANEL_COLS + c) * 4;
-                out[d..d + 4].copy_from_slice(&src[s..s + 4]);
-            }
-        }
-    }
-    out
-}
+pub use super::layout::{pack_panels, NBitsPacking, PANEL_COLS};
 
 /// A constant every use of which is the B operand of a matmul with the same orientation:
 /// `Some(trans_b)` when it can be stored packed.
@@ -75,6 +58,50 @@ fn packable(g: &Graph, v: ValueRef) -> Option<bool> {
         trans = Some(t);
     }
     trans
+}
+
+/// The constant operands of the MatMulNBits node reading constant `v` as its B: (packing, B,
+/// scales, zero points).
+type NBitsOperands = (NBitsPacking, Vec<u8>, Vec<f32>, Option<Vec<u8>>);
+
+fn nbits_operands(g: &Graph, v: ValueRef) -> Result<Option<NBitsOperands>> {
+    let users = g.users_of(v);
+    let Some(&(u, 1)) = users.first() else { return Ok(None) };
+    let Op::MatMulNBits { k, n, bits, block_size } = g.node(u).op else { return Ok(None) };
+    let node = g.node(u);
+    if users.iter().any(|&(w, slot)| slot != 1 || g.node(w).op != node.op) {
+        return Ok(None);
+    }
+    let err = |what: &str| Error::Invalid(format!("node `{}`: MatMulNBits {what}", node.name));
+    let layout = crate::ir::nbits::NBitsLayout::new(k, n, bits, block_size).map_err(|e| err(&e))?;
+    let ins = g.inputs_of(u);
+    let bytes = |slot: usize| -> Result<Option<Vec<u8>>> {
+        match ins.get(slot).copied().flatten() {
+            None => Ok(None),
+            Some(x) => g.const_of(x).map(|c| Some(c.bytes.to_vec())).ok_or_else(|| err("needs constant weights")),
+        }
+    };
+    let b = bytes(1)?.ok_or_else(|| err("has no B"))?;
+    let scales = bytes(2)?.ok_or_else(|| err("has no scales"))?;
+    if g.ty(ins[2].unwrap()).dtype != crate::ir::DType::F32 || g.ty(v).dtype != crate::ir::DType::U8 {
+        return Err(err("needs u8 B and f32 scales"));
+    }
+    let scales: Vec<f32> = scales.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let zp = bytes(3)?;
+    layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
+    Ok(Some((NBitsPacking { layout, asym: zp.is_some() }, b, scales, zp)))
+}
+
+/// A constant read only as the scales or zero points of MatMulNBits nodes whose B is constant:
+/// its values live in the packed B.
+fn nbits_absorbed(g: &Graph, v: ValueRef) -> bool {
+    let users = g.users_of(v);
+    !users.is_empty()
+        && users.iter().all(|&(u, slot)| {
+            matches!(g.node(u).op, Op::MatMulNBits { .. })
+                && (slot == 2 || slot == 3)
+                && g.inputs_of(u)[1].is_some_and(|b| g.const_of(b).is_some())
+        })
 }
 
 /// Ops whose output has the input's bytes in the same order: they can alias the input.
@@ -117,6 +144,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
     let mut locs: HashMap<ValueRef, Loc> = HashMap::new();
     let mut weights: Vec<u8> = Vec::new();
     let mut packed = HashSet::new();
+    let mut nbits = HashMap::new();
     let mut aliases = HashSet::new();
     let mut output_copies = Vec::new();
     let mut output_of: HashMap<ValueRef, usize> = HashMap::new();
@@ -164,6 +192,14 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                 weights.resize(weights.len().next_multiple_of(ALIGN as usize), 0);
                 let v = ValueRef { node: n, slot: 0 };
                 locs.insert(v, Loc::Weight(weights.len() as u64));
+                if let Some((pk, b, scales, zp)) = nbits_operands(g, v)? {
+                    weights.extend_from_slice(&pk.pack(&b, &scales, zp.as_deref()));
+                    nbits.insert(v, pk);
+                    continue;
+                }
+                if nbits_absorbed(g, v) {
+                    continue;
+                }
                 match packable(g, v).filter(|_| pack) {
                     Some(trans_b) => {
                         let (r, cols) = (c.shape[0], c.shape[1]);
@@ -231,7 +267,19 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
         locs.insert(*v, Loc::Arena(offsets[*b]));
     }
     let scratch = scratch_buf.into_iter().map(|(n, b)| (n, offsets[b])).collect();
-    Ok(Plan { order, locs, known, scratch, output_copies, arena_bytes, weights, arena_unshared, packed, aliases })
+    Ok(Plan {
+        order,
+        locs,
+        known,
+        scratch,
+        output_copies,
+        arena_bytes,
+        weights,
+        arena_unshared,
+        packed,
+        aliases,
+        nbits,
+    })
 }
 
 /// Greedy placement, largest buffers first: each goes at the lowest offset that does not overlap a

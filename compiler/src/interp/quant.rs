@@ -125,3 +125,29 @@ pub fn dynamic_quantize_linear(x: &Tensor) -> Result<Vec<Tensor>, String> {
         .collect();
     Ok(vec![Tensor::from_vec(x.shape.clone(), q), Tensor::scalar(scale), Tensor::scalar(zp as u8)])
 }
+
+/// The K x N weight (row-major) of a MatMulNBits node: (q - zero) * scale per block.
+pub fn dequantize_nbits(
+    b: &Tensor,
+    scales: &Tensor,
+    zp: Option<&Tensor>,
+    k: usize,
+    n: usize,
+    bits: usize,
+    block_size: usize,
+) -> Result<Vec<f32>, String> {
+    let l = crate::ir::nbits::NBitsLayout::new(k, n, bits, block_size)?;
+    let q = b.as_slice::<u8>()?;
+    let s = scales.as_slice::<f32>()?;
+    let z = zp.map(|z| z.as_slice::<u8>()).transpose()?;
+    l.check(q.len(), s.len(), z.map(|z| z.len()))?;
+    let mut w = vec![0f32; k * n];
+    for col in 0..n {
+        for kk in 0..k {
+            let blk = kk / block_size;
+            let v = l.q(q, kk, col) as i32 - l.zero(z, blk, col) as i32;
+            w[kk * n + col] = v as f32 * s[col * l.blocks() + blk];
+        }
+    }
+    Ok(w)
+}

@@ -9,6 +9,7 @@
 pub mod consts;
 pub mod dim;
 pub mod dtype;
+pub mod nbits;
 pub mod op;
 pub mod tensor;
 pub mod text;

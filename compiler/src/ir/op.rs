@@ -136,6 +136,17 @@ pub enum Op {
     Attention {
         scale: f32,
     },
+    /// onnxruntime's MatMulNBits (domain com.microsoft): A [..., K] times a K x N weight stored
+    /// quantized in blocks of `block_size` along K. Inputs: A (f32), B (u8 [N, blocks,
+    /// block_size * bits / 8], low nibble first), scales (f32, N * blocks), zero points
+    /// (optional, u8 packed like B; default 2^(bits - 1)). `--quantize` writes this op; edgec
+    /// also accepts `block_size = K` (one block per column: per-channel) for any K.
+    MatMulNBits {
+        k: usize,
+        n: usize,
+        bits: usize,
+        block_size: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -324,6 +335,7 @@ impl Op {
             DynamicQuantizeLinear => "DynamicQuantizeLinear",
             RmsNorm { .. } => "RMSNormalization",
             Attention { .. } => "Attention",
+            MatMulNBits { .. } => "MatMulNBits",
         }
     }
 
@@ -436,6 +448,9 @@ impl Op {
                 }
                 a
             }
+            MatMulNBits { k, n, bits, block_size } => {
+                vec![format!("K={k}"), format!("N={n}"), format!("bits={bits}"), format!("block_size={block_size}")]
+            }
             _ => vec![],
         }
     }
@@ -482,6 +497,7 @@ impl Op {
             QuantizeLinear { .. } | DequantizeLinear { .. } => (2, 3),
             RmsNorm { .. } => (2, 2),
             Attention { .. } => (3, 4),
+            MatMulNBits { .. } => (3, 4),
         }
     }
 }

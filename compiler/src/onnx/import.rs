@@ -149,6 +149,18 @@ pub fn import_model(model: ModelProto, base: Option<&Path>, what: &str) -> Resul
             .or_else(|| node.output.first().cloned())
             .unwrap_or_else(|| format!("{op_type}_{i}"));
         let domain = node.domain.as_deref().unwrap_or("");
+        if domain == "com.microsoft" && op_type == "MatMulNBits" {
+            match super::ops::matmul_nbits(node) {
+                Ok(c) => converted.push((node, node_name, c)),
+                Err(ConvertError::Unsupported(reason)) => {
+                    unsupported.push(Unsupported { node: node_name, op: format!("{domain}.{op_type}"), opset, reason })
+                }
+                Err(ConvertError::Invalid(msg)) => {
+                    return Err(Error::Node { node: node_name, op: op_type, opset, msg })
+                }
+            }
+            continue;
+        }
         if !matches!(domain, "" | "ai.onnx") {
             unsupported.push(Unsupported {
                 node: node_name,

@@ -349,3 +349,22 @@ fn constant(a: &Attrs) -> Result<Tensor, ConvertError> {
     }
     Err(ConvertError::Invalid("Constant has no value attribute".into()))
 }
+
+/// com.microsoft MatMulNBits (onnxruntime's 4/8-bit weight-only matmul).
+pub fn matmul_nbits(node: &NodeProto) -> Result<Converted, ConvertError> {
+    let a = Attrs::new(node);
+    let need = |name: &str| -> Result<usize, ConvertError> {
+        let v = a.opt_int(name).map_err(ConvertError::Invalid)?;
+        let v = v.ok_or_else(|| ConvertError::Invalid(format!("MatMulNBits needs the '{name}' attribute")))?;
+        usize::try_from(v).map_err(|_| ConvertError::Invalid(format!("MatMulNBits '{name}' = {v} is negative")))
+    };
+    let (k, n, bits, block_size) = (need("K")?, need("N")?, need("bits")?, need("block_size")?);
+    if a.int("accuracy_level", 0).map_err(ConvertError::Invalid)? > 4 {
+        return Err(ConvertError::Invalid("MatMulNBits accuracy_level must be 0..=4".into()));
+    }
+    crate::ir::nbits::NBitsLayout::new(k, n, bits, block_size).map_err(ConvertError::Unsupported)?;
+    if node.input.len() > 4 && node.input[4..].iter().any(|s| !s.is_empty()) {
+        return Err(ConvertError::Unsupported("MatMulNBits with g_idx or bias inputs".into()));
+    }
+    Ok(Converted::Op(Op::MatMulNBits { k, n, bits, block_size }))
+}

@@ -11,6 +11,7 @@ pub mod fuse_attention;
 pub mod fuse_layer_norm;
 pub mod fuse_rms_norm;
 pub mod pattern;
+pub mod quantize;
 pub mod shape_infer;
 
 use crate::error::{Error, Result};
@@ -87,6 +88,11 @@ impl PassManager {
 
     pub fn default_pipeline() -> PassManager {
         PassManager::parse("default").expect("the default pipeline parses")
+    }
+
+    /// Appends a configured pass (one that `pass_by_name` cannot build, e.g. `quantize`).
+    pub fn push(&mut self, p: Box<dyn Pass>) {
+        self.passes.push(p);
     }
 
     pub fn names(&self) -> Vec<&'static str> {

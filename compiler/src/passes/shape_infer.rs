@@ -335,6 +335,14 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
         Op::Dropout => vec![t(d0, cx.same(0)), t(Bool, cx.same(0))],
         Op::MatMul => vec![t(d0, matmul(cx)?)],
         Op::MatMulInteger => vec![t(I32, matmul(cx)?)],
+        Op::MatMulNBits { k, n, .. } => {
+            let out = cx.shape(0).map(|a| -> Result<Vec<Dim>> {
+                let Some(last) = a.last() else { return Err(cx.err("MatMulNBits input A must have rank >= 1")) };
+                unify(cx, last, &Dim::fixed(*k as i64), "A's last dimension is not K")?;
+                Ok(a[..a.len() - 1].iter().cloned().chain([Dim::fixed(*n as i64)]).collect())
+            });
+            vec![t(F32, out.transpose()?)]
+        }
         Op::Gemm { trans_a, trans_b, .. } => vec![t(d0, gemm(cx, *trans_a, *trans_b)?)],
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             if let Some(r) = cx.rank(0) {

@@ -1,0 +1,372 @@
+//! Post-training weight quantization (`edgec compile --quantize SCHEME`).
+//!
+//! Every MatMul whose B operand is a constant f32 K x N matrix becomes an `Op::MatMulNBits`
+//! (onnxruntime's contrib op: the same format QAT exporters and onnxruntime's own quantizer
+//! write), so the interpreter defines its meaning and the code generator has one quantized
+//! matmul to lower. Large embedding tables read by Gather become int8 rows with one scale per row
+//! (standard ops: Gather, Cast, Mul). The f32 originals are left for dead-code removal.
+
+use super::{Pass, PassStats};
+use crate::error::{Error, Result};
+use crate::ir::nbits::{self, NBitsLayout};
+use crate::ir::{DType, Dim, Graph, Op, Tensor, TensorType, Value, ValueRef};
+
+/// How weights are rounded: bits, block size along K, symmetric or with zero points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scheme {
+    pub bits: usize,
+    /// Values per block along K; `None` is one block per output channel (the whole column).
+    pub group: Option<usize>,
+    pub asym: bool,
+}
+
+impl std::str::FromStr for Scheme {
+    type Err = String;
+    /// `int8` (per channel), `int4` (group 32), `int4:g128`, `int4:g32:asym`, `int8:g64`, ...
+    fn from_str(s: &str) -> std::result::Result<Scheme, String> {
+        let mut parts = s.split(':');
+        let (bits, default_group) = match parts.next() {
+            Some("int8") => (8, None),
+            Some("int4") => (4, Some(32)),
+            _ => return Err(format!("unknown quantization scheme '{s}' (int8, int4, int4:g128, int4:g32:asym)")),
+        };
+        let mut scheme = Scheme { bits, group: default_group, asym: false };
+        for p in parts {
+            if p == "asym" {
+                scheme.asym = true;
+            } else if p == "sym" {
+                scheme.asym = false;
+            } else if p == "channel" {
+                scheme.group = None;
+            } else if let Some(g) = p.strip_prefix('g').and_then(|g| g.parse::<usize>().ok()) {
+                if g < 2 || g % 2 != 0 {
+                    return Err(format!("group size {g} must be even and at least 2"));
+                }
+                scheme.group = Some(g);
+            } else {
+                return Err(format!("unknown quantization option '{p}' in '{s}' (gN, sym, asym, channel)"));
+            }
+        }
+        Ok(scheme)
+    }
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "int{}", self.bits)?;
+        match self.group {
+            Some(g) => write!(f, ":g{g}")?,
+            None => write!(f, ":channel")?,
+        }
+        if self.asym {
+            write!(f, ":asym")?;
+        }
+        Ok(())
+    }
+}
+
+/// Scale and zero point of one block, and the rounding of a value with them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockParams {
+    pub scale: f32,
+    /// Unsigned zero point: stored = round(w / scale) + zero.
+    pub zero: u8,
+    pub max_q: u8,
+}
+
+impl BlockParams {
+    /// Round-to-nearest parameters for `values`. Symmetric int4 maps the largest-magnitude value to
+    /// -8 (all 16 levels used, as llama.cpp's Q4_0 does); symmetric int8 uses -127..=127;
+    /// asymmetric spans min..max with an integer zero point.
+    pub fn fit(values: &[f32], bits: usize, asym: bool) -> BlockParams {
+        let max_q = ((1u32 << bits) - 1) as u8;
+        let half = 1u8 << (bits - 1);
+        if asym {
+            let lo = values.iter().copied().fold(0f32, f32::min);
+            let hi = values.iter().copied().fold(0f32, f32::max);
+            let scale = if hi > lo { (hi - lo) / max_q as f32 } else { 1.0 };
+            let zero = (-lo / scale).round().clamp(0.0, max_q as f32) as u8;
+            return BlockParams { scale, zero, max_q };
+        }
+        let peak = values.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        let scale = if peak == 0.0 {
+            1.0
+        } else if bits == 4 {
+            peak / -(half as f32)
+        } else {
+            peak.abs() / (half as f32 - 1.0)
+        };
+        BlockParams { scale, zero: half, max_q }
+    }
+
+    pub fn quantize(&self, w: f32) -> u8 {
+        ((w / self.scale).round() + self.zero as f32).clamp(0.0, self.max_q as f32) as u8
+    }
+
+    pub fn dequantize(&self, q: u8) -> f32 {
+        (q as i32 - self.zero as i32) as f32 * self.scale
+    }
+}
+
+/// A K x N weight in MatMulNBits form.
+pub struct Quantized {
+    pub layout: NBitsLayout,
+    pub b: Vec<u8>,
+    pub scales: Vec<f32>,
+    /// Packed zero points (asymmetric schemes only).
+    pub zero_points: Option<Vec<u8>>,
+}
+
+impl Quantized {
+    /// An all-zero weight of `layout` (symmetric: default zero points; else zero points 0).
+    pub fn new(k: usize, n: usize, scheme: Scheme) -> Result<Quantized> {
+        let layout = NBitsLayout::new(k, n, scheme.bits, scheme.group.unwrap_or(k)).map_err(Error::Invalid)?;
+        Ok(Quantized {
+            layout,
+            b: vec![0; layout.b_len()],
+            scales: vec![0.0; n * layout.blocks()],
+            zero_points: scheme.asym.then(|| vec![0; n * layout.zp_cols()]),
+        })
+    }
+
+    /// Stores block `blk` of column `col` (`q` holds its values along K).
+    pub fn set_block(&mut self, col: usize, blk: usize, p: BlockParams, q: &[u8]) {
+        let l = self.layout;
+        self.scales[col * l.blocks() + blk] = p.scale;
+        if let Some(z) = &mut self.zero_points {
+            nbits::set(z, col * l.zp_cols(), blk, l.bits, p.zero);
+        }
+        let base = (col * l.blocks() + blk) * l.blob();
+        for (j, &v) in q.iter().enumerate() {
+            nbits::set(&mut self.b, base, j, l.bits, v);
+        }
+    }
+}
+
+/// Round-to-nearest quantization of a row-major K x N matrix, column by column and block by block.
+pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme) -> Result<Quantized> {
+    let mut out = Quantized::new(k, n, scheme)?;
+    let bs = out.layout.block_size;
+    let mut col = vec![0f32; k];
+    for c in 0..n {
+        for (kk, v) in col.iter_mut().enumerate() {
+            *v = w[kk * n + c];
+        }
+        for (blk, chunk) in col.chunks(bs).enumerate() {
+            let p = BlockParams::fit(chunk, scheme.bits, scheme.asym);
+            let q: Vec<u8> = chunk.iter().map(|&v| p.quantize(v)).collect();
+            out.set_block(c, blk, p, &q);
+        }
+    }
+    Ok(out)
+}
+
+/// Shell-style pattern: `*` matches any run of characters; without `*` it matches substrings.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| go(rest, &s[i..])),
+            Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Gather tables smaller than this stay f32 (position tables, small lookups).
+const MIN_EMBEDDING_ROWS: usize = 1024;
+
+pub struct Quantize {
+    pub scheme: Scheme,
+    /// Node or weight names (patterns) left in f32.
+    pub keep: Vec<String>,
+    /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name.
+    #[allow(clippy::type_complexity)]
+    pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>>>>,
+}
+
+impl Quantize {
+    pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
+        Quantize { scheme, keep, rounder: None }
+    }
+
+    fn kept(&self, names: &[&str]) -> bool {
+        self.keep.iter().any(|p| names.iter().any(|n| pattern_matches(p, n)))
+    }
+}
+
+/// The f32 contents of a constant value.
+fn const_f32(g: &Graph, v: ValueRef) -> Option<(Vec<usize>, Vec<f32>, String)> {
+    let c = g.const_of(v)?;
+    if c.dtype != DType::F32 {
+        return None;
+    }
+    let vals = c.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    Some((c.shape.clone(), vals, c.name.clone()))
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        "quantize"
+    }
+
+    fn run(&self, g: &mut Graph) -> Result<PassStats> {
+        let mut changed = 0;
+        let nodes: Vec<_> = g.g.node_indices().collect();
+        for n in nodes {
+            let node = g.node(n).clone();
+            let ins = g.inputs_of(n);
+            match node.op {
+                Op::MatMul => {
+                    let (Some(a), Some(b)) = (ins[0], ins[1]) else { continue };
+                    let Some((shape, w, wname)) = const_f32(g, b) else { continue };
+                    if shape.len() != 2 || g.ty(a).dtype != DType::F32 || self.kept(&[&node.name, &wname]) {
+                        continue;
+                    }
+                    let (k, nn) = (shape[0], shape[1]);
+                    let q = match &self.rounder {
+                        Some(r) => r(&node.name, &w, k, nn, self.scheme)?,
+                        None => None,
+                    };
+                    let q = match q {
+                        Some(q) => q,
+                        None => quantize_rtn(&w, k, nn, self.scheme)?,
+                    };
+                    let l = q.layout;
+                    let bq = g.add_const(
+                        format!("{wname}.q{}", l.bits),
+                        &Tensor::from_vec(vec![nn, l.blocks(), l.blob()], q.b),
+                    );
+                    let sc = g.add_const(format!("{wname}.scales"), &Tensor::from_vec(vec![nn * l.blocks()], q.scales));
+                    let zp = q.zero_points.map(|z| {
+                        g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
+                    });
+                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size };
+                    let out = node.outputs[0].clone();
+                    let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
+                    g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: m, slot: 0 });
+                    changed += 1;
+                }
+                Op::Gather { axis: 0 } => {
+                    let (Some(t), Some(ids)) = (ins[0], ins[1]) else { continue };
+                    let Some((shape, w, wname)) = const_f32(g, t) else { continue };
+                    if shape.len() != 2 || shape[0] < MIN_EMBEDDING_ROWS || self.kept(&[&node.name, &wname]) {
+                        continue;
+                    }
+                    quantize_embedding(g, n, &node.name, &node.outputs[0], ids, &wname, &shape, &w);
+                    changed += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok(PassStats { changed })
+    }
+}
+
+/// Gather(table, ids) -> Mul(Cast(Gather(int8 table, ids)), Gather(row scales, ids)).
+#[allow(clippy::too_many_arguments)]
+fn quantize_embedding(
+    g: &mut Graph,
+    n: petgraph::stable_graph::NodeIndex,
+    name: &str,
+    out: &Value,
+    ids: ValueRef,
+    wname: &str,
+    shape: &[usize],
+    w: &[f32],
+) {
+    let (rows, d) = (shape[0], shape[1]);
+    let mut q = vec![0i8; rows * d];
+    let mut scales = vec![0f32; rows];
+    for r in 0..rows {
+        let p = BlockParams::fit(&w[r * d..(r + 1) * d], 8, false);
+        scales[r] = p.scale;
+        for c in 0..d {
+            q[r * d + c] = (p.quantize(w[r * d + c]) as i32 - p.zero as i32) as i8;
+        }
+    }
+    let qt = g.add_const(format!("{wname}.q8"), &Tensor::from_vec(vec![rows, d], q));
+    let st = g.add_const(format!("{wname}.row_scales"), &Tensor::from_vec(vec![rows, 1], scales));
+    let out_dims = out.ty.shape.clone();
+    let with_dtype = |dtype: DType, last: Option<Dim>| {
+        let shape = out_dims.clone().map(|mut s| {
+            if let (Some(l), Some(x)) = (last.clone(), s.last_mut()) {
+                *x = l;
+            }
+            s
+        });
+        TensorType { dtype, shape }
+    };
+    let value = |suffix: &str, ty: TensorType| Value { name: format!("{}{suffix}", out.name), ty };
+    let gq = g.add_node(
+        Op::Gather { axis: 0 },
+        format!("{name}.q8"),
+        &[Some(qt), Some(ids)],
+        vec![value(".q8", with_dtype(DType::I8, None))],
+    );
+    let cast = g.add_node(
+        Op::Cast { to: DType::F32 },
+        format!("{name}.dequant"),
+        &[Some(ValueRef { node: gq, slot: 0 })],
+        vec![value(".deq", with_dtype(DType::F32, None))],
+    );
+    let gs = g.add_node(
+        Op::Gather { axis: 0 },
+        format!("{name}.scales"),
+        &[Some(st), Some(ids)],
+        vec![value(".scale", with_dtype(DType::F32, Some(Dim::fixed(1))))],
+    );
+    let mul = g.add_node(
+        Op::Binary(crate::ir::BinaryOp::Mul),
+        name.to_string(),
+        &[Some(ValueRef { node: cast, slot: 0 }), Some(ValueRef { node: gs, slot: 0 })],
+        vec![out.clone()],
+    );
+    g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: mul, slot: 0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_parse() {
+        assert_eq!("int8".parse::<Scheme>().unwrap(), Scheme { bits: 8, group: None, asym: false });
+        assert_eq!("int4".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false });
+        assert_eq!("int4:g128:asym".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(128), asym: true });
+        assert!("int3".parse::<Scheme>().is_err());
+        assert!("int4:g7".parse::<Scheme>().is_err());
+    }
+
+    #[test]
+    fn rounding_error_is_within_half_a_step() {
+        let k = 70; // not a multiple of the group: the last block is partial
+        let n = 3;
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        for scheme in ["int8", "int4", "int4:g16:asym", "int8:g32:asym"] {
+            let s: Scheme = scheme.parse().unwrap();
+            let q = quantize_rtn(&w, k, n, s).unwrap();
+            let l = q.layout;
+            for c in 0..n {
+                for kk in 0..k {
+                    let blk = kk / l.block_size;
+                    let scale = q.scales[c * l.blocks() + blk];
+                    let z = l.zero(q.zero_points.as_deref(), blk, c) as i32;
+                    let back = (l.q(&q.b, kk, c) as i32 - z) as f32 * scale;
+                    let err = (back - w[kk * n + c]).abs();
+                    assert!(err <= scale.abs() * 0.5 + 1e-6, "{scheme}: {err} vs step {scale}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("lm_head", "/lm_head/MatMul"));
+        assert!(pattern_matches("/model/layers.0/*", "/model/layers.0/mlp/up_proj/MatMul"));
+        assert!(!pattern_matches("/model/layers.1/*", "/model/layers.10/mlp"));
+    }
+}
