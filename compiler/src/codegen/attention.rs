@@ -2,11 +2,11 @@
 //!
 //! One unit of work is (batch, a pass of up to `MAX_HEADS` query heads that share a kv head, one
 //! query row). It streams the kv head's keys once for all heads of the pass (flash-attention's
-//! online softmax): per block of 4 keys and per head, four dot products (f32x4 over head_dim),
+//! online softmax): per block of `KEYS` keys and per head, the dot products (f32x4 over head_dim),
 //! scale and mask, the new running max, `alpha = exp(old_max - new_max)`, the block's
-//! probabilities as one f32x4 `exp`, and `out = out * alpha + sum p_j v_j` on the output row,
+//! probabilities as f32x4 `exp`s, and `out = out * alpha + sum p_j v_j` on the output row,
 //! which serves as the accumulator. A last pass divides by the running sum. Keys past the last
-//! whole block, and every key on targets without vectors, go one at a time.
+//! whole block go 4 and then 1 at a time; on targets without vectors every key goes alone.
 //!
 //! Units are independent, so large attentions run through the runtime's `parallel_for` like
 //! matmuls do (see `units_and_work`).
@@ -39,8 +39,9 @@ pub struct AttentionKernel {
     pub scale: f32,
 }
 
-/// Keys per block: one f32x4 of scores.
-const KEYS: i64 = 4;
+/// Keys per block: two f32x4 of scores (8 dot-product accumulators + q + k fit x86's 16 vector
+/// registers; the per-block rescale of the output row is amortised over 8 keys).
+const KEYS: i64 = 8;
 /// Query heads per pass over a kv head (their running max and sum stay in registers).
 const MAX_HEADS: usize = 4;
 
@@ -293,17 +294,29 @@ fn step_keys(
     }
     // Running max first, then the block's probabilities relative to it.
     let (mn, pv): (Value, Vec<Value>);
-    if n == 4 && cx.vector {
-        let mut sv = splat4(kb, scores[0]);
-        for (i, &x) in scores.iter().enumerate().skip(1) {
-            sv = kb.fb.ins().insertlane(sv, x, i as u8);
-        }
-        let bmax = reduce4(kb, sv, true);
+    if n.is_multiple_of(4) && cx.vector {
+        // Scores as f32x4 vectors: one max reduction and one vector exp per 4 keys.
+        let svs: Vec<Value> = scores
+            .chunks(4)
+            .map(|c| {
+                let mut sv = splat4(kb, c[0]);
+                for (i, &x) in c.iter().enumerate().skip(1) {
+                    sv = kb.fb.ins().insertlane(sv, x, i as u8);
+                }
+                sv
+            })
+            .collect();
+        let vmax = svs.iter().skip(1).fold(svs[0], |a, &x| kb.fb.ins().fmax(a, x));
+        let bmax = reduce4(kb, vmax, true);
         mn = kb.fb.ins().fmax(m, bmax);
         let mn4 = splat4(kb, mn);
-        let dlt = kb.fb.ins().fsub(sv, mn4);
-        let p = Fm::new(kb, types::F32X4).exp(dlt);
-        pv = (0..4u8).map(|i| kb.fb.ins().extractlane(p, i)).collect();
+        let mut lanes = Vec::with_capacity(n);
+        for sv in svs {
+            let dlt = kb.fb.ins().fsub(sv, mn4);
+            let p = Fm::new(kb, types::F32X4).exp(dlt);
+            lanes.extend((0..4u8).map(|i| kb.fb.ins().extractlane(p, i)));
+        }
+        pv = lanes;
     } else {
         let bmax = scores.iter().skip(1).fold(scores[0], |a, &x| kb.fb.ins().fmax(a, x));
         mn = kb.fb.ins().fmax(m, bmax);
@@ -421,6 +434,7 @@ pub fn emit_attention(kb: &mut Kb, ak: &AttentionKernel, units: Option<(Value, V
         let (mut j, mut state) = (zero, init);
         if cx.vector {
             (j, state) = kb.fold_range(zero, cx.t, KEYS, &state, |kb, j, a| run(kb, j, a, KEYS as usize));
+            (j, state) = kb.fold_range(j, cx.t, 4, &state, |kb, j, a| run(kb, j, a, 4));
         }
         let (_, state) = kb.fold_range(j, cx.t, 1, &state, |kb, j, a| run(kb, j, a, 1));
         for (r, row) in rows.iter().enumerate() {
