@@ -137,6 +137,31 @@ fn rms_graph() -> Graph {
     )
 }
 
+/// LayerNorm decomposed with Mul(d, Reciprocal(std)) and a gamma but no beta, 12 channels.
+fn layer_norm_graph() -> Graph {
+    load(
+        vec![
+            node("ReduceMean", &["x", "axes"], &["mean"]),
+            node("Sub", &["x", "mean"], &["d"]),
+            node("Pow", &["d", "two"], &["sq"]),
+            node("ReduceMean", &["sq", "axes"], &["var"]),
+            node("Add", &["var", "eps"], &["ve"]),
+            node("Sqrt", &["ve"], &["std"]),
+            node("Reciprocal", &["std"], &["inv"]),
+            node("Mul", &["d", "inv"], &["n"]),
+            node("Mul", &["gamma", "n"], &["y"]),
+        ],
+        &[("x", 1, &["seq", "12"])],
+        &["y"],
+        vec![
+            i64_init("axes", &[-1]),
+            scalar_init("two", 2.0),
+            scalar_init("eps", 1e-5),
+            common::f32_initializer("gamma", &[12], &noise(12, 7)),
+        ],
+    )
+}
+
 /// Attention with part of the scale on q, k in [b, t, h, d] layout (k^T = one Transpose with
 /// perm [0,2,3,1]), v through repeat_kv's Unsqueeze/Expand/Reshape from `kv_heads` heads, a
 /// boolean mask through Where(keep, scores, lowest) and an additive bias after it; batch 2,
@@ -198,6 +223,13 @@ fn hand_written_patterns_fuse_and_match() {
     assert_eq!(fused.op_count(), 1, "the whole chain is one op:\n{}", edgec::ir::text::render(&fused));
     let feeds = vec![("x".to_string(), Tensor::from_vec(vec![3, 5, 10], noise(150, 9)))];
     assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "rms");
+
+    let g = layer_norm_graph();
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused)[1], 1, "{}", edgec::ir::text::render(&fused));
+    assert_eq!(fused.op_count(), 1, "the whole chain is one op:\n{}", edgec::ir::text::render(&fused));
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![5, 12], noise(60, 8)))];
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "layer norm");
 
     // 6 query heads over 6 k heads: k carries every head, v is repeated from 2 kv heads. The
     // fused op needs k and v with the same head count, so this one must NOT fuse...
@@ -307,6 +339,11 @@ fn fused_ops_run_natively() {
             with_passes(&rms_graph(), "default"),
             vec![("x".to_string(), Tensor::from_vec(vec![3, 7, 10], noise(210, 5)))],
         ),
+        (
+            "layer norm",
+            with_passes(&layer_norm_graph(), "default"),
+            vec![("x".to_string(), Tensor::from_vec(vec![5, 12], noise(60, 8)))],
+        ),
         ("attention small", with_passes(&attention_graph(6, 6), "default"), attention_feeds(6, 6, 5, 7)),
         ("attention parallel", with_passes(&attention_graph(6, 6), "default"), attention_feeds(6, 6, 40, 67)),
         (
@@ -324,7 +361,7 @@ fn fused_ops_run_natively() {
     for (name, g, feeds) in cases {
         let feeds = if feeds.is_empty() { common::tiny_lm_feeds(&g) } else { feeds };
         let fused_ops = census(&g);
-        assert!(fused_ops[0] + fused_ops[2] > 0, "{name}: nothing fused");
+        assert!(fused_ops[0] + fused_ops[1] + fused_ops[2] > 0, "{name}: nothing fused");
         let want = run(&g, &feeds);
         let c = compile(&g, &common::native::test_options("host")).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
