@@ -21,11 +21,14 @@ fn load(dir: &std::path::Path) -> Graph {
 }
 
 /// The model as is, and with its matmul weights quantized (int8 per channel, int4 in groups of
-/// 32, and asymmetric int4 in groups of 48 so K leaves a partial block): native code for
-/// MatMulNBits against the interpreter's reading of the same quantized graph.
+/// 32, and asymmetric int4 in groups of 48 so K leaves a partial block; each also with int8
+/// activations): native code for MatMulNBits against the interpreter's reading of the same
+/// quantized graph. With int8 activations an activation that lands within float rounding of a
+/// rounding boundary may round the other way in one of the two, which later layers carry on: those
+/// variants are held to |diff| <= 0.05 (the kernels themselves are checked exactly in quantize.rs).
 fn variants(name: &str, g: Graph) -> Vec<(String, Graph)> {
     let mut out = vec![(name.to_string(), g.clone())];
-    for scheme in ["int8", "int4", "int4:g48:asym"] {
+    for scheme in ["int8", "int4", "int4:g48:asym", "w8a8", "w4a8", "w4a8:g48:asym"] {
         let mut q = g.clone();
         let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
         let stats = edgec::passes::Pass::run(&pass, &mut q).unwrap();
@@ -34,6 +37,14 @@ fn variants(name: &str, g: Graph) -> Vec<(String, Graph)> {
         }
     }
     out
+}
+
+fn tolerance(variant: &str) -> (f64, f64) {
+    if variant.contains("a8") {
+        (0.0, 0.05)
+    } else {
+        (RTOL, ATOL)
+    }
 }
 
 fn opts(target: &str) -> Options {
@@ -59,7 +70,8 @@ fn tiny_models_native_host() {
                     c.stats.kernels, c.stats.code_bytes, c.stats.weight_bytes, c.stats.arena_bytes, c.stats.compile_ms
                 );
                 for ((n, g), (_, w)) in got.iter().zip(&want) {
-                    common::compare(g, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{name} {target} {n}: {e}"));
+                    common::compare(g, w, tolerance(&name).0, tolerance(&name).1)
+                        .unwrap_or_else(|e| panic!("{name} {target} {n}: {e}"));
                 }
             }
         }
@@ -99,7 +111,7 @@ fn tiny_models_under_qemu() {
             for ((name, want), raw) in wants.iter().zip(outs) {
                 let got = common::native::decode_outputs(&raw, want).unwrap();
                 for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                    common::compare(g, w, RTOL, ATOL)
+                    common::compare(g, w, tolerance(name).0, tolerance(name).1)
                         .unwrap_or_else(|e| panic!("{name} on {} {features:?} output {i}: {e}", arch.name()));
                 }
             }

@@ -140,6 +140,10 @@ enum Command {
         max_windows: usize,
         #[arg(long)]
         threads: Option<usize>,
+        /// Also report mean KL divergence (reference || model) and top-1 agreement against this
+        /// artifact (e.g. the fp32 build), on the same windows.
+        #[arg(long, value_name = "OTHER.edgec")]
+        reference: Option<PathBuf>,
     },
     /// Time a compiled .edgec artifact: median latency over N runs.
     Bench {
@@ -163,6 +167,10 @@ struct OptimizeArgs {
     /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
     #[arg(long, value_name = "SCHEME")]
     quantize: Option<String>,
+    /// How weights are rounded: `mse` (per block, the clipping range with the least squared error;
+    /// the default) or `absmax` (the block's full range).
+    #[arg(long, default_value = "mse")]
+    method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
     /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.
     #[arg(long = "keep-fp32", value_name = "PATTERN")]
@@ -178,7 +186,13 @@ impl OptimizeArgs {
         let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
         if let Some(q) = &self.quantize {
             let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
-            passes.push(Box::new(edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone())));
+            let mut pass = edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone());
+            pass.search = match self.method.as_str() {
+                "mse" => true,
+                "absmax" => false,
+                m => return Err(format!("--method {m}: expected `mse` or `absmax`")),
+            };
+            passes.push(Box::new(pass));
         }
         if !passes.is_empty() {
             passes.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
@@ -448,23 +462,65 @@ fn bench(path: &Path, inputs: Vec<String>, runs: usize, warmup: usize, threads: 
     Ok(())
 }
 
-fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Option<usize>) -> Result<(), String> {
+/// log-softmax of one row of logits, in f64.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
+}
+
+fn eval(
+    path: &Path,
+    text: &Path,
+    ctx: usize,
+    max_windows: usize,
+    threads: Option<usize>,
+    reference: Option<&Path>,
+) -> Result<(), String> {
     if ctx < 2 {
         return Err("--ctx must be at least 2".into());
     }
     let model = load_artifact(path, threads)?;
+    let other = reference.map(|p| load_artifact(p, threads)).transpose()?;
     let tok = model.tokenizer()?;
     let body = std::fs::read_to_string(text).map_err(|e| format!("{}: {e}", text.display()))?;
     let ids = tok.encode(body.as_str(), false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec();
     let mut session = edgec_runtime::lm::Session::new(&model)?;
+    let mut ref_session = other.as_ref().map(edgec_runtime::lm::Session::new).transpose()?;
     let (mut nll, mut count) = (0.0, 0usize);
+    let (mut kl, mut agree) = (0.0, 0usize);
     let t0 = Instant::now();
     let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
     let n = if max_windows > 0 { windows.len().min(max_windows) } else { windows.len() };
     for (i, w) in windows.iter().take(n).enumerate() {
-        let (s, c) = session.nll(w).map_err(|e| e.to_string())?;
-        nll += s;
-        count += c;
+        session.reset()?;
+        let (all, vocab) = session.feed_all(w).map_err(|e| e.to_string())?;
+        let reference_logits = match &mut ref_session {
+            Some(r) => {
+                r.reset()?;
+                let (all, v) = r.feed_all(w).map_err(|e| e.to_string())?;
+                if v != vocab {
+                    return Err(format!("--reference has a vocabulary of {v}, the model {vocab}"));
+                }
+                Some(all)
+            }
+            None => None,
+        };
+        for pos in 0..w.len() - 1 {
+            let row = &all[pos * vocab..(pos + 1) * vocab];
+            nll -= edgec_runtime::lm::log_softmax_at(row, w[pos + 1] as usize);
+            if let Some(r) = &reference_logits {
+                let rrow = &r[pos * vocab..(pos + 1) * vocab];
+                let (lp, lq) = (log_probs(rrow), log_probs(row));
+                kl += lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+                agree += (argmax(rrow) == argmax(row)) as usize;
+            }
+        }
+        count += w.len() - 1;
         eprint!("\rwindow {}/{n}: perplexity so far {:.4}", i + 1, (nll / count as f64).exp());
     }
     eprintln!();
@@ -475,6 +531,11 @@ fn eval(path: &Path, text: &Path, ctx: usize, max_windows: usize, threads: Optio
         t0.elapsed().as_secs_f64()
     );
     println!("perplexity: {:.4}", (nll / count as f64).exp());
+    if let Some(r) = reference {
+        println!("reference: {}", r.display());
+        println!("mean KL divergence: {:.6} nats", kl / count as f64);
+        println!("top-1 agreement: {:.2} % ({agree}/{count})", 100.0 * agree as f64 / count as f64);
+    }
     Ok(())
 }
 
@@ -593,7 +654,9 @@ fn main() -> ExitCode {
             compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &optimize)
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
-        Command::Eval { model, text, ctx, max_windows, threads } => eval(&model, &text, ctx, max_windows, threads),
+        Command::Eval { model, text, ctx, max_windows, threads, reference } => {
+            eval(&model, &text, ctx, max_windows, threads, reference.as_deref())
+        }
         Command::Generate {
             model,
             prompt,

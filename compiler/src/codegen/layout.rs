@@ -39,14 +39,51 @@ pub struct NBitsPacking {
     pub layout: NBitsLayout,
     /// Records carry offsets (the weight had zero points).
     pub asym: bool,
+    /// Integer-dot form for int8 activations: records carry i32 zero points, and rows come in
+    /// 64-byte chunks of 16 columns x 4 consecutive k (8 for 4 bits: k in the low nibble, k + 4
+    /// in the high one), so one 4-byte group of activations multiplies 4 columns at once.
+    pub int_dot: bool,
+}
+
+/// Whether a MatMulNBits with int8 activations gets integer dot products (else its activations are
+/// rounded to int8 and back in f32 and the float kernel runs).
+pub fn int_dot_ok(bits: usize, block_size: usize, simd: bool) -> bool {
+    simd && block_size.is_multiple_of(if bits == 4 { 8 } else { 4 })
+}
+
+/// Scratch bytes per row of A for a MatMulNBits with int8 activations: the int8 row (padded to
+/// whole blocks) then per block its scale (f32) and sum(q) (i32); or the rounded f32 row.
+pub fn activation_row_bytes(k: usize, block_size: usize, int_dot: bool) -> usize {
+    let blocks = k.div_ceil(block_size);
+    if int_dot {
+        (blocks * block_size + 8 * blocks).next_multiple_of(16)
+    } else {
+        k * 4
+    }
 }
 
 impl NBitsPacking {
+    /// Offset of the per-block scales in a row of the activation scratch.
+    pub fn act_scales_offset(&self) -> usize {
+        self.layout.blocks() * self.layout.block_size
+    }
+    pub fn act_row_bytes(&self) -> usize {
+        activation_row_bytes(self.layout.k, self.layout.block_size, self.int_dot)
+    }
+
     pub fn row_bytes(&self) -> usize {
         PANEL_COLS * self.layout.bits / 8
     }
     pub fn header_bytes(&self) -> usize {
-        PANEL_COLS * 4 * if self.asym { 2 } else { 1 }
+        PANEL_COLS * 4 * if self.asym || self.int_dot { 2 } else { 1 }
+    }
+    /// k steps per 64-byte chunk of the integer-dot form.
+    pub fn chunk_k(&self) -> usize {
+        if self.layout.bits == 4 {
+            8
+        } else {
+            4
+        }
     }
     pub fn record_bytes(&self) -> usize {
         self.header_bytes() + self.layout.block_size * self.row_bytes()
@@ -70,7 +107,12 @@ impl NBitsPacking {
                     let s = scales[col * l.blocks() + blk];
                     out[rec + 4 * c..rec + 4 * c + 4].copy_from_slice(&s.to_le_bytes());
                     let zero = l.zero(zp, blk, col);
-                    if self.asym {
+                    if self.int_dot {
+                        // The zero point of the stored values as i32: int8 rows hold q - 128.
+                        let z = if l.bits == 8 { zero as i32 - 128 } else { zero as i32 };
+                        let o = rec + 64 + 4 * c;
+                        out[o..o + 4].copy_from_slice(&z.to_le_bytes());
+                    } else if self.asym {
                         let m = -(zero as f32) * s;
                         let o = rec + 64 + 4 * c;
                         out[o..o + 4].copy_from_slice(&m.to_le_bytes());
@@ -78,6 +120,16 @@ impl NBitsPacking {
                     let rows = l.block_size.min(l.k - blk * l.block_size);
                     for j in 0..rows {
                         let q = l.q(b, blk * l.block_size + j, col);
+                        if self.int_dot {
+                            let (ck, kk) = (j / self.chunk_k(), j % self.chunk_k());
+                            let o = rec + self.header_bytes() + ck * 64 + 4 * c + kk % 4;
+                            if l.bits == 8 {
+                                out[o] = q.wrapping_sub(128);
+                            } else {
+                                out[o] |= q << (4 * (kk / 4));
+                            }
+                            continue;
+                        }
                         let row = rec + self.header_bytes() + j * self.row_bytes();
                         match (l.bits, self.asym) {
                             (8, false) => out[row + c] = q.wrapping_sub(zero),

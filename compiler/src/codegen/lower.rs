@@ -37,6 +37,13 @@ pub enum Kernel {
         reverse: bool,
     },
     MatMul(Box<MatMulKernel>),
+    /// Rows of A rounded to int8 per block into scratch (MatMulNBits accuracy_level 4).
+    QuantizeRows {
+        a: Loc,
+        rows: Dim,
+        scratch: Loc,
+        pk: super::layout::NBitsPacking,
+    },
     Gather(Box<GatherKernel>),
     RmsNorm {
         rows: Rows,
@@ -432,7 +439,7 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             mb.finish(out_view(0), Expr::Select(Box::new(cond), Box::new(x), Box::new(zero)))
         }
         Op::MatMul | Op::MatMulInteger => return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false)?]),
-        Op::MatMulNBits { .. } => return Ok(vec![lower_matmul_nbits(cx, node, &ins, out0)?]),
+        Op::MatMulNBits { .. } => return lower_matmul_nbits(cx, node, &ins, out0),
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b)?];
             let c = input(2);
@@ -921,7 +928,7 @@ fn lower_matmul(
 }
 
 /// MatMulNBits: A's leading axes flattened into rows against the packed quantized weight.
-fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: ValueRef) -> Result<Kernel> {
+fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: ValueRef) -> Result<Vec<Kernel>> {
     let (a, b) = (ins[0].unwrap(), ins[1].unwrap());
     let pk =
         *cx.nbits.get(&b).ok_or_else(|| unsupported(node, "MatMulNBits needs constant B, scales and zero points"))?;
@@ -936,10 +943,18 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
     let (k, n) = (Dim::fixed(pk.layout.k as i64), Dim::fixed(pk.layout.n as i64));
     let dense =
         |loc, dtype, row: &Dim| Operand { loc, dtype, batch_strides: vec![], strides: [row.clone(), Dim::fixed(1)] };
-    Ok(Kernel::MatMul(Box::new(MatMulKernel {
+    let mut kernels = Vec::new();
+    let mut a_loc = cx.loc(a);
+    if let Op::MatMulNBits { accuracy_level: 4, .. } = node.op {
+        // Int8 activations: rounded once per call, before the column tasks start.
+        let scratch = Loc::Arena(cx.scratch.ok_or_else(|| unsupported(node, "no activation scratch planned"))?);
+        kernels.push(Kernel::QuantizeRows { a: a_loc, rows: rows.clone(), scratch, pk });
+        a_loc = scratch;
+    }
+    kernels.push(Kernel::MatMul(Box::new(MatMulKernel {
         batch: vec![],
         m: rows,
-        a: dense(cx.loc(a), DType::F32, &k),
+        a: dense(a_loc, DType::F32, &k),
         b: dense(cx.loc(b), DType::U8, &Dim::fixed(0)),
         out: dense(cx.loc(out), DType::F32, &n),
         k,
@@ -948,7 +963,8 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         b_zero: None,
         b_packed: false,
         b_nbits: Some(pk),
-    })))
+    })));
+    Ok(kernels)
 }
 
 /// DynamicQuantizeLinear: min/max reductions into scratch, then scale, zero point and y as maps.

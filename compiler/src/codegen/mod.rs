@@ -446,6 +446,7 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::MatMul(m) => matmul::emit_matmul(kb, m, None),
         Kernel::Attention(a) => attention::emit_attention(kb, a, None),
         Kernel::RmsNorm { rows, eps } => reduce::emit_rms_norm(kb, rows, *eps),
+        Kernel::QuantizeRows { a, rows, scratch, pk } => qmatmul::emit_quantize_rows(kb, *a, rows, *scratch, pk),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
         Kernel::Values { loc, dtype, values } => {
             let base = kb.base(*loc);

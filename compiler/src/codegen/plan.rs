@@ -64,10 +64,11 @@ fn packable(g: &Graph, v: ValueRef) -> Option<bool> {
 /// scales, zero points).
 type NBitsOperands = (NBitsPacking, Vec<u8>, Vec<f32>, Option<Vec<u8>>);
 
-fn nbits_operands(g: &Graph, v: ValueRef) -> Result<Option<NBitsOperands>> {
+/// `simd`: the target has vectors (integer dot products for int8 activations).
+fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOperands>> {
     let users = g.users_of(v);
     let Some(&(u, 1)) = users.first() else { return Ok(None) };
-    let Op::MatMulNBits { k, n, bits, block_size } = g.node(u).op else { return Ok(None) };
+    let Op::MatMulNBits { k, n, bits, block_size, accuracy_level } = g.node(u).op else { return Ok(None) };
     let node = g.node(u);
     if users.iter().any(|&(w, slot)| slot != 1 || g.node(w).op != node.op) {
         return Ok(None);
@@ -89,7 +90,8 @@ fn nbits_operands(g: &Graph, v: ValueRef) -> Result<Option<NBitsOperands>> {
     let scales: Vec<f32> = scales.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let zp = bytes(3)?;
     layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
-    Ok(Some((NBitsPacking { layout, asym: zp.is_some() }, b, scales, zp)))
+    let int_dot = accuracy_level == 4 && super::layout::int_dot_ok(bits, block_size, simd);
+    Ok(Some((NBitsPacking { layout, asym: zp.is_some(), int_dot }, b, scales, zp)))
 }
 
 /// A constant read only as the scales or zero points of MatMulNBits nodes whose B is constant:
@@ -192,7 +194,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                 weights.resize(weights.len().next_multiple_of(ALIGN as usize), 0);
                 let v = ValueRef { node: n, slot: 0 };
                 locs.insert(v, Loc::Weight(weights.len() as u64));
-                if let Some((pk, b, scales, zp)) = nbits_operands(g, v)? {
+                if let Some((pk, b, scales, zp)) = nbits_operands(g, v, pack)? {
                     weights.extend_from_slice(&pk.pack(&b, &scales, zp.as_deref()));
                     nbits.insert(v, pk);
                     continue;
@@ -228,7 +230,14 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                 }
             }
         }
-        let sb = scratch_bytes(&node.op);
+        let mut sb = scratch_bytes(&node.op);
+        if let Op::MatMulNBits { k, bits, block_size, accuracy_level: 4, .. } = node.op {
+            // Room for the int8 activations, one row per row of A.
+            let a = g.inputs_of(n)[0].ok_or_else(|| Error::Invalid(format!("node `{}` has no A", node.name)))?;
+            let rows = size_of(a)? / (4 * k.max(1) as u64);
+            let int_dot = super::layout::int_dot_ok(bits, block_size, pack);
+            sb = rows * super::layout::activation_row_bytes(k, block_size, int_dot) as u64;
+        }
         if sb > 0 {
             scratch_buf.insert(n, buffers.len());
             buffers.push((sb, p, p));

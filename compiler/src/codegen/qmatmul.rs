@@ -8,10 +8,13 @@
 
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
-use super::emit::{mem, Kb};
+use cranelift_codegen::ir::condcodes::IntCC;
+
+use super::emit::{mem, Kb, Loc};
 use super::layout::{NBitsPacking, PANEL_COLS};
 use super::math::Fm;
 use super::matmul::{column_range, MatMulKernel};
+use crate::ir::Dim;
 
 struct Q<'m> {
     pk: &'m NBitsPacking,
@@ -49,6 +52,10 @@ fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
     let off = kb.fb.ins().imul_imm_s(idx, q.pk.panel_bytes() as i64);
     let pp = kb.fb.ins().iadd(q.b, off);
     let zero = kb.iconst(0);
+    if q.pk.int_dot {
+        kb.for_range(zero, m, 1, |kb, i| int_tile(kb, q, pp, i, j, full));
+        return;
+    }
     if !kb.target.simd() {
         kb.for_range(zero, m, 1, |kb, i| scalar_tile(kb, q, pp, i, j, full));
         return;
@@ -86,29 +93,243 @@ fn tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, halves: 
     }
     for r in 0..rows {
         let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
-        let off = kb.fb.ins().imul_imm_s(ir, (pk.layout.n * 4) as i64);
-        let row = kb.fb.ins().iadd(q.out, off);
-        let jo = kb.fb.ins().ishl_imm_s(j, 2);
-        let row = kb.fb.ins().iadd(row, jo);
         for (hi, &h) in halves.iter().enumerate() {
             for v in 0..2 {
-                let acc = st[(r * halves.len() + hi) * 2 + v];
-                let col = h * 8 + v * 4;
-                if full {
-                    kb.fb.ins().store(mem(), acc, row, (col * 4) as i32);
-                } else {
-                    for lane in 0..4 {
-                        let c = kb.fb.ins().iadd_imm_s(j, (col + lane) as i64);
-                        let inside = kb.fb.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, c, q.n);
-                        let x = kb.fb.ins().extractlane(acc, lane as u8);
-                        kb.if_then(inside, |kb| {
-                            kb.fb.ins().store(mem(), x, row, ((col + lane) * 4) as i32);
-                        });
-                    }
-                }
+                store_vec(kb, q, ir, j, h * 8 + v * 4, st[(r * halves.len() + hi) * 2 + v], full);
             }
         }
     }
+}
+
+/// Stores the f32x4 of columns j + col .. j + col + 4 of row `i`, skipping columns past N unless
+/// the panel is `full`.
+fn store_vec(kb: &mut Kb, q: &Q, i: Value, j: Value, col: usize, acc: Value, full: bool) {
+    let off = kb.fb.ins().imul_imm_s(i, (q.pk.layout.n * 4) as i64);
+    let row = kb.fb.ins().iadd(q.out, off);
+    let jo = kb.fb.ins().ishl_imm_s(j, 2);
+    let row = kb.fb.ins().iadd(row, jo);
+    if full {
+        kb.fb.ins().store(mem(), acc, row, (col * 4) as i32);
+        return;
+    }
+    for lane in 0..4 {
+        let c = kb.fb.ins().iadd_imm_s(j, (col + lane) as i64);
+        let inside = kb.fb.ins().icmp(IntCC::SignedLessThan, c, q.n);
+        let x = kb.fb.ins().extractlane(acc, lane as u8);
+        kb.if_then(inside, |kb| {
+            kb.fb.ins().store(mem(), x, row, ((col + lane) * 4) as i32);
+        });
+    }
+}
+
+/// The integer-dot tile: one row of int8 activations (scratch) by the panel's 16 columns. Per block,
+/// four i32x4 accumulators (lanes = columns) collect exact dot products of 4 (int8) or 8 (int4)
+/// k steps per 64-byte chunk; then acc += (dot - zero * sum(q)) * (scale * act_scale).
+fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
+    let pk = q.pk;
+    let bs = pk.layout.block_size;
+    let x_off = kb.fb.ins().imul_imm_s(i, pk.act_row_bytes() as i64);
+    let x_row = kb.fb.ins().iadd(q.a, x_off);
+    let s_ptr = kb.fb.ins().iadd_imm_s(x_row, pk.act_scales_offset() as i64);
+    let zero_f = Fm::new(kb, types::F32X4).c(0.0);
+    let mut state = vec![zero_f; 4];
+    state.extend([pp, x_row, s_ptr]);
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(pk.layout.blocks() as i64);
+    let pmaddubsw = pk.layout.bits == 4 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("ssse3");
+    let (_, fin) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
+        let (rec, xp, sp) = (st[4], st[5], st[6]);
+        let zi = kb.fb.ins().iconst(types::I32, 0);
+        let zi = kb.fb.ins().splat(types::I32X4, zi);
+        let mut inner = vec![zi; 4];
+        let qp = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
+        inner.extend([qp, xp]);
+        let z = kb.iconst(0);
+        let chunks = kb.iconst((bs / pk.chunk_k()) as i64);
+        let (_, dots) = kb.fold_range(z, chunks, 1, &inner, |kb, _, st| {
+            let (qp, xp) = (st[4], st[5]);
+            let xa = splat_i32_bytes(kb, xp, 0);
+            let mut out = Vec::with_capacity(6);
+            if pk.layout.bits == 4 {
+                let xb = splat_i32_bytes(kb, xp, 4);
+                // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
+                let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
+                let mask = kb.fb.ins().splat(types::I32X4, mask);
+                let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
+                let (xa16, xb16) =
+                    if pmaddubsw { (xa, xb) } else { (kb.fb.ins().swiden_low(xa), kb.fb.ins().swiden_low(xb)) };
+                for cg in 0..4 {
+                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+                    let lo = kb.fb.ins().band(raw, mask);
+                    let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
+                    let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
+                    let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
+                    let hi = kb.fb.ins().band(shifted, mask);
+                    let d = if pmaddubsw {
+                        // u8 nibbles x s8 activations: pairs fit i16 (2 * 15 * 127), no saturation.
+                        let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
+                        let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
+                        let p = kb.fb.ins().iadd(p0, p1);
+                        // Adjacent i16 sums widened: pmaddwd by ones on x64, saddlp on aarch64.
+                        let lo = kb.fb.ins().swiden_low(p);
+                        let hi = kb.fb.ins().swiden_high(p);
+                        kb.fb.ins().iadd_pairwise(lo, hi)
+                    } else {
+                        let d0 = dot4(kb, lo, xa16);
+                        let d1 = dot4(kb, hi, xb16);
+                        kb.fb.ins().iadd(d0, d1)
+                    };
+                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
+                }
+            } else {
+                // An activation splat repeats every 4 bytes: its low half is the whole pattern.
+                let x16 = kb.fb.ins().swiden_low(xa);
+                for cg in 0..4 {
+                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+                    let d = dot4(kb, raw, x16);
+                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
+                }
+            }
+            out.push(kb.fb.ins().iadd_imm_s(qp, 64));
+            out.push(kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64));
+            out
+        });
+        let sx = kb.fb.ins().load(types::F32, mem(), sp, 0);
+        let sx = kb.fb.ins().splat(types::F32X4, sx);
+        let sum = kb.fb.ins().load(types::I32, mem(), sp, 4);
+        let sum = kb.fb.ins().splat(types::I32X4, sum);
+        let mut out = Vec::with_capacity(7);
+        for cg in 0..4 {
+            // sum (w - z) x = dot - z * sum(x), exactly in i32, then one rounding to f32.
+            let s = kb.fb.ins().load(types::F32X4, mem(), rec, 16 * cg);
+            let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg);
+            let zs = kb.fb.ins().imul(z, sum);
+            let d = kb.fb.ins().isub(dots[cg as usize], zs);
+            let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
+            let scale = kb.fb.ins().fmul(s, sx);
+            out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[cg as usize]));
+        }
+        out.push(kb.fb.ins().iadd_imm_s(rec, pk.record_bytes() as i64));
+        out.push(dots[5]);
+        out.push(kb.fb.ins().iadd_imm_s(sp, 8));
+        out
+    });
+    for (cg, &acc) in fin[..4].iter().enumerate() {
+        store_vec(kb, q, i, j, cg * 4, acc, full);
+    }
+}
+
+fn vec_flags() -> cranelift_codegen::ir::MemFlagsData {
+    cranelift_codegen::ir::MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
+/// The 4 bytes at `p + off` repeated into all four 32-bit lanes, as i8x16.
+fn splat_i32_bytes(kb: &mut Kb, p: Value, off: i32) -> Value {
+    let w = kb.fb.ins().load(types::I32, mem(), p, off);
+    let v = kb.fb.ins().splat(types::I32X4, w);
+    kb.fb.ins().bitcast(types::I8X16, vec_flags(), v)
+}
+
+/// i32x4 of sums of adjacent i16 products: the tree x64 lowers to pmaddwd.
+fn pmaddwd(kb: &mut Kb, a: Value, b: Value) -> Value {
+    let (al, bl) = (kb.fb.ins().swiden_low(a), kb.fb.ins().swiden_low(b));
+    let (ah, bh) = (kb.fb.ins().swiden_high(a), kb.fb.ins().swiden_high(b));
+    let lo = kb.fb.ins().imul(al, bl);
+    let hi = kb.fb.ins().imul(ah, bh);
+    kb.fb.ins().iadd_pairwise(lo, hi)
+}
+
+/// Lane c = sum over 4 bytes of w[4c..4c+4] * x (x: the 4 activation bytes as i16x8, repeated).
+fn dot4(kb: &mut Kb, w: Value, x16: Value) -> Value {
+    let wl = kb.fb.ins().swiden_low(w);
+    let wh = kb.fb.ins().swiden_high(w);
+    let dl = pmaddwd(kb, wl, x16);
+    let dh = pmaddwd(kb, wh, x16);
+    kb.fb.ins().iadd_pairwise(dl, dh)
+}
+
+/// Rounds each row of A to int8 per block of K into scratch (MatMulNBits accuracy_level 4):
+/// scale = max |x| / 127 and q = round_half_even(x * 127 / max |x|), as the interpreter does.
+/// Integer-dot form: the int8 row (blocks zero-padded), then per block its scale and sum(q).
+/// Otherwise the rounded values as f32, for the float kernel.
+pub fn emit_quantize_rows(kb: &mut Kb, a: Loc, rows: &Dim, scratch: Loc, pk: &NBitsPacking) {
+    let (k, bs) = (pk.layout.k, pk.layout.block_size);
+    let (src0, dst0) = (kb.base(a), kb.base(scratch));
+    let m = kb.dim(rows);
+    let zero = kb.iconst(0);
+    kb.for_range(zero, m, 1, |kb, r| {
+        let so = kb.fb.ins().imul_imm_s(r, (k * 4) as i64);
+        let src = kb.fb.ins().iadd(src0, so);
+        let d_off = kb.fb.ins().imul_imm_s(r, pk.act_row_bytes() as i64);
+        let dst = kb.fb.ins().iadd(dst0, d_off);
+        let sp = kb.fb.ins().iadd_imm_s(dst, pk.act_scales_offset() as i64);
+        let nb = kb.iconst((k / bs) as i64);
+        let z = kb.iconst(0);
+        let (_, st) = kb.fold_range(z, nb, 1, &[src, dst, sp], |kb, _, st| quantize_block(kb, pk, st, bs, bs));
+        if !k.is_multiple_of(bs) {
+            quantize_block(kb, pk, &st, k % bs, bs);
+        }
+    });
+}
+
+/// One block of `len` values (in a `block`-sized slot); `st` = source, destination and scale
+/// pointers, returned advanced.
+fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, block: usize) -> Vec<Value> {
+    let (src, dst, sp) = (st[0], st[1], st[2]);
+    let z = kb.iconst(0);
+    let n = kb.iconst(len as i64);
+    let zf = Fm::new(kb, types::F32).c(0.0);
+    let (_, amax) = kb.fold_range(z, n, 1, &[zf], |kb, jj, acc| {
+        let o = kb.fb.ins().ishl_imm_s(jj, 2);
+        let p = kb.fb.ins().iadd(src, o);
+        let x = kb.fb.ins().load(types::F32, mem(), p, 0);
+        let mut fm = Fm::new(kb, types::F32);
+        let ax = fm.abs(x);
+        vec![fm.max(acc[0], ax)]
+    });
+    let mut fm = Fm::new(kb, types::F32);
+    let c127 = fm.c(127.0);
+    let scale = fm.div(amax[0], c127);
+    let inv = fm.div(c127, amax[0]);
+    let zero_f = fm.c(0.0);
+    let is_zero = fm.cmp(cranelift_codegen::ir::condcodes::FloatCC::Equal, amax[0], zero_f);
+    let inv = kb.fb.ins().select(is_zero, zero_f, inv);
+    let scale = kb.fb.ins().select(is_zero, zero_f, scale);
+    let zi = kb.fb.ins().iconst(types::I32, 0);
+    let (_, sum) = kb.fold_range(z, n, 1, &[zi], |kb, jj, acc| {
+        let o = kb.fb.ins().ishl_imm_s(jj, 2);
+        let p = kb.fb.ins().iadd(src, o);
+        let x = kb.fb.ins().load(types::F32, mem(), p, 0);
+        let mut fm = Fm::new(kb, types::F32);
+        let y = fm.mul(x, inv);
+        let r = fm.round(y);
+        if pk.int_dot {
+            let qi = kb.fb.ins().fcvt_to_sint_sat(types::I32, r);
+            let d = kb.fb.ins().iadd(dst, jj);
+            kb.fb.ins().istore8(mem(), qi, d, 0);
+            vec![kb.fb.ins().iadd(acc[0], qi)]
+        } else {
+            let v = Fm::new(kb, types::F32).mul(r, scale);
+            let d = kb.fb.ins().iadd(dst, o);
+            kb.fb.ins().store(mem(), v, d, 0);
+            acc.to_vec()
+        }
+    });
+    let src = kb.fb.ins().iadd_imm_s(src, (len * 4) as i64);
+    if !pk.int_dot {
+        let dst = kb.fb.ins().iadd_imm_s(dst, (len * 4) as i64);
+        return vec![src, dst, sp];
+    }
+    // The padded tail of a partial block multiplies zero activations.
+    for j in len..block {
+        let zb = kb.fb.ins().iconst(types::I32, 0);
+        kb.fb.ins().istore8(mem(), zb, dst, j as i32);
+    }
+    kb.fb.ins().store(mem(), scale, sp, 0);
+    kb.fb.ins().store(mem(), sum[0], sp, 4);
+    let dst = kb.fb.ins().iadd_imm_s(dst, block as i64);
+    let sp = kb.fb.ins().iadd_imm_s(sp, 8);
+    vec![src, dst, sp]
 }
 
 /// One block of `len` k steps: loads the block's scales (and offsets) for the tile's columns,

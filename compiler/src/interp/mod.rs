@@ -112,9 +112,11 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
         Op::RmsNorm { axis, epsilon } => one(normalize::rms_norm(arg(0)?, arg(1)?, *axis, *epsilon)?),
         Op::Attention { scale } => one(attention::attention(arg(0)?, arg(1)?, arg(2)?, opt(3), *scale)?),
-        Op::MatMulNBits { k, n, bits, block_size } => {
+        Op::MatMulNBits { k, n, bits, block_size, accuracy_level } => {
             let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
-            one(linalg::matmul(arg(0)?, &Tensor::from_vec(vec![*k, *n], w))?)
+            let a =
+                if *accuracy_level == 4 { quant::round_rows_to_int8(arg(0)?, *block_size)? } else { arg(0)?.clone() };
+            one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
         }
     }
 }

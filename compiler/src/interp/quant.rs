@@ -151,3 +151,30 @@ pub fn dequantize_nbits(
     }
     Ok(w)
 }
+
+/// A with each row's blocks of `block` values rounded to int8 and back: scale = max |x| / 127,
+/// q = round_half_even(x * (127 / max |x|)) (what MatMulNBits accuracy_level 4 computes with).
+pub fn round_rows_to_int8(a: &Tensor, block: usize) -> Result<Tensor, String> {
+    let x = a.as_slice::<f32>()?;
+    let k = *a.shape.last().ok_or("MatMulNBits input A must have rank >= 1")?;
+    let mut out = x.to_vec();
+    for row in out.chunks_mut(k.max(1)) {
+        for blk in row.chunks_mut(block) {
+            let (scale, inv) = int8_scale(blk);
+            for v in blk.iter_mut() {
+                *v = (*v * inv).round_ties_even() * scale;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(a.shape.clone(), out))
+}
+
+/// (scale, 1 / scale) of one block of activations; zero blocks get (0, 0).
+pub fn int8_scale(block: &[f32]) -> (f32, f32) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        (0.0, 0.0)
+    } else {
+        (amax / 127.0, 127.0 / amax)
+    }
+}

@@ -141,11 +141,14 @@ pub enum Op {
     /// block_size * bits / 8], low nibble first), scales (f32, N * blocks), zero points
     /// (optional, u8 packed like B; default 2^(bits - 1)). `--quantize` writes this op; edgec
     /// also accepts `block_size = K` (one block per column: per-channel) for any K.
+    /// `accuracy_level` 4 (onnxruntime's int8 compute type) first rounds A to int8 with one scale
+    /// per row and block (max |x| / 127), so kernels can use integer dot products.
     MatMulNBits {
         k: usize,
         n: usize,
         bits: usize,
         block_size: usize,
+        accuracy_level: i64,
     },
 }
 
@@ -448,8 +451,17 @@ impl Op {
                 }
                 a
             }
-            MatMulNBits { k, n, bits, block_size } => {
-                vec![format!("K={k}"), format!("N={n}"), format!("bits={bits}"), format!("block_size={block_size}")]
+            MatMulNBits { k, n, bits, block_size, accuracy_level } => {
+                let mut a = vec![
+                    format!("K={k}"),
+                    format!("N={n}"),
+                    format!("bits={bits}"),
+                    format!("block_size={block_size}"),
+                ];
+                if *accuracy_level != 0 {
+                    a.push(format!("accuracy_level={accuracy_level}"));
+                }
+                a
             }
             _ => vec![],
         }

@@ -359,12 +359,15 @@ pub fn matmul_nbits(node: &NodeProto) -> Result<Converted, ConvertError> {
         usize::try_from(v).map_err(|_| ConvertError::Invalid(format!("MatMulNBits '{name}' = {v} is negative")))
     };
     let (k, n, bits, block_size) = (need("K")?, need("N")?, need("bits")?, need("block_size")?);
-    if a.int("accuracy_level", 0).map_err(ConvertError::Invalid)? > 4 {
+    let accuracy_level = a.int("accuracy_level", 0).map_err(ConvertError::Invalid)?;
+    if !(0..=4).contains(&accuracy_level) {
         return Err(ConvertError::Invalid("MatMulNBits accuracy_level must be 0..=4".into()));
     }
+    // Levels 1-3 only allow onnxruntime lower-precision float math: edgec computes in f32.
+    let accuracy_level = if accuracy_level == 4 { 4 } else { 0 };
     crate::ir::nbits::NBitsLayout::new(k, n, bits, block_size).map_err(ConvertError::Unsupported)?;
     if node.input.len() > 4 && node.input[4..].iter().any(|s| !s.is_empty()) {
         return Err(ConvertError::Unsupported("MatMulNBits with g_idx or bias inputs".into()));
     }
-    Ok(Converted::Op(Op::MatMulNBits { k, n, bits, block_size }))
+    Ok(Converted::Op(Op::MatMulNBits { k, n, bits, block_size, accuracy_level }))
 }

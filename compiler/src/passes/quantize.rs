@@ -18,21 +18,32 @@ pub struct Scheme {
     /// Values per block along K; `None` is one block per output channel (the whole column).
     pub group: Option<usize>,
     pub asym: bool,
+    /// Activations rounded to int8 per row and block at run time (integer dot products).
+    pub a8: bool,
 }
 
 impl std::str::FromStr for Scheme {
     type Err = String;
-    /// `int8` (per channel), `int4` (group 32), `int4:g128`, `int4:g32:asym`, `int8:g64`, ...
+    /// `int8` (per channel), `int4` (group 32), `int4:g128`, `int4:g32:asym`, `int8:g64`, ...;
+    /// `:a8` (or `w8a8`, `w4a8`) adds int8 activations.
     fn from_str(s: &str) -> std::result::Result<Scheme, String> {
         let mut parts = s.split(':');
-        let (bits, default_group) = match parts.next() {
-            Some("int8") => (8, None),
-            Some("int4") => (4, Some(32)),
-            _ => return Err(format!("unknown quantization scheme '{s}' (int8, int4, int4:g128, int4:g32:asym)")),
+        let (bits, default_group, a8) = match parts.next() {
+            Some("int8") => (8, None, false),
+            Some("int4") => (4, Some(32), false),
+            Some("w8a8") => (8, None, true),
+            Some("w4a8") => (4, Some(32), true),
+            _ => {
+                return Err(format!(
+                    "unknown quantization scheme '{s}' (int8, int4, int4:g128, int4:g32:asym, w8a8, w4a8)"
+                ))
+            }
         };
-        let mut scheme = Scheme { bits, group: default_group, asym: false };
+        let mut scheme = Scheme { bits, group: default_group, asym: false, a8 };
         for p in parts {
-            if p == "asym" {
+            if p == "a8" {
+                scheme.a8 = true;
+            } else if p == "asym" {
                 scheme.asym = true;
             } else if p == "sym" {
                 scheme.asym = false;
@@ -60,6 +71,9 @@ impl std::fmt::Display for Scheme {
         }
         if self.asym {
             write!(f, ":asym")?;
+        }
+        if self.a8 {
+            write!(f, ":a8")?;
         }
         Ok(())
     }
@@ -99,6 +113,30 @@ impl BlockParams {
         BlockParams { scale, zero: half, max_q }
     }
 
+    /// `fit`, then the best of a grid of narrower ranges (clipping the largest values) by squared
+    /// rounding error over the block: outliers cost less than the resolution they take away.
+    pub fn fit_mse(values: &[f32], bits: usize, asym: bool) -> BlockParams {
+        let base = BlockParams::fit(values, bits, asym);
+        let err = |p: &BlockParams| -> f64 {
+            values.iter().map(|&v| ((p.dequantize(p.quantize(v)) - v) as f64).powi(2)).sum()
+        };
+        let (mut best, mut best_err) = (base, err(&base));
+        if base.scale == 1.0 && values.iter().all(|&v| v == 0.0) {
+            return base;
+        }
+        for step in 1..=CLIP_STEPS {
+            let f = 1.0 - step as f32 * CLIP_STEP;
+            let scaled: Vec<f32> = values.iter().map(|v| v * f).collect();
+            // The parameters of the shrunken block, applied to the real values (which then clip).
+            let p = BlockParams::fit(&scaled, bits, asym);
+            let e = err(&p);
+            if e < best_err {
+                (best, best_err) = (p, e);
+            }
+        }
+        best
+    }
+
     pub fn quantize(&self, w: f32) -> u8 {
         ((w / self.scale).round() + self.zero as f32).clamp(0.0, self.max_q as f32) as u8
     }
@@ -107,6 +145,10 @@ impl BlockParams {
         (q as i32 - self.zero as i32) as f32 * self.scale
     }
 }
+
+/// The clipping grid of `fit_mse`: ranges 97 %, 94 %, ... 55 % of the block's.
+const CLIP_STEPS: usize = 15;
+const CLIP_STEP: f32 = 0.03;
 
 /// A K x N weight in MatMulNBits form.
 pub struct Quantized {
@@ -143,8 +185,9 @@ impl Quantized {
     }
 }
 
-/// Round-to-nearest quantization of a row-major K x N matrix, column by column and block by block.
-pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme) -> Result<Quantized> {
+/// Round-to-nearest quantization of a row-major K x N matrix, column by column and block by block,
+/// with each block's range from `BlockParams::fit` (`search` false) or `fit_mse`.
+pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, search: bool) -> Result<Quantized> {
     let mut out = Quantized::new(k, n, scheme)?;
     let bs = out.layout.block_size;
     let mut col = vec![0f32; k];
@@ -153,7 +196,11 @@ pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme) -> Result<Qua
             *v = w[kk * n + c];
         }
         for (blk, chunk) in col.chunks(bs).enumerate() {
-            let p = BlockParams::fit(chunk, scheme.bits, scheme.asym);
+            let p = if search {
+                BlockParams::fit_mse(chunk, scheme.bits, scheme.asym)
+            } else {
+                BlockParams::fit(chunk, scheme.bits, scheme.asym)
+            };
             let q: Vec<u8> = chunk.iter().map(|&v| p.quantize(v)).collect();
             out.set_block(c, blk, p, &q);
         }
@@ -181,6 +228,9 @@ const MIN_EMBEDDING_ROWS: usize = 1024;
 
 pub struct Quantize {
     pub scheme: Scheme,
+    /// Search each block's clipping range for the least rounding error (`--method mse`, the
+    /// default) instead of taking its full range (`--method absmax`).
+    pub search: bool,
     /// Node or weight names (patterns) left in f32.
     pub keep: Vec<String>,
     /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name.
@@ -190,7 +240,7 @@ pub struct Quantize {
 
 impl Quantize {
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
-        Quantize { scheme, keep, rounder: None }
+        Quantize { scheme, keep, search: true, rounder: None }
     }
 
     fn kept(&self, names: &[&str]) -> bool {
@@ -233,7 +283,7 @@ impl Pass for Quantize {
                     };
                     let q = match q {
                         Some(q) => q,
-                        None => quantize_rtn(&w, k, nn, self.scheme)?,
+                        None => quantize_rtn(&w, k, nn, self.scheme, self.search)?,
                     };
                     let l = q.layout;
                     let bq = g.add_const(
@@ -244,7 +294,8 @@ impl Pass for Quantize {
                     let zp = q.zero_points.map(|z| {
                         g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
                     });
-                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size };
+                    let accuracy_level = if self.scheme.a8 { 4 } else { 0 };
+                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level };
                     let out = node.outputs[0].clone();
                     let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
                     g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: m, slot: 0 });
@@ -334,9 +385,13 @@ mod tests {
 
     #[test]
     fn schemes_parse() {
-        assert_eq!("int8".parse::<Scheme>().unwrap(), Scheme { bits: 8, group: None, asym: false });
-        assert_eq!("int4".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false });
-        assert_eq!("int4:g128:asym".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(128), asym: true });
+        assert_eq!("int8".parse::<Scheme>().unwrap(), Scheme { bits: 8, group: None, asym: false, a8: false });
+        assert_eq!("int4".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false, a8: false });
+        assert_eq!(
+            "int4:g128:asym".parse::<Scheme>().unwrap(),
+            Scheme { bits: 4, group: Some(128), asym: true, a8: false }
+        );
+        assert_eq!("w4a8".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false, a8: true });
         assert!("int3".parse::<Scheme>().is_err());
         assert!("int4:g7".parse::<Scheme>().is_err());
     }
@@ -348,7 +403,7 @@ mod tests {
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         for scheme in ["int8", "int4", "int4:g16:asym", "int8:g32:asym"] {
             let s: Scheme = scheme.parse().unwrap();
-            let q = quantize_rtn(&w, k, n, s).unwrap();
+            let q = quantize_rtn(&w, k, n, s, false).unwrap();
             let l = q.layout;
             for c in 0..n {
                 for kk in 0..k {
@@ -357,7 +412,9 @@ mod tests {
                     let z = l.zero(q.zero_points.as_deref(), blk, c) as i32;
                     let back = (l.q(&q.b, kk, c) as i32 - z) as f32 * scale;
                     let err = (back - w[kk * n + c]).abs();
-                    assert!(err <= scale.abs() * 0.5 + 1e-6, "{scheme}: {err} vs step {scale}");
+                    // Symmetric int4 maps the peak to -8, so the opposite extreme clamps at +7.
+                    let bound = if s.bits == 4 && !s.asym { 1.0 } else { 0.5 };
+                    assert!(err <= scale.abs() * bound * (1.0 + 1e-5), "{scheme}: {err} vs step {scale}");
                 }
             }
         }
