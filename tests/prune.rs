@@ -12,7 +12,8 @@ use edgec::passes::PassManager;
 
 fn tiny_lm(file: &str) -> Graph {
     let mut g = edgec::onnx::load_model(&common::repo_root().join("models/tiny-lm").join(file)).unwrap();
-    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    // Pruning runs before fusion (`edgec compile --prune` orders it so).
+    PassManager::parse("const-fold,cse,dce").unwrap().run(&mut g, &mut |_, _, _| {}).unwrap();
     g
 }
 
@@ -327,4 +328,22 @@ fn cli_prune_flags() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `edgec compile --prune` fuses after pruning: the shrunk attention (one query head per KV group
+/// left) must still become one Attention op per block and compute the same.
+#[test]
+fn structured_pruned_graph_still_fuses() {
+    for file in ["model.onnx", "decoder_with_past.onnx"] {
+        let mut g = tiny_lm(file);
+        prune_with(&mut g, "structured:0.3", Some(&seqs(2, 12, 1)));
+        let feeds = calib::lm_feeds(&g, &seqs(2, 9, 7)).unwrap();
+        let want = run(&g, &feeds);
+        PassManager::parse("fuse-rms-norm,fuse-attention").unwrap().run(&mut g, &mut |_, _, _| {}).unwrap();
+        let attention = g.g.node_weights().filter(|n| n.op.name() == "Attention").count();
+        assert_eq!(attention, 2, "{file}");
+        for ((name, a), (_, b)) in run(&g, &feeds).iter().zip(&want) {
+            common::compare(a, b, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{file} {name}: {e}"));
+        }
+    }
 }

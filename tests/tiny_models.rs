@@ -23,7 +23,11 @@ fn tiny_models_match_onnxruntime() {
         let imported = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut optimized = imported.clone();
         PassManager::default_pipeline().run(&mut optimized, &mut |_, _, _| {}).unwrap();
-        assert!(optimized.op_count() < imported.op_count(), "{name}: the default pipeline removed nothing");
+        // nbits_mlp (MatMulNBits, Add, ...) is written without anything to fold or fuse.
+        assert!(
+            optimized.op_count() < imported.op_count() || name == "nbits_mlp",
+            "{name}: the default pipeline removed nothing"
+        );
         for (label, g) in [("as imported", &imported), ("after passes", &optimized)] {
             let t0 = Instant::now();
             let outs = Interpreter::new(g).unwrap().run(&feeds).unwrap_or_else(|e| panic!("{name} {label}: {e}"));

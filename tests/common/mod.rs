@@ -157,3 +157,49 @@ pub fn attr_ints(name: &str, v: &[i64]) -> edgec::onnx::proto::AttributeProto {
         ..Default::default()
     }
 }
+
+/// Deterministic pseudo-random floats in [-1, 1).
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Feeds for the models/tiny-lm graphs: 3 cached positions and 4 new tokens, batch 2.
+pub fn tiny_lm_feeds(g: &edgec::ir::Graph) -> Vec<(String, Tensor)> {
+    let (b, past, seq) = (2usize, 3usize, 4usize);
+    let mut feeds = Vec::new();
+    for &n in &g.inputs {
+        let name = g.g[n].outputs[0].name.clone();
+        let has_past = g.inputs.len() > 3;
+        let total = if has_past { past + seq } else { seq };
+        let t = match name.as_str() {
+            "input_ids" => {
+                let ids: Vec<i64> = (0..b * seq).map(|i| (i * 37 % 96) as i64).collect();
+                let shape = if g.ty(edgec::ir::ValueRef { node: n, slot: 0 }).shape.as_ref().unwrap()[0].is_fixed() {
+                    vec![1, seq]
+                } else {
+                    vec![b, seq]
+                };
+                let len = shape.iter().product();
+                Tensor::from_vec(shape, ids[..len].to_vec())
+            }
+            // The second sequence is left-padded by one token: padding reaches the mask.
+            "attention_mask" => Tensor::from_vec(
+                vec![b, total],
+                (0..b * total).map(|i| if i == total { 0 } else { 1 }).collect::<Vec<i64>>(),
+            ),
+            "position_ids" => Tensor::from_vec(
+                vec![b, seq],
+                (0..b * seq).map(|i| ((i % seq) + total - seq) as i64).collect::<Vec<i64>>(),
+            ),
+            _ => Tensor::from_vec(vec![b, 2, past, 8], noise(b * 2 * past * 8, name.len() as u64)),
+        };
+        feeds.push((name, t));
+    }
+    feeds
+}

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::attention::AttentionKernel;
 use super::emit::Loc;
 use super::gather::GatherKernel;
 use super::map::{dense_strides, Expr, MapKernel, View};
@@ -44,6 +45,11 @@ pub enum Kernel {
         pk: super::layout::NBitsPacking,
     },
     Gather(Box<GatherKernel>),
+    RmsNorm {
+        rows: Rows,
+        eps: f32,
+    },
+    Attention(Box<AttentionKernel>),
     /// Known element values (symbolic dims evaluated at run time), stored densely.
     Values {
         loc: Loc,
@@ -644,6 +650,37 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             })?
         }
         Op::DynamicQuantizeLinear => return lower_dynamic_quantize(cx, n),
+        Op::RmsNorm { axis, epsilon } => {
+            let x = input(0).unwrap();
+            let shape = cx.shape(x);
+            let a = norm_axis(*axis, shape.len());
+            let len = shape[a..].iter().try_fold(Dim::fixed(1), |acc, d| acc.checked_mul(d)).unwrap();
+            let w = input(1).unwrap();
+            let ws = cx.shape(w);
+            let wn = ws.iter().try_fold(Dim::fixed(1), |acc, d| acc.checked_mul(d)).unwrap();
+            let w_stride = if wn == Dim::fixed(1) {
+                Dim::fixed(0)
+            } else if wn == len {
+                Dim::fixed(1)
+            } else {
+                return Err(unsupported(
+                    node,
+                    format!("scale of shape {ws:?} is not per-element of the normalized axes"),
+                ));
+            };
+            let outer_x: Vec<Dim> = dense_strides(&shape[..a]).iter().map(|s| s.checked_mul(&len).unwrap()).collect();
+            let rows = Rows {
+                outer: shape[..a].to_vec(),
+                outer_strides: vec![outer_x.clone(), outer_x, vec![Dim::fixed(0); a]],
+                len,
+                row_strides: vec![Dim::fixed(1), Dim::fixed(1), w_stride],
+                locs: vec![cx.loc(x), cx.loc(out0), cx.loc(w)],
+                dtypes: vec![cx.dtype(x), odt, cx.dtype(w)],
+                multi: None,
+            };
+            Kernel::RmsNorm { rows, eps: *epsilon }
+        }
+        Op::Attention { scale } => lower_attention(cx, node, &ins, out0, *scale)?,
         Op::Shape { .. } | Op::Size | Op::Input { .. } | Op::Const { .. } => {
             return Err(unsupported(node, "value should have been known at compile time"));
         }
@@ -995,4 +1032,37 @@ fn lower_dynamic_quantize(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
         Kernel::Map(Box::new(zp_k)),
         Kernel::Map(Box::new(y_k)),
     ])
+}
+
+/// Attention on dense f32 q/k/v; the mask is read through a broadcast view over [b, hq, s, t].
+fn lower_attention(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: ValueRef, scale: f32) -> Result<Kernel> {
+    let (q, k, v) = (ins[0].unwrap(), ins[1].unwrap(), ins[2].unwrap());
+    let mask = ins.get(3).copied().flatten();
+    if [q, k, v, out].iter().chain(mask.iter()).any(|&x| cx.dtype(x) != DType::F32) {
+        return Err(unsupported(node, "only f32 attention is compiled"));
+    }
+    let (qs, ks, vs) = (cx.shape(q), cx.shape(k), cx.shape(v));
+    let heads = |d: &Dim| d.as_fixed().filter(|&h| h > 0).map(|h| h as usize);
+    let (Some(hq), Some(hkv)) = (heads(&qs[1]), heads(&ks[1])) else {
+        return Err(unsupported(node, "head counts must be fixed"));
+    };
+    if hq % hkv != 0 {
+        return Err(unsupported(node, format!("{hq} query heads are not a multiple of {hkv} kv heads")));
+    }
+    let full = [qs[0].clone(), qs[1].clone(), qs[2].clone(), ks[2].clone()];
+    Ok(Kernel::Attention(Box::new(AttentionKernel {
+        batch: qs[0].clone(),
+        q_heads: hq,
+        kv_heads: hkv,
+        s: qs[2].clone(),
+        t: ks[2].clone(),
+        d: qs[3].clone(),
+        dv: vs[3].clone(),
+        q: cx.loc(q),
+        k: cx.loc(k),
+        v: cx.loc(v),
+        out: cx.loc(out),
+        mask: mask.map(|m| cx.broadcast_view(m, &full)),
+        scale,
+    })))
 }

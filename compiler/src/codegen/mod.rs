@@ -2,6 +2,7 @@
 //! node's kernels into one function, link the functions behind an entry point, and package the
 //! result as a `.edgec` artifact (docs/artifact-format.md) or an ELF object.
 
+pub mod attention;
 pub mod emit;
 pub mod gather;
 pub mod layout;
@@ -111,6 +112,15 @@ fn default_bound(name: &str, max_seq: u64, max_batch: u64) -> u64 {
 }
 
 pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
+    compile_with_progress(graph, opts, &mut |_, _| {})
+}
+
+/// `compile`, calling `progress(done, total)` as the node functions are compiled.
+pub fn compile_with_progress(
+    graph: &Graph,
+    opts: &Options,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Compiled> {
     let t0 = Instant::now();
     let target = Target::parse(&opts.target, opts.cpu.as_deref(), opts.features.as_deref())?;
     let mut g = graph.clone();
@@ -252,8 +262,9 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     let sig = kernel_signature(&target);
     let task_sig = task_signature(&target);
     let mut kernels = 0;
-    let mut tasks: Vec<(String, &matmul::MatMulKernel)> = Vec::new();
+    let mut tasks: Vec<(String, Task)> = Vec::new();
     for (i, (name, ks)) in groups.iter().enumerate() {
+        progress(i, groups.len());
         kernels += ks.len();
         ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
         {
@@ -263,8 +274,15 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
                 match k {
                     Kernel::MatMul(mm) => {
                         let index = (groups.len() + tasks.len()) as u32;
-                        tasks.push((format!("{name} (task)"), mm));
-                        emit_parallel(&mut kb, mm, index, &task_sig);
+                        tasks.push((format!("{name} (task)"), Task::MatMul(mm)));
+                        let (units, work) = matmul::units_and_work(&mut kb, mm);
+                        emit_parallel(&mut kb, units, work, index, &task_sig);
+                    }
+                    Kernel::Attention(ak) => {
+                        let index = (groups.len() + tasks.len()) as u32;
+                        tasks.push((format!("{name} (task)"), Task::Attention(ak)));
+                        let (units, work) = attention::units_and_work(&mut kb, ak);
+                        emit_parallel(&mut kb, units, work, index, &task_sig);
                     }
                     _ => emit_kernel(&mut kb, k),
                 }
@@ -274,14 +292,17 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         funcs.push(compile_func(&mut ctx, &target, name)?);
         names.push(name.clone());
     }
-    for (i, (name, mm)) in tasks.iter().enumerate() {
+    for (i, (name, task)) in tasks.iter().enumerate() {
         let index = (groups.len() + i) as u32;
         ctx.func = Function::with_name_signature(UserFuncName::user(0, index), task_sig.clone());
         {
             let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
             let mut kb = Kb::new(fb, &target, &symbols);
             let range = (kb.params[0], kb.params[1]);
-            matmul::emit_matmul(&mut kb, mm, Some(range));
+            match task {
+                Task::MatMul(mm) => matmul::emit_matmul(&mut kb, mm, Some(range)),
+                Task::Attention(ak) => attention::emit_attention(&mut kb, ak, Some(range)),
+            }
             kb.finish();
         }
         funcs.push(compile_func(&mut ctx, &target, name)?);
@@ -376,11 +397,22 @@ fn task_signature(target: &Target) -> Signature {
     sig
 }
 
-/// Runs matmul task function `index` over all its units: through the runtime's `parallel_for`
-/// when there is one and the work is large enough, else directly.
-fn emit_parallel(kb: &mut Kb, mm: &matmul::MatMulKernel, index: u32, task_sig: &Signature) {
+/// A kernel split into `parallel_for` units: its task function computes a range of units.
+enum Task<'k> {
+    MatMul(&'k matmul::MatMulKernel),
+    Attention(&'k attention::AttentionKernel),
+}
+
+/// Runs task function `index` over all its `units`: through the runtime's `parallel_for`
+/// when there is one and the `work` (multiply-adds) is large enough, else directly.
+fn emit_parallel(
+    kb: &mut Kb,
+    units: cranelift_codegen::ir::Value,
+    work: cranelift_codegen::ir::Value,
+    index: u32,
+    task_sig: &Signature,
+) {
     use cranelift_codegen::ir::condcodes::IntCC;
-    let (units, work) = matmul::units_and_work(kb, mm);
     let (pf, pctx) = kb.parallel_for();
     let name = kb.fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, index));
     let sigref = kb.fb.import_signature(task_sig.clone());
@@ -422,6 +454,8 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::ArgReduce { rows, max, last } => reduce::emit_arg_reduce(kb, rows, *max, *last),
         Kernel::CumSum { rows, exclusive, reverse } => reduce::emit_cumsum(kb, rows, *exclusive, *reverse),
         Kernel::MatMul(m) => matmul::emit_matmul(kb, m, None),
+        Kernel::Attention(a) => attention::emit_attention(kb, a, None),
+        Kernel::RmsNorm { rows, eps } => reduce::emit_rms_norm(kb, rows, *eps),
         Kernel::QuantizeRows { a, rows, scratch, pk } => qmatmul::emit_quantize_rows(kb, *a, rows, *scratch, pk),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
         Kernel::Values { loc, dtype, values } => {

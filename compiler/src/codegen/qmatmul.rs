@@ -170,9 +170,10 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
                         let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
                         let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
                         let p = kb.fb.ins().iadd(p0, p1);
-                        let one = kb.fb.ins().iconst(types::I16, 1);
-                        let ones = kb.fb.ins().splat(types::I16X8, one);
-                        pmaddwd(kb, p, ones)
+                        // Adjacent i16 sums widened: pmaddwd by ones on x64, saddlp on aarch64.
+                        let lo = kb.fb.ins().swiden_low(p);
+                        let hi = kb.fb.ins().swiden_high(p);
+                        kb.fb.ins().iadd_pairwise(lo, hi)
                     } else {
                         let d0 = dot4(kb, lo, xa16);
                         let d1 = dot4(kb, hi, xb16);

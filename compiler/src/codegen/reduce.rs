@@ -405,3 +405,37 @@ pub fn emit_cumsum(kb: &mut Kb, rows: &Rows, exclusive: bool, reverse: bool) {
         });
     });
 }
+
+/// RMSNormalization over a contiguous row. Views: x, y, scale (row stride 1 or 0).
+pub fn emit_rms_norm(kb: &mut Kb, rows: &Rows, eps: f32) {
+    let dt = rows.dtypes[0];
+    let ty = compute_type(dt);
+    let vector = kb.target.simd() && dt == DType::F32;
+    for_each_row(kb, rows, &mut |kb, rc| {
+        let vec = vector && rc.contiguous.iter().take(3).all(|&c| c);
+        let ss = fold_row(kb, rc.len, ty, vec, Acc::Add, 0.0, &mut |kb, j, lty| {
+            let a = at(kb, rc, 0, j);
+            let x = load_lane(kb, dt, a, lty);
+            kb.fb.ins().fmul(x, x)
+        });
+        let n = kb.fb.ins().fcvt_from_sint(ty, rc.len);
+        let ms = kb.fb.ins().fdiv(ss, n);
+        let e = Fm::new(kb, ty).c(eps as f64);
+        let me = kb.fb.ins().fadd(ms, e);
+        let rms = kb.fb.ins().sqrt(me);
+        let one = Fm::new(kb, ty).c(1.0);
+        let inv = kb.fb.ins().fdiv(one, rms);
+        fold_row(kb, rc.len, ty, vec, Acc::Add, 0.0, &mut |kb, j, lty| {
+            let a = at(kb, rc, 0, j);
+            let x = load_lane(kb, dt, a, lty);
+            let iv = if lty.is_vector() { kb.fb.ins().splat(lty, inv) } else { inv };
+            let nrm = kb.fb.ins().fmul(x, iv);
+            let sa = at(kb, rc, 2, j);
+            let sc = load_lane(kb, dt, sa, lty);
+            let y = kb.fb.ins().fmul(nrm, sc);
+            let o = at(kb, rc, 1, j);
+            kb.fb.ins().store(mem(), y, o, 0);
+            y
+        });
+    });
+}

@@ -6,6 +6,7 @@
 //! input types, and checks every computed value against the type shape inference
 //! gave it, so a wrong inferred shape is caught the first time it is run.
 
+pub mod attention;
 mod broadcast;
 pub mod elementwise;
 mod gather;
@@ -109,6 +110,8 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
             one(quant::dequantize_linear(arg(0)?, arg(1)?, opt(2), *axis, *block_size)?)
         }
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
+        Op::RmsNorm { axis, epsilon } => one(normalize::rms_norm(arg(0)?, arg(1)?, *axis, *epsilon)?),
+        Op::Attention { scale } => one(attention::attention(arg(0)?, arg(1)?, arg(2)?, opt(3), *scale)?),
         Op::MatMulNBits { k, n, bits, block_size, accuracy_level } => {
             let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
             let a =

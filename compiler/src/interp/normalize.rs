@@ -106,3 +106,33 @@ pub fn layer_norm(
         Tensor::from_vec(stat_shape, inv_stds.into_iter().map(|m| m as f32).collect()),
     ])
 }
+
+/// RMSNormalization (opset 23) over axes `axis..rank`: `x / sqrt(mean(x^2) + eps) * scale`, the
+/// statistics in f64; `scale` broadcasts to the normalized shape.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, axis: i64, eps: f32) -> Result<Tensor, String> {
+    let v = float_vec(x)?;
+    let ax = norm_axis(axis, x.rank())?;
+    let size: usize = x.shape[ax..].iter().product();
+    let outer: usize = x.shape[..ax].iter().product();
+    let norm_shape = &x.shape[ax..];
+    let w = float_vec(scale)?;
+    let s: Vec<f64> = if w.len() == size {
+        w
+    } else if scale.rank() <= norm_shape.len()
+        && super::broadcast::broadcast_shapes(&[&scale.shape, norm_shape]).ok().as_deref() == Some(norm_shape)
+    {
+        super::broadcast::broadcast_index(&scale.shape, norm_shape).into_iter().map(|i| w[i]).collect()
+    } else {
+        return Err(format!("scale {:?} does not broadcast to the normalized shape {norm_shape:?}", scale.shape));
+    };
+    let mut out = vec![0.0; v.len()];
+    for o in 0..outer {
+        let row = &v[o * size..(o + 1) * size];
+        let ms = row.iter().map(|x| x * x).sum::<f64>() / size.max(1) as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        for j in 0..size {
+            out[o * size + j] = row[j] * inv * s[j];
+        }
+    }
+    Ok(like(x, x.shape.clone(), out))
+}

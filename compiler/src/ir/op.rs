@@ -123,6 +123,19 @@ pub enum Op {
         block_size: i64,
     },
     DynamicQuantizeLinear,
+    /// ONNX RMSNormalization (opset 23): `x / sqrt(mean(x^2 over axis..) + epsilon) * scale`.
+    /// Produced by the `fuse-rms-norm` pass from the exporters' Pow/ReduceMean/Sqrt chain.
+    RmsNorm {
+        axis: i64,
+        epsilon: f32,
+    },
+    /// Scaled dot-product attention, the fused form of `softmax(q @ k^T * scale + mask) @ v`.
+    /// Inputs: q [b, hq, s, d], k [b, hkv, t, d], v [b, hkv, t, dv], optional additive mask
+    /// broadcastable to [b, hq, s, t]. Output [b, hq, s, dv]. `hq` is a multiple of `hkv`:
+    /// query head h reads kv head h / (hq / hkv) (grouped-query attention, ONNX Attention's rule).
+    Attention {
+        scale: f32,
+    },
     /// onnxruntime's MatMulNBits (domain com.microsoft): A [..., K] times a K x N weight stored
     /// quantized in blocks of `block_size` along K. Inputs: A (f32), B (u8 [N, blocks,
     /// block_size * bits / 8], low nibble first), scales (f32, N * blocks), zero points
@@ -323,6 +336,8 @@ impl Op {
             QuantizeLinear { .. } => "QuantizeLinear",
             DequantizeLinear { .. } => "DequantizeLinear",
             DynamicQuantizeLinear => "DynamicQuantizeLinear",
+            RmsNorm { .. } => "RMSNormalization",
+            Attention { .. } => "Attention",
             MatMulNBits { .. } => "MatMulNBits",
         }
     }
@@ -365,7 +380,10 @@ impl Op {
             | Gather { axis }
             | GatherElements { axis }
             | Flatten { axis } => vec![format!("axis={axis}")],
-            LayerNorm { axis, epsilon } => vec![format!("axis={axis}"), format!("epsilon={epsilon:e}")],
+            LayerNorm { axis, epsilon } | RmsNorm { axis, epsilon } => {
+                vec![format!("axis={axis}"), format!("epsilon={epsilon:e}")]
+            }
+            Attention { scale } => vec![format!("scale={scale}")],
             Reduce { axes, keepdims, noop_with_empty_axes, .. } => {
                 let mut a = Vec::new();
                 if let Some(axes) = axes {
@@ -489,6 +507,8 @@ impl Op {
             Slice => (3, 5),
             CumSum { .. } => (2, 2),
             QuantizeLinear { .. } | DequantizeLinear { .. } => (2, 3),
+            RmsNorm { .. } => (2, 2),
+            Attention { .. } => (3, 4),
             MatMulNBits { .. } => (3, 4),
         }
     }

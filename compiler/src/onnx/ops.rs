@@ -36,6 +36,7 @@ fn introduced_in(op_type: &str) -> i64 {
         "Trilu" | "HardSwish" => 14,
         "LayerNormalization" => 17,
         "Gelu" => 20,
+        "RMSNormalization" => 23,
         _ => 1,
     }
 }
@@ -99,6 +100,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "QuantizeLinear",
     "Range",
     "Reciprocal",
+    "RMSNormalization",
     "ReduceL2",
     "ReduceMax",
     "ReduceMean",
@@ -243,6 +245,13 @@ pub fn convert(node: &NodeProto, opset: i64) -> Result<Converted, ConvertError> 
                 return unsupported(format!("stash_type={stash} (only float32 statistics)"));
             }
             Op::LayerNorm { axis: a.int("axis", -1)?, epsilon: a.float("epsilon", 1e-5)? }
+        }
+        "RMSNormalization" => {
+            let stash = a.int("stash_type", 1)?;
+            if stash != 1 {
+                return unsupported(format!("stash_type={stash} (only float32 statistics)"));
+            }
+            Op::RmsNorm { axis: a.int("axis", -1)?, epsilon: a.float("epsilon", 1e-5)? }
         }
         "ReduceMean" => return reduce(ReduceKind::Mean),
         "ReduceSum" => return reduce(ReduceKind::Sum),

@@ -7,6 +7,10 @@
 pub mod const_fold;
 pub mod cse;
 pub mod dce;
+pub mod fuse_attention;
+pub mod fuse_layer_norm;
+pub mod fuse_rms_norm;
+pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
 pub mod quantize;
@@ -45,16 +49,23 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "const-fold" => Box::new(const_fold::ConstFold),
         "dce" => Box::new(dce::Dce),
         "cse" => Box::new(cse::Cse),
+        "fuse-layer-norm" => Box::new(fuse_layer_norm::FuseLayerNorm),
+        "fuse-rms-norm" => Box::new(fuse_rms_norm::FuseRmsNorm),
+        "fuse-attention" => Box::new(fuse_attention::FuseAttention),
         _ => return None,
     })
 }
 
-pub const ALL_PASSES: &[&str] = &["shape-inference", "const-fold", "dce", "cse"];
+pub const ALL_PASSES: &[&str] =
+    &["shape-inference", "const-fold", "dce", "cse", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
 
 /// The pipeline `edgec` runs by default.
 /// Import already ran shape inference, and const-fold re-infers what it needs, so
 /// the default pipeline does not start with another full shape-inference run.
-pub const DEFAULT_PIPELINE: &[&str] = &["const-fold", "cse", "dce"];
+/// The fusions run on the cleaned-up graph (LayerNorm before RMSNorm: a LayerNorm contains an
+/// RMSNorm of `x - mean`) and remove what they replaced themselves.
+pub const DEFAULT_PIPELINE: &[&str] =
+    &["const-fold", "cse", "dce", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
 
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,

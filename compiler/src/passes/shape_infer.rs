@@ -282,6 +282,32 @@ fn broadcast_inputs(cx: &Cx) -> Result<Shape> {
     broadcast(cx, &shapes).map(Some)
 }
 
+/// Attention: q [b, hq, s, d], k [b, hkv, t, d], v [b, hkv, t, dv] -> [b, hq, s, dv].
+fn attention(cx: &Cx) -> Result<Shape> {
+    let (Some(q), Some(k), Some(v)) = (cx.shape(0), cx.shape(1), cx.shape(2)) else { return Ok(None) };
+    if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+        return Err(cx.err(format!("q, k and v must have rank 4, got {}, {} and {}", q.len(), k.len(), v.len())));
+    }
+    let b = unify(cx, &q[0], &k[0], "batch")?;
+    let b = unify(cx, &b, &v[0], "batch")?;
+    unify(cx, &q[3], &k[3], "head size")?;
+    unify(cx, &k[1], &v[1], "kv heads")?;
+    unify(cx, &k[2], &v[2], "kv length")?;
+    if let (Some(hq), Some(hkv)) = (q[1].as_fixed(), k[1].as_fixed()) {
+        if hkv <= 0 || hq % hkv != 0 {
+            return Err(cx.err(format!("{hq} query heads are not a multiple of {hkv} kv heads")));
+        }
+    }
+    if let Some(m) = cx.shape(3) {
+        let full = [b.clone(), q[1].clone(), q[2].clone(), k[2].clone()];
+        if m.len() > 4 {
+            return Err(cx.err(format!("mask has rank {}, at most 4 allowed", m.len())));
+        }
+        broadcast(cx, &[m, &full])?;
+    }
+    Ok(Some(vec![b, q[1].clone(), q[2].clone(), v[3].clone()]))
+}
+
 /// Output types for one node, one per output slot.
 fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
     use DType::*;
@@ -396,6 +422,13 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
         Op::DynamicQuantizeLinear => {
             vec![t(U8, cx.same(0)), t(F32, Some(vec![])), t(U8, Some(vec![]))]
         }
+        Op::RmsNorm { axis, .. } => {
+            if let Some(r) = cx.rank(0) {
+                cx.axis(*axis, r)?;
+            }
+            vec![t(d0, cx.same(0))]
+        }
+        Op::Attention { .. } => vec![t(d0, attention(cx)?)],
     };
     let mut types: Vec<TensorType> = types;
     let n = cx.node.outputs.len();

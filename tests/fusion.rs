@@ -1,0 +1,393 @@
+//! Operator fusion (passes/fuse_*.rs): the fused graph against the unfused one on the reference
+//! interpreter, how many ops each model fuses, the patterns that must not fuse, and the fused ops
+//! compiled natively (host, and aarch64/riscv64 under qemu) against the interpreter.
+//!
+//! Tolerance of fused vs unfused on the interpreter: rtol 1e-5, atol 1e-5 (logits have std ~4). The fused ops compute
+//! in f64 end to end while the unfused chain rounds every intermediate to f32 (and Where masks
+//! become additive), so results differ by float reassociation only.
+
+mod common;
+
+use common::qemu::{run_jobs, CrossArch};
+use common::{attr_int, attr_ints, model, node, noise, value_info};
+use edgec::codegen::{compile, run_model};
+use edgec::interp::Interpreter;
+use edgec::ir::{Graph, Op, Tensor};
+use edgec::onnx::proto::{NodeProto, TensorProto};
+use edgec::passes::PassManager;
+
+const RTOL: f64 = 1e-5;
+const ATOL: f64 = 1e-5;
+/// Native kernels (f32, polynomial exp) vs the interpreter, as in tests/codegen.rs.
+const NATIVE_RTOL: f64 = 1e-4;
+const NATIVE_ATOL: f64 = 1e-5;
+
+/// The pipeline before fusion existed.
+const UNFUSED: &str = "const-fold,cse,dce";
+
+type Feeds = Vec<(String, Tensor)>;
+
+fn with_passes(g: &Graph, passes: &str) -> Graph {
+    let mut g = g.clone();
+    PassManager::parse(passes).unwrap().run(&mut g, &mut |_, _, _| {}).unwrap();
+    g
+}
+
+fn run(g: &Graph, feeds: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    Interpreter::new(g).unwrap().run(feeds).unwrap()
+}
+
+fn count(g: &Graph, name: &str) -> usize {
+    g.g.node_weights().filter(|n| n.op.name() == name).count()
+}
+
+/// (RMSNormalization, LayerNormalization, Attention, Softmax) in a graph.
+fn census(g: &Graph) -> [usize; 4] {
+    ["RMSNormalization", "LayerNormalization", "Attention", "Softmax"].map(|n| count(g, n))
+}
+
+fn assert_close(got: &[(String, Tensor)], want: &[(String, Tensor)], rtol: f64, atol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: output count");
+    for ((n, g), (_, w)) in got.iter().zip(want) {
+        common::compare(g, w, rtol, atol).unwrap_or_else(|e| panic!("{what} {n}: {e}"));
+    }
+}
+
+/// Every fixture model: the default pipeline fuses what it should, and the fused graph computes
+/// what the unfused one does.
+#[test]
+fn fused_models_match_unfused_on_the_interpreter() {
+    let mut cases: Vec<(String, Graph, Feeds, [usize; 4])> = Vec::new();
+    // (RMSNorm, LayerNorm, Attention, Softmax) after fusion.
+    let expect = |name: &str| match name {
+        "llama" | "llama_ext" => [5, 0, 2, 0],
+        "gpt2" => [0, 5, 2, 0],
+        "bert" | "bert_int8" => [0, 5, 2, 0],
+        _ => [0, 0, 0, 0],
+    };
+    for (name, dir) in common::tiny_models() {
+        let g = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap();
+        let feeds = common::read_npy_dir(&dir.join("inputs"));
+        let e = expect(&name);
+        cases.push((name, g, feeds, e));
+    }
+    for file in ["decoder_with_past", "model", "model_nomask"] {
+        let g = edgec::onnx::load_model(&common::repo_root().join(format!("models/tiny-lm/{file}.onnx"))).unwrap();
+        let feeds = common::tiny_lm_feeds(&g);
+        cases.push((format!("tiny-lm/{file}"), g, feeds, [5, 0, 2, 0]));
+    }
+    for (name, g, feeds, want_census) in cases {
+        let unfused = with_passes(&g, UNFUSED);
+        let fused = with_passes(&g, "default");
+        assert_eq!(census(&fused), want_census, "{name}: fused op counts (RMSNorm, LayerNorm, Attention, Softmax)");
+        assert!(fused.op_count() < unfused.op_count() || want_census == [0; 4], "{name}");
+        let want = run(&unfused, &feeds);
+        let got = run(&fused, &feeds);
+        assert_close(&got, &want, RTOL, ATOL, &name);
+        println!("{name}: {} ops unfused, {} fused {:?}", unfused.op_count(), fused.op_count(), census(&fused));
+    }
+}
+
+fn i64_init(name: &str, v: &[i64]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn scalar_init(name: &str, v: f32) -> TensorProto {
+    TensorProto { name: Some(name.into()), dims: vec![], data_type: Some(1), float_data: vec![v], ..Default::default() }
+}
+
+fn with_attrs(mut n: NodeProto, attrs: Vec<edgec::onnx::proto::AttributeProto>) -> NodeProto {
+    n.attribute = attrs;
+    n
+}
+
+/// A model from nodes; inputs are (name, ONNX element type, dims).
+fn load(nodes: Vec<NodeProto>, inputs: &[(&str, i32, &[&str])], outputs: &[&str], init: Vec<TensorProto>) -> Graph {
+    let m = model(
+        18,
+        nodes,
+        inputs.iter().map(|(n, t, d)| value_info(n, *t, d)).collect(),
+        outputs.iter().map(|n| value_info(n, 1, &[])).collect(),
+        init,
+    );
+    let bytes = prost::Message::encode_to_vec(&m);
+    edgec::onnx::load_model_bytes(bytes.into(), None, "fusion test").unwrap()
+}
+
+/// RMSNorm spelled Mul(x, x) / Reciprocal / no weight, over 10 channels (not a multiple of 4).
+fn rms_graph() -> Graph {
+    load(
+        vec![
+            node("Mul", &["x", "x"], &["sq"]),
+            node("ReduceMean", &["sq", "axes"], &["ms"]),
+            node("Add", &["eps", "ms"], &["mse"]),
+            node("Sqrt", &["mse"], &["rms"]),
+            node("Reciprocal", &["rms"], &["inv"]),
+            node("Mul", &["inv", "x"], &["y"]),
+        ],
+        &[("x", 1, &["3", "seq", "10"])],
+        &["y"],
+        vec![i64_init("axes", &[-1]), scalar_init("eps", 1e-5)],
+    )
+}
+
+/// LayerNorm decomposed with Mul(d, Reciprocal(std)) and a gamma but no beta, 12 channels.
+fn layer_norm_graph() -> Graph {
+    load(
+        vec![
+            node("ReduceMean", &["x", "axes"], &["mean"]),
+            node("Sub", &["x", "mean"], &["d"]),
+            node("Pow", &["d", "two"], &["sq"]),
+            node("ReduceMean", &["sq", "axes"], &["var"]),
+            node("Add", &["var", "eps"], &["ve"]),
+            node("Sqrt", &["ve"], &["std"]),
+            node("Reciprocal", &["std"], &["inv"]),
+            node("Mul", &["d", "inv"], &["n"]),
+            node("Mul", &["gamma", "n"], &["y"]),
+        ],
+        &[("x", 1, &["seq", "12"])],
+        &["y"],
+        vec![
+            i64_init("axes", &[-1]),
+            scalar_init("two", 2.0),
+            scalar_init("eps", 1e-5),
+            common::f32_initializer("gamma", &[12], &noise(12, 7)),
+        ],
+    )
+}
+
+/// Attention with part of the scale on q, k in [b, t, h, d] layout (k^T = one Transpose with
+/// perm [0,2,3,1]), v through repeat_kv's Unsqueeze/Expand/Reshape from `kv_heads` heads, a
+/// boolean mask through Where(keep, scores, lowest) and an additive bias after it; batch 2,
+/// head_dim 10 (not a multiple of 4), `seq` queries and `kv` keys.
+fn attention_graph(heads: i64, kv_heads: i64) -> Graph {
+    let g = heads / kv_heads;
+    let mut unsq = node("Unsqueeze", &["v", "ax2"], &["vu"]);
+    unsq.name = Some("unsq_v".into());
+    load(
+        vec![
+            node("Mul", &["q", "qscale"], &["qs"]),
+            with_attrs(node("Transpose", &["kraw"], &["kt"]), vec![attr_ints("perm", &[0, 2, 3, 1])]),
+            node("MatMul", &["qs", "kt"], &["scores"]),
+            node("Div", &["scores", "div"], &["scaled"]),
+            node("Where", &["keep", "scaled", "lowest"], &["masked"]),
+            node("Add", &["bias", "masked"], &["biased"]),
+            with_attrs(node("Softmax", &["biased"], &["p"]), vec![attr_int("axis", -1)]),
+            unsq,
+            node("Expand", &["vu", "vshape5"], &["ve"]),
+            node("Reshape", &["ve", "vshape4"], &["vr"]),
+            node("MatMul", &["p", "vr"], &["y"]),
+        ],
+        &[
+            ("q", 1, &["2", &heads.to_string(), "seq", "10"]),
+            // k holds every query head: [b, t, h, d].
+            ("kraw", 1, &["2", "kv", &heads.to_string(), "10"]),
+            ("v", 1, &["2", &kv_heads.to_string(), "kv", "10"]),
+            ("keep", 9, &["seq", "kv"]),
+            ("bias", 1, &["2", "1", "1", "kv"]),
+        ],
+        &["y"],
+        vec![
+            scalar_init("qscale", 0.5),
+            scalar_init("div", 0.7),
+            scalar_init("lowest", f32::MIN),
+            i64_init("ax2", &[2]),
+            i64_init("vshape5", &[1, 1, g, 1, 1]),
+            i64_init("vshape4", &[2, heads, -1, 10]),
+        ],
+    )
+}
+
+fn attention_feeds(heads: usize, kv_heads: usize, seq: usize, kv: usize) -> Vec<(String, Tensor)> {
+    let keep: Vec<bool> = (0..seq * kv).map(|i| (i % kv) <= (i / kv) + kv - seq).collect();
+    vec![
+        ("q".into(), Tensor::from_vec(vec![2, heads, seq, 10], noise(2 * heads * seq * 10, 1))),
+        ("kraw".into(), Tensor::from_vec(vec![2, kv, heads, 10], noise(2 * kv * heads * 10, 2))),
+        ("v".into(), Tensor::from_vec(vec![2, kv_heads, kv, 10], noise(2 * kv_heads * kv * 10, 3))),
+        ("keep".into(), Tensor::from_vec(vec![seq, kv], keep)),
+        ("bias".into(), Tensor::from_vec(vec![2, 1, 1, kv], noise(2 * kv, 4))),
+    ]
+}
+
+#[test]
+fn hand_written_patterns_fuse_and_match() {
+    let g = rms_graph();
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused)[0], 1, "{}", edgec::ir::text::render(&fused));
+    assert_eq!(fused.op_count(), 1, "the whole chain is one op:\n{}", edgec::ir::text::render(&fused));
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![3, 5, 10], noise(150, 9)))];
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "rms");
+
+    let g = layer_norm_graph();
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused)[1], 1, "{}", edgec::ir::text::render(&fused));
+    assert_eq!(fused.op_count(), 1, "the whole chain is one op:\n{}", edgec::ir::text::render(&fused));
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![5, 12], noise(60, 8)))];
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "layer norm");
+
+    // 6 query heads over 6 k heads: k carries every head, v is repeated from 2 kv heads. The
+    // fused op needs k and v with the same head count, so this one must NOT fuse...
+    let g = attention_graph(6, 2);
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused)[2], 0, "k and v head counts differ:\n{}", edgec::ir::text::render(&fused));
+    // ...while with v un-repeated (kv_heads = heads) it does, k via one new Transpose.
+    let g = attention_graph(6, 6);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(census(&fused), [0, 0, 1, 0], "{text}");
+    assert!(text.contains("scale=0.71428"), "q scale 0.5 / 0.7 folded into the op:\n{text}");
+    let feeds = attention_feeds(6, 6, 5, 7);
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "attention");
+}
+
+/// Patterns that look like the fused ones but are not equal to them stay unfused.
+#[test]
+fn near_misses_stay_unfused() {
+    // Where with -10000 (old BERT): a fully masked row would differ from an additive mask.
+    let g = load(
+        vec![
+            node("MatMul", &["q", "kt"], &["scores"]),
+            node("Where", &["keep", "scores", "lowest"], &["masked"]),
+            with_attrs(node("Softmax", &["masked"], &["p"]), vec![attr_int("axis", -1)]),
+            node("MatMul", &["p", "v"], &["y"]),
+        ],
+        &[
+            ("q", 1, &["1", "2", "3", "4"]),
+            ("kt", 1, &["1", "2", "4", "5"]),
+            ("keep", 9, &["3", "5"]),
+            ("v", 1, &["1", "2", "5", "4"]),
+        ],
+        &["y"],
+        vec![scalar_init("lowest", -10000.0)],
+    );
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused), [0, 0, 0, 1], "{}", edgec::ir::text::render(&fused));
+
+    // A mask added before the scale would be scaled too: left alone.
+    let m = model(
+        18,
+        vec![
+            node("MatMul", &["q", "kt"], &["scores"]),
+            node("Add", &["scores", "mask"], &["masked"]),
+            node("Mul", &["masked", "c"], &["scaled"]),
+            with_attrs(node("Softmax", &["scaled"], &["p"]), vec![attr_int("axis", -1)]),
+            node("MatMul", &["p", "v"], &["y"]),
+        ],
+        vec![
+            value_info("q", 1, &["1", "2", "3", "4"]),
+            value_info("kt", 1, &["1", "2", "4", "5"]),
+            value_info("mask", 1, &["3", "5"]),
+            value_info("v", 1, &["1", "2", "5", "4"]),
+        ],
+        vec![value_info("y", 1, &[])],
+        vec![scalar_init("c", 0.5)],
+    );
+    let g = edgec::onnx::load_model_bytes(prost::Message::encode_to_vec(&m).into(), None, "near miss").unwrap();
+    let fused = with_passes(&g, "default");
+    assert_eq!(census(&fused)[2], 0, "{}", edgec::ir::text::render(&fused));
+
+    // An intermediate that is also a graph output keeps the chain (nothing to save).
+    let m = model(
+        18,
+        vec![
+            node("Mul", &["x", "x"], &["sq"]),
+            node("ReduceMean", &["sq", "axes"], &["ms"]),
+            node("Add", &["ms", "eps"], &["mse"]),
+            node("Sqrt", &["mse"], &["rms"]),
+            node("Div", &["x", "rms"], &["y"]),
+        ],
+        vec![value_info("x", 1, &["2", "8"])],
+        vec![value_info("y", 1, &[]), value_info("ms", 1, &[])],
+        vec![i64_init("axes", &[-1]), scalar_init("eps", 1e-6)],
+    );
+    let g = edgec::onnx::load_model_bytes(prost::Message::encode_to_vec(&m).into(), None, "near miss").unwrap();
+    assert_eq!(census(&with_passes(&g, "default"))[0], 0);
+}
+
+/// Bad shapes for the fused ops are errors, not panics, in the interpreter.
+#[test]
+fn fused_ops_reject_bad_shapes() {
+    use edgec::interp::eval_op;
+    let t = |shape: Vec<usize>| Tensor::from_vec(shape.clone(), vec![0.5f32; shape.iter().product()]);
+    let att = Op::Attention { scale: 1.0 };
+    let (q, k3, k, v) = (t(vec![1, 4, 2, 8]), t(vec![1, 3, 5, 8]), t(vec![1, 2, 5, 8]), t(vec![1, 2, 5, 8]));
+    assert!(eval_op(&att, &[Some(&q), Some(&k3), Some(&k3), None], 1).unwrap_err().contains("multiple"));
+    assert!(eval_op(&att, &[Some(&q), Some(&k), Some(&t(vec![1, 2, 4, 8])), None], 1).is_err());
+    assert!(eval_op(&att, &[Some(&t(vec![4, 2, 8])), Some(&k), Some(&v), None], 1).unwrap_err().contains("rank 4"));
+    let bad_mask = t(vec![3, 5]);
+    assert!(eval_op(&att, &[Some(&q), Some(&k), Some(&v), Some(&bad_mask)], 1).unwrap_err().contains("broadcast"));
+    assert!(eval_op(&att, &[Some(&q), Some(&k), Some(&v)], 1).is_ok());
+    let rms = Op::RmsNorm { axis: -1, epsilon: 1e-5 };
+    assert!(eval_op(&rms, &[Some(&t(vec![2, 8])), Some(&t(vec![3]))], 1).unwrap_err().contains("broadcast"));
+    assert!(eval_op(&rms, &[Some(&t(vec![2, 8])), Some(&t(vec![8]))], 2 - 1).is_ok());
+    assert!(eval_op(&Op::RmsNorm { axis: 5, epsilon: 1e-5 }, &[Some(&t(vec![2, 8])), Some(&t(vec![8]))], 1).is_err());
+}
+
+/// The fused ops compiled for this machine (threads 1..3: the attention is large enough to be
+/// split over `parallel_for`) and for aarch64/riscv64 under qemu, against the interpreter.
+#[test]
+fn fused_ops_run_natively() {
+    let cases: Vec<(&str, Graph, Feeds)> = vec![
+        (
+            "rms",
+            with_passes(&rms_graph(), "default"),
+            vec![("x".to_string(), Tensor::from_vec(vec![3, 7, 10], noise(210, 5)))],
+        ),
+        (
+            "layer norm",
+            with_passes(&layer_norm_graph(), "default"),
+            vec![("x".to_string(), Tensor::from_vec(vec![5, 12], noise(60, 8)))],
+        ),
+        ("attention small", with_passes(&attention_graph(6, 6), "default"), attention_feeds(6, 6, 5, 7)),
+        ("attention parallel", with_passes(&attention_graph(6, 6), "default"), attention_feeds(6, 6, 40, 67)),
+        (
+            "tiny-lm decoder",
+            {
+                let g = edgec::onnx::load_model(&common::repo_root().join("models/tiny-lm/decoder_with_past.onnx"))
+                    .unwrap();
+                with_passes(&g, "default")
+            },
+            Vec::new(),
+        ),
+    ];
+    let mut jobs_by_arch: Vec<(CrossArch, Vec<common::qemu::Job>, Vec<Vec<Tensor>>)> =
+        CrossArch::CROSS.iter().map(|&a| (a, Vec::new(), Vec::new())).collect();
+    for (name, g, feeds) in cases {
+        let feeds = if feeds.is_empty() { common::tiny_lm_feeds(&g) } else { feeds };
+        let fused_ops = census(&g);
+        assert!(fused_ops[0] + fused_ops[1] + fused_ops[2] > 0, "{name}: nothing fused");
+        let want = run(&g, &feeds);
+        let c = compile(&g, &common::native::test_options("host")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+        for threads in [1, 2, 3] {
+            model.set_threads(threads);
+            let got = run_model(&model, &feeds).unwrap();
+            assert_close(&got, &want, NATIVE_RTOL, NATIVE_ATOL, &format!("{name} host, {threads} threads"));
+        }
+        let inputs: Vec<Tensor> = common::native::input_names(&g)
+            .iter()
+            .map(|n| feeds.iter().find(|(f, _)| f == n).unwrap().1.clone())
+            .collect();
+        let want: Vec<Tensor> = want.into_iter().map(|(_, t)| t).collect();
+        for (arch, jobs, wants) in &mut jobs_by_arch {
+            jobs.push(common::native::cross_job(name, &g, &inputs, &want, arch.name()).unwrap());
+            wants.push(want.clone());
+        }
+    }
+    for (arch, jobs, wants) in jobs_by_arch {
+        let outs = run_jobs(arch, &jobs, None).unwrap_or_else(|e| panic!("{}: {e}", arch.name()));
+        for ((job, raw), want) in jobs.iter().zip(outs).zip(&wants) {
+            let got = common::native::decode_outputs(&raw, want).unwrap();
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                common::compare(g, w, NATIVE_RTOL, NATIVE_ATOL)
+                    .unwrap_or_else(|e| panic!("{} on {} output {i}: {e}", job.name, arch.name()));
+            }
+        }
+    }
+}
