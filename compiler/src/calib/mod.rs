@@ -13,7 +13,7 @@
 //! Activations come from the reference interpreter with an observer hook (`Interpreter::run_observed`):
 //! all sequences run as one batch, so the whole model runs once.
 //!
-//! ```ignore
+//! ```text
 //! let seqs = calib::token_sequences(&tokenizer_json, &text, 1024, 512)?;
 //! let cal = calib::Calibration::collect(&graph, &seqs, &calib::Options::default())?;
 //! for l in calib::linear_layers(&graph) {
