@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--worker")
     ap.add_argument("--edgec", type=Path, default=REPO / "target/release/edgec")
     ap.add_argument("--artifact", type=Path)
+    ap.add_argument("--edgec-extra", action="append", default=[], metavar="LABEL=ARTIFACT",
+                    help="more edgec artifacts to time (e.g. quantized builds)")
     ap.add_argument("--llama-python", help="python of the llama-cpp-python venv")
     ap.add_argument("--gguf-f32", type=Path)
     ap.add_argument("--gguf-q4", type=Path)
@@ -144,6 +146,9 @@ def main():
     n_new = 128
     rows = []
     configs = [("edgec (fp32)", "edgec", {})]
+    for spec in args.edgec_extra:
+        label, path = spec.split("=", 1)
+        configs.append((f"edgec ({label})", "edgec", dict(artifact=Path(path))))
     configs.append(("onnxruntime (fp32)", "ort", {}))
     if args.llama_python:
         configs.append(("llama.cpp F32", "llama", dict(python=args.llama_python, gguf=str(args.gguf_f32))))
@@ -153,7 +158,8 @@ def main():
             res = []
             for _ in range(args.repeat):
                 if engine == "edgec":
-                    pre, dec, rss, n = run_edgec(args.edgec, args.artifact, threads, prompt_text, n_new)
+                    art = extra.get("artifact", args.artifact)
+                    pre, dec, rss, n = run_edgec(args.edgec, art, threads, prompt_text, n_new)
                 else:
                     pre, dec, rss = run_worker(engine, threads, prompt, n_new, extra)
                 res.append((pre, dec, rss))

@@ -3,7 +3,8 @@
 # 2 threads, peak RSS and the machine's memory-bandwidth bound, as one Markdown table
 # (target/bench/llm.md). A benchmark, not a test.
 #
-#   benches/llm.sh            env: NO_LLAMA=1 skips llama.cpp, REPEAT (default 3)
+#   benches/llm.sh            env: NO_LLAMA=1 skips llama.cpp, REPEAT (default 3), QUANT (edgec
+#                             --quantize schemes timed too; default "int4 w4a8 w8a8", "" for none)
 #
 # llama.cpp comes from PyPI llama-cpp-python (builds llama.cpp from source, ~8.5 min on 2 cores
 # the first time) in its own cached venv, data/bench/venv-llamacpp; the GGUF is the one
@@ -18,6 +19,15 @@ if [[ ! -f "$art" || "$art" -ot target/release/edgec ]]; then
   target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 -o "$art"
 fi
 args=(--artifact "$art" --repeat "${REPEAT:-3}")
+# Quantized builds of the same decoder (QUANT="" skips them).
+for q in ${QUANT-int4 w4a8 w8a8}; do
+  qa=data/bench/smollm2-135m-${q//:/_}.edgec
+  if [[ ! -f "$qa" || "$qa" -ot target/release/edgec ]]; then
+    target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 \
+      --quantize "$q" -o "$qa"
+  fi
+  args+=(--edgec-extra "$q=$qa")
+done
 if [[ -z "${NO_LLAMA:-}" ]]; then
   venv=data/bench/venv-llamacpp
   if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
