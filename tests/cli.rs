@@ -148,6 +148,11 @@ fn compile_and_artifact_errors_are_clear() {
         (&["compile", m, "--bound", "sequence_length"], "must be NAME=N"),
         (&["compile", m, "--emit", "exe"], "--emit exe"),
         (&["compile", m, "--emit", "obj", "--prefix", "9lives"], "must be a C identifier"),
+        (&["compile", m, "--quantize", "int3"], "unknown quantization scheme 'int3'"),
+        (&["compile", m, "--quantize", "int4:g7"], "group size 7"),
+        (&["compile", m, "--quantize", "int4", "--method", "best"], "--method best"),
+        (&["compile", m, "--quantize", "int4", "--method", "gptq"], "--method gptq needs --calibrate"),
+        (&["compile", m, "--method", "gptq"], "--method gptq needs --quantize"),
     ];
     let dir = std::env::temp_dir().join(format!("edgec-cli-err-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -185,23 +185,38 @@ struct PruneArgs {
 }
 
 /// Calibration and pruning between the pass pipeline and code generation.
+/// The calibration token sequences of `--calibrate FILE`, if given.
+fn calibration_sequences(args: &PruneArgs, tokenizer: Option<&[u8]>) -> Result<Option<Vec<Vec<u32>>>, String> {
+    let Some(path) = &args.calibrate else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--calibrate {}: {e}", path.display()))?;
+    let tok = tokenizer.ok_or("--calibrate needs a tokenizer (--tokenizer FILE or tokenizer.json beside the model)")?;
+    edgec::calib::token_sequences(tok, &text, args.calib_tokens, args.calib_seq).map(Some).map_err(|e| e.to_string())
+}
+
+/// `--method gptq`: the Gram matrix of every linear layer's input, by MatMul node name.
+fn gptq_grams(
+    g: &edgec::ir::Graph,
+    args: &PruneArgs,
+    tokenizer: Option<&[u8]>,
+) -> Result<std::collections::HashMap<String, Vec<f64>>, String> {
+    let seqs = calibration_sequences(args, tokenizer)?.ok_or("--method gptq needs --calibrate FILE")?;
+    let cal = edgec::calib::Calibration::collect(g, &seqs, &Default::default()).map_err(|e| e.to_string())?;
+    println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
+    let mut grams = std::collections::HashMap::new();
+    for l in edgec::calib::linear_layers(g) {
+        if let Some(h) = cal.gram_for(g, l.node) {
+            grams.insert(g.node(l.node).name.clone(), h.h.clone());
+        }
+    }
+    Ok(grams)
+}
+
 fn prune_step(
     g: &mut edgec::ir::Graph,
     args: &PruneArgs,
     tokenizer: Option<&[u8]>,
 ) -> Result<Option<edgec::passes::prune::PruneReport>, String> {
-    let seqs = match &args.calibrate {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("--calibrate {}: {e}", path.display()))?;
-            let tok = tokenizer
-                .ok_or("--calibrate needs a tokenizer (--tokenizer FILE or tokenizer.json beside the model)")?;
-            Some(
-                edgec::calib::token_sequences(tok, &text, args.calib_tokens, args.calib_seq)
-                    .map_err(|e| e.to_string())?,
-            )
-        }
-        None => None,
-    };
+    let seqs = calibration_sequences(args, tokenizer)?;
     let Some(text) = &args.prune else {
         if args.recover {
             return Err("--recover needs --prune".into());
@@ -229,8 +244,9 @@ struct OptimizeArgs {
     /// `int4:g32:asym`, ... Large embedding tables become int8 rows.
     #[arg(long, value_name = "SCHEME")]
     quantize: Option<String>,
-    /// How weights are rounded: `absmax` (each block's full range; the default) or `mse` (per
-    /// block, the clipping range with the least squared weight error: measured worse on SmolLM2).
+    /// How weights are rounded: `absmax` (each block's full range; the default), `mse` (per
+    /// block, the clipping range with the least squared weight error: measured worse on SmolLM2) or
+    /// `gptq` (error-minimising rounding against the layer outputs on `--calibrate FILE`).
     #[arg(long, default_value = "absmax")]
     method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
@@ -244,16 +260,26 @@ struct OptimizeArgs {
 
 impl OptimizeArgs {
     /// The passes the flags add after the base pipeline.
-    fn passes(&self) -> Result<Vec<Box<dyn edgec::passes::Pass>>, String> {
+    /// `grams`: per MatMul node name, its input's Gram matrix (for `--method gptq`).
+    fn passes(
+        &self,
+        grams: Option<std::collections::HashMap<String, Vec<f64>>>,
+    ) -> Result<Vec<Box<dyn edgec::passes::Pass>>, String> {
         let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
         if let Some(q) = &self.quantize {
             let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
             let mut pass = edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone());
             pass.search = match self.method.as_str() {
                 "mse" => true,
-                "absmax" => false,
-                m => return Err(format!("--method {m}: expected `mse` or `absmax`")),
+                "absmax" | "gptq" => false,
+                m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq`")),
             };
+            if let Some(grams) = grams {
+                pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
+                    Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
+                    None => Ok(None),
+                }));
+            }
             passes.push(Box::new(pass));
         }
         if !passes.is_empty() {
@@ -375,8 +401,10 @@ fn compile(
         names.iter().partition(|n| prune.prune.is_none() || !n.starts_with("fuse-"));
     let pm = pipeline(&pre.join(",")).map_err(|e| e.to_string())?;
     let mut opt_pm = pipeline(&post.join(",")).map_err(|e| e.to_string())?;
-    for p in optimize.passes()? {
-        opt_pm.push(p);
+    if optimize.method != "gptq" {
+        for p in optimize.passes(None)? {
+            opt_pm.push(p);
+        }
     }
     let mut rows = vec![format!(
         r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
@@ -399,6 +427,16 @@ fn compile(
     };
     pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
     let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref())?;
+    if optimize.method == "gptq" {
+        // Calibrate on the graph the quantize pass will see (after pruning).
+        let grams = match optimize.quantize {
+            Some(_) => Some(gptq_grams(&g, prune, tokenizer_bytes.as_deref())?),
+            None => return Err("--method gptq needs --quantize".into()),
+        };
+        for p in optimize.passes(grams)? {
+            opt_pm.push(p);
+        }
+    }
     opt_pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
     if let Some(r) = prune_report {
         rows.insert(rows.len() - opt_pm.names().len(), r.to_json());

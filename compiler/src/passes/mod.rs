@@ -10,6 +10,7 @@ pub mod dce;
 pub mod fuse_attention;
 pub mod fuse_layer_norm;
 pub mod fuse_rms_norm;
+pub mod gptq;
 pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
