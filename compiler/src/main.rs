@@ -211,11 +211,17 @@ fn gptq_grams(
     Ok(grams)
 }
 
+/// `timing_only`: without --prune, --calibrate alone collects the statistics and reports the time
+/// (false when another step, GPTQ, uses the calibration text).
 fn prune_step(
     g: &mut edgec::ir::Graph,
     args: &PruneArgs,
     tokenizer: Option<&[u8]>,
+    timing_only: bool,
 ) -> Result<Option<edgec::passes::prune::PruneReport>, String> {
+    if args.prune.is_none() && !timing_only {
+        return Ok(None);
+    }
     let seqs = calibration_sequences(args, tokenizer)?;
     let Some(text) = &args.prune else {
         if args.recover {
@@ -426,7 +432,7 @@ fn compile(
         t_pass = Instant::now();
     };
     pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
-    let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref())?;
+    let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref(), optimize.method != "gptq")?;
     if optimize.method == "gptq" {
         // Calibrate on the graph the quantize pass will see (after pruning).
         let grams = match optimize.quantize {
