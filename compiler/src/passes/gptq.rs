@@ -42,19 +42,7 @@ pub fn gptq(w: &[f32], k: usize, n: usize, h: &[f64], scheme: Scheme) -> Result<
         }
         blocks
     };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
-    let per = n.div_ceil(threads);
-    let columns: Vec<Vec<(BlockParams, Vec<u8>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(column).collect::<Vec<_>>()))
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("gptq worker")).collect()
-    });
-    for (c, blocks) in columns.into_iter().enumerate() {
-        for (blk, (p, q)) in blocks.into_iter().enumerate() {
-            out.set_block(c, blk, p, &q);
-        }
-    }
+    out.fill_columns(column);
     Ok(out)
 }
 

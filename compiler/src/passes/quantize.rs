@@ -204,20 +204,29 @@ pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, search: bool)
             })
             .collect()
     };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
-    let per = n.div_ceil(threads);
-    let columns: Vec<Vec<(BlockParams, Vec<u8>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(fit_column).collect::<Vec<_>>()))
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("quantization worker")).collect()
-    });
-    for (c, blocks) in columns.into_iter().enumerate() {
-        for (blk, (p, q)) in blocks.into_iter().enumerate() {
-            out.set_block(c, blk, p, &q);
+    out.fill_columns(fit_column);
+    Ok(out)
+}
+
+impl Quantized {
+    /// Stores every column's blocks, computed by `column(c)` for the N columns on every core.
+    pub fn fill_columns(&mut self, column: impl Fn(usize) -> Vec<(BlockParams, Vec<u8>)> + Sync) {
+        let n = self.layout.n;
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
+        let per = n.div_ceil(threads);
+        let column = &column;
+        let columns: Vec<Vec<(BlockParams, Vec<u8>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(column).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("quantization worker")).collect()
+        });
+        for (c, blocks) in columns.into_iter().enumerate() {
+            for (blk, (p, q)) in blocks.into_iter().enumerate() {
+                self.set_block(c, blk, p, &q);
+            }
         }
     }
-    Ok(out)
 }
 
 /// Shell-style pattern: `*` matches any run of characters; without `*` it matches substrings.
