@@ -3,10 +3,12 @@
 //! becomes the existing `LayerNormalization` op (one row kernel natively). gamma and beta are
 //! optional; a missing gamma becomes a vector of ones.
 
-use super::pattern::{channel_operand, mean_last_axis, over_std, single_use, skip_identity, sole_consumer, square_of};
+use super::pattern::{
+    channel_operand, mean_last_axis, over_std, single_use, skip_identity, sole_consumer, square_of, unit_scale,
+};
 use super::{Pass, PassStats};
 use crate::error::{Error, Result};
-use crate::ir::{BinaryOp, Graph, Op, Tensor, Value, ValueRef};
+use crate::ir::{BinaryOp, Graph, Op, Value, ValueRef};
 
 pub struct FuseLayerNorm;
 
@@ -73,12 +75,9 @@ impl Pass for FuseLayerNorm {
             let gamma = match f.gamma {
                 Some(w) => w,
                 None => {
-                    let ty = g.ty(f.x).clone();
-                    let Some(d) = ty.shape.as_ref().and_then(|s| s.last()).and_then(|d| d.as_fixed()) else {
-                        continue;
-                    };
-                    let ones = Tensor::from_vec(vec![d as usize], vec![1.0f32; d as usize]).cast(ty.dtype);
-                    g.add_const(format!("{}_ones", g.g[n].name), &ones)
+                    let name = format!("{}_ones", g.g[n].name);
+                    let Some(ones) = unit_scale(g, f.x, name) else { continue };
+                    ones
                 }
             };
             let out = g.value(f.out).clone();

@@ -4,6 +4,15 @@
 
 use crate::ir::{DType, Dim, Graph, Op, ReduceKind, ValueRef};
 
+/// A constant of ones over `x`'s last (fixed) axis, in its dtype: the scale of a normalisation
+/// written without one. `None` when that axis is symbolic.
+pub fn unit_scale(g: &mut Graph, x: ValueRef, name: String) -> Option<ValueRef> {
+    let ty = g.ty(x).clone();
+    let d = ty.shape.as_ref().and_then(|s| s.last()).and_then(|d| d.as_fixed())? as usize;
+    let ones = crate::ir::Tensor::from_vec(vec![d], vec![1.0f32; d]).cast(ty.dtype);
+    Some(g.add_const(name, &ones))
+}
+
 /// The op producing `v`.
 pub fn op(g: &Graph, v: ValueRef) -> &Op {
     &g.g[v.node].op
