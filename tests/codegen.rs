@@ -143,26 +143,7 @@ fn emitted_objects_link_and_run() {
     ] {
         let target = if arch == CrossArch::Host { "x86_64" } else { arch.name() };
         let c = compile(&g, &common::native::test_options(target)).unwrap();
-        let obj = work.join(format!("{}-{sidecar}.o", arch.name()));
-        let files = edgec::codegen::object::write(&c, &obj, "model", sidecar).unwrap();
-        assert_eq!(files.len(), if sidecar { 3 } else { 2 }, "{files:?}");
-        let header = obj.with_extension("h");
-        let exe = work.join(format!("run-{}-{sidecar}", arch.name()));
-        let harness = common::repo_root().join("tests/harness/obj_main.c");
-        let mut cc = std::process::Command::new(arch.compiler());
-        if sidecar {
-            cc.arg(format!("-DWEIGHTS_PATH=\"{}\"", obj.with_extension("weights.bin").display()));
-        }
-        let status = cc
-            .args(["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-static"])
-            .arg(format!("-DMODEL_HEADER=\"{}\"", header.display()))
-            .arg(&harness)
-            .arg(&obj)
-            .arg("-o")
-            .arg(&exe)
-            .status()
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup-cross.sh)", arch.compiler()));
-        assert!(status.success(), "linking the {} object failed", arch.name());
+        let exe = link_object(arch, &c, &work, &format!("{}-{sidecar}", arch.name()), "obj_main.c", sidecar);
         // Symbols from the input shapes, in the header's order.
         let mut symbols = vec![0i64; c.meta.symbols.len()];
         for (m, t) in c.meta.inputs.iter().zip(&inputs) {
@@ -172,14 +153,7 @@ fn emitted_objects_link_and_run() {
                 }
             }
         }
-        let mut cmd = match arch.qemu() {
-            Some((qemu, sysroot)) => {
-                let mut c = std::process::Command::new(qemu);
-                c.arg("-L").arg(sysroot).arg(&exe);
-                c
-            }
-            None => std::process::Command::new(&exe),
-        };
+        let mut cmd = command(arch, &exe);
         cmd.args(symbols.iter().map(|s| s.to_string()));
         cmd.args((0..inputs.len()).map(|i| work.join(format!("in{i}.bin"))));
         for (i, w) in want.iter().enumerate() {
@@ -201,6 +175,49 @@ fn emitted_objects_link_and_run() {
         );
     }
     std::fs::remove_dir_all(&work).ok();
+}
+
+/// Writes `c` as an object (`NAME.o` + `NAME.h` in `work`, weights embedded or in a sidecar file)
+/// and links it with the C program `tests/harness/HARNESS` for `arch`; returns the executable.
+fn link_object(
+    arch: CrossArch,
+    c: &edgec::codegen::Compiled,
+    work: &std::path::Path,
+    name: &str,
+    harness: &str,
+    sidecar: bool,
+) -> std::path::PathBuf {
+    let obj = work.join(format!("{name}.o"));
+    let files = edgec::codegen::object::write(c, &obj, "model", sidecar).unwrap();
+    assert_eq!(files.len(), if sidecar { 3 } else { 2 }, "{files:?}");
+    let exe = work.join(format!("run-{name}"));
+    let mut cc = std::process::Command::new(arch.compiler());
+    if sidecar {
+        cc.arg(format!("-DWEIGHTS_PATH=\"{}\"", obj.with_extension("weights.bin").display()));
+    }
+    let status = cc
+        .args(["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-static"])
+        .arg(format!("-DMODEL_HEADER=\"{}\"", obj.with_extension("h").display()))
+        .arg(common::repo_root().join("tests/harness").join(harness))
+        .arg(&obj)
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup-cross.sh)", arch.compiler()));
+    assert!(status.success(), "linking the {} object with {harness} failed", arch.name());
+    exe
+}
+
+/// The executable, under qemu-user for a foreign architecture.
+fn command(arch: CrossArch, exe: &std::path::Path) -> std::process::Command {
+    match arch.qemu() {
+        Some((qemu, sysroot)) => {
+            let mut c = std::process::Command::new(qemu);
+            c.arg("-L").arg(sysroot).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    }
 }
 
 /// A graph whose matmuls are big enough to be split into `parallel_for` units: batched MatMul with
@@ -370,4 +387,149 @@ fn kv_cache_decoding_matches_full_sequence() {
     assert_eq!(nomask_tokens, full_tokens);
     let max_diff = past_logits.iter().zip(&full_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "last logits differ by {max_diff}");
+}
+
+/// The tiny-lm decoder with past, compiled with the KV cache in the arena (codegen/kv_cache.rs).
+fn tiny_lm_decoder(target: &str, max_seq: u64) -> edgec::codegen::Compiled {
+    let mut g = edgec::onnx::load_model(&common::repo_root().join("models/tiny-lm/decoder_with_past.onnx")).unwrap();
+    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    let c = compile(&g, &Options { max_seq: Some(max_seq), ..opts(target) }).unwrap();
+    assert_eq!(c.meta.kv_cache.len(), 4, "2 layers x (key, value) should live in the arena");
+    c
+}
+
+/// Feeds for one step of the tiny-lm decoder: ids at positions past.., a full mask.
+fn step_feeds(ids: &[u32], past: usize) -> Vec<(String, edgec_runtime::Tensor)> {
+    use edgec_runtime::Tensor as T;
+    let n = ids.len();
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let pos: Vec<i64> = (past..past + n).map(|p| p as i64).collect();
+    vec![
+        ("input_ids".into(), T::from_slice(vec![1, n], &ids).unwrap()),
+        ("attention_mask".into(), T::from_slice(vec![1, past + n], &vec![1i64; past + n]).unwrap()),
+        ("position_ids".into(), T::from_slice(vec![1, n], &pos).unwrap()),
+    ]
+}
+
+/// The step's feeds as `run_cached` takes them: `None` at the cache inputs.
+fn cached_views<'t>(
+    meta: &edgec_runtime::Meta,
+    feeds: &'t [(String, edgec_runtime::Tensor)],
+) -> Vec<Option<edgec_runtime::TensorView<'t>>> {
+    meta.inputs.iter().map(|m| feeds.iter().find(|(n, _)| *n == m.name).map(|(_, t)| t.view())).collect()
+}
+
+/// The same steps through the two calling conventions of one artifact, each on its own loaded
+/// model: `run_cached` (the cache never leaves the arena) and `run` with the past passed in and
+/// the present handed back (the code copies both): identical logits and presents at every step.
+/// Then the guards: another cache's run invalidates the first, and a text longer than the
+/// capacity is refused.
+#[test]
+fn kv_cache_in_arena_matches_explicit_past() {
+    use edgec_runtime::{DType, Model, RunError, Tensor as T};
+    let c = tiny_lm_decoder("host", 16);
+    let bytes = c.artifact().unwrap();
+    let (stateful, plain) = (Model::from_bytes(&bytes).unwrap(), Model::from_bytes(&bytes).unwrap());
+    let meta = stateful.meta().clone();
+    let mut cache = stateful.kv_cache().unwrap();
+    // Empty pasts: batch 1, length 0.
+    let mut past: Vec<T> = meta
+        .kv_cache
+        .iter()
+        .map(|s| {
+            let shape = meta.inputs[s.input].shape.iter().map(|d| d.as_constant().unwrap_or(0).max(1) as usize);
+            let mut shape: Vec<usize> = shape.collect();
+            shape[s.axis] = 0;
+            T::zeros(DType::F32, shape).unwrap()
+        })
+        .collect();
+    let mut len = 0;
+    for (step, ids) in [&[3u32, 14, 15, 92][..], &[65], &[35, 8], &[97]].into_iter().enumerate() {
+        let feeds = step_feeds(ids, len);
+        let got = stateful.run_cached(&cached_views(&meta, &feeds), &mut cache).unwrap();
+        let views: Vec<edgec_runtime::TensorView> = cached_views(&meta, &feeds)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v.unwrap_or_else(|| past[meta.kv_cache.iter().position(|s| s.input == i).unwrap()].view()))
+            .collect();
+        let mut want = plain.run(&views).unwrap();
+        for (o, g) in got.iter().enumerate() {
+            match g {
+                Some(g) => assert_eq!(g.bytes(), want[o].bytes(), "step {step}: output {}", meta.outputs[o].name),
+                None => assert!(meta.kv_cache.iter().any(|s| s.output == o)),
+            }
+        }
+        len += ids.len();
+        assert_eq!(cache.len(), len);
+        past = meta
+            .kv_cache
+            .iter()
+            .map(|s| std::mem::replace(&mut want[s.output], T::zeros(DType::F32, vec![0]).unwrap()))
+            .collect();
+        assert_eq!(past[0].shape()[2], len);
+    }
+    // Another cache's run takes the arena: the first cache is refused, not silently wrong.
+    let mut other = stateful.kv_cache().unwrap();
+    stateful.run_cached(&cached_views(&meta, &step_feeds(&[7], 0)), &mut other).unwrap();
+    let e = stateful.run_cached(&cached_views(&meta, &step_feeds(&[7], len)), &mut cache).unwrap_err();
+    assert_eq!(e, RunError::KvCacheLost);
+    // Capacity 16: 9 positions held + 8 new is one too many (the mask's total length, bounded by
+    // the same --max-seq, is refused first; a model without it would hit the capacity check).
+    let mut full = stateful.kv_cache().unwrap();
+    stateful.run_cached(&cached_views(&meta, &step_feeds(&[1; 9], 0)), &mut full).unwrap();
+    let e = stateful.run_cached(&cached_views(&meta, &step_feeds(&[1; 8], 9)), &mut full).unwrap_err();
+    assert!(
+        matches!(&e, RunError::SymbolRange { symbol, value: 17, max: 16 } if symbol == "total_sequence_length")
+            || matches!(e, RunError::KvCapacity { len: 17, capacity: 16, .. }),
+        "{e}"
+    );
+    // A cache input given a buffer is refused too (the arena holds it).
+    let feeds = step_feeds(&[1], 0);
+    let mut views = cached_views(&meta, &feeds);
+    let k = meta.kv_cache[0].input;
+    views[k] = Some(past[0].view());
+    assert!(matches!(stateful.run_cached(&views, &mut full), Err(RunError::KvInput { .. })));
+}
+
+/// The C programs of a device without the Rust runtime: tests/harness/lm_generate.c linked with
+/// the tiny-lm decoder as an `--emit obj` object for x86_64, aarch64 and riscv64 (qemu-user),
+/// decoding greedily with NULL past/present pointers (cache in the arena) and with its own
+/// swapped buffers: both give the tokens `lm::Session` gives on this machine.
+#[test]
+fn kv_cache_in_arena_under_qemu() {
+    use edgec_runtime::lm::{Sampling, Session};
+    let prompt = [3u32, 14, 15, 92, 65, 35];
+    let host = tiny_lm_decoder("host", 64);
+    let model = edgec_runtime::Model::from_bytes(&host.artifact().unwrap()).unwrap();
+    let mut want = Vec::new();
+    Session::new(&model)
+        .unwrap()
+        .generate(&prompt, 8, &[], &Sampling::default(), &mut |t| {
+            want.push(t);
+            true
+        })
+        .unwrap();
+    let dims = |name: &str| host.meta.outputs.iter().find(|t| t.name == name).unwrap().shape.clone();
+    let (logits, present) = (dims("logits"), dims("present.0.key"));
+    let args = [&logits[2], &present[1], &present[3]].map(|d| d.as_constant().unwrap().to_string());
+    let work = common::repo_root().join(format!("target/cross/kv-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    for arch in [CrossArch::Host, CrossArch::Aarch64, CrossArch::Riscv64] {
+        let target = if arch == CrossArch::Host { "x86_64" } else { arch.name() };
+        let c = tiny_lm_decoder(target, 64);
+        let exe = link_object(arch, &c, &work, &format!("lm-{}", arch.name()), "lm_generate.c", true);
+        for in_arena in [true, false] {
+            let mut cmd = command(arch, &exe);
+            if in_arena {
+                cmd.arg("--kv-in-arena");
+            }
+            cmd.args(&args).arg("8").args(prompt.iter().map(|t| t.to_string()));
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{}: {}", arch.name(), String::from_utf8_lossy(&out.stderr));
+            let got: Vec<u32> =
+                String::from_utf8_lossy(&out.stdout).split_whitespace().map(|t| t.parse().unwrap()).collect();
+            assert_eq!(got, want, "{} (kv in arena: {in_arena})", arch.name());
+        }
+    }
+    std::fs::remove_dir_all(&work).ok();
 }

@@ -507,6 +507,9 @@ fn compile(
         "arena       {} bytes (symbols at their bounds; {} bytes without buffer reuse)",
         s.arena_bytes, s.arena_unshared
     );
+    if s.kv_slots > 0 {
+        println!("kv cache    {} tensors kept in the arena ({} bytes of it)", s.kv_slots, s.kv_bytes);
+    }
     for sym in &c.meta.symbols {
         println!("symbol      {} <= {}", sym.name, sym.max);
     }

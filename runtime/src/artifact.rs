@@ -325,6 +325,34 @@ pub(crate) fn validate_meta(meta: &Meta, code_len: u64) -> Result<(), LoadError>
         let reason = format!("`{}` is not the dimension of any input, so it cannot be bound", s.name);
         return Err(meta_err(format!("symbols[{i}]"), reason));
     }
+    let (mut ins, mut outs) = (HashSet::new(), HashSet::new());
+    for (i, slot) in meta.kv_cache.iter().enumerate() {
+        let err = |reason: String| meta_err(format!("kv_cache[{i}]"), reason);
+        let (Some(input), Some(output)) = (meta.inputs.get(slot.input), meta.outputs.get(slot.output)) else {
+            return Err(err(format!("input {} or output {} does not exist", slot.input, slot.output)));
+        };
+        if !ins.insert(slot.input) || !outs.insert(slot.output) {
+            return Err(err("an input or output is named by two slots".into()));
+        }
+        if input.dtype != output.dtype || input.shape.len() != output.shape.len() || slot.axis >= input.shape.len() {
+            return Err(err(format!(
+                "`{}` and `{}` differ in dtype or rank, or axis {} is out of range",
+                input.name, output.name, slot.axis
+            )));
+        }
+        // A stateful run knows the past length; every other dim must follow from the other inputs.
+        if input.shape[slot.axis].as_symbol().is_none()
+            || (0..input.shape.len()).any(|a| a != slot.axis && input.shape[a] != output.shape[a])
+        {
+            return Err(err(format!(
+                "`{}` must be `{}` grown along axis {} of a symbolic length",
+                output.name, input.name, slot.axis
+            )));
+        }
+        if slot.capacity == 0 || slot.capacity > i64::MAX as u64 {
+            return Err(err(format!("capacity {} is not 1..=i64::MAX", slot.capacity)));
+        }
+    }
     Ok(())
 }
 

@@ -343,6 +343,22 @@ pub struct Meta {
     pub entry_offset: u64,
     #[serde(default)]
     pub compile_options: CompileOptions,
+    /// KV-cache tensors kept in the arena between runs (absent for other models).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_cache: Vec<KvCacheSlot>,
+}
+
+/// A KV-cache tensor that lives in the arena: input `input` (the past) and output `output` (the
+/// present, one step longer along `axis`) are views of one region of `capacity` rows along that
+/// axis. A stateful run passes neither; a plain run passes both, and the code copies the past in and
+/// the present out. The present's length along `axis` must not exceed `capacity`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCacheSlot {
+    pub input: usize,
+    pub output: usize,
+    pub axis: usize,
+    pub capacity: u64,
 }
 
 impl Meta {

@@ -12,6 +12,7 @@ use std::ffi::c_void;
 use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use memmap2::Mmap;
@@ -25,7 +26,7 @@ pub mod pool;
 pub mod tensor;
 
 pub use artifact::{Artifact, LoadError};
-pub use format::{Arch, ArtifactWriter, DType, Dim, Meta, SectionKind, TensorMeta, WriteError};
+pub use format::{Arch, ArtifactWriter, DType, Dim, KvCacheSlot, Meta, SectionKind, TensorMeta, WriteError};
 pub use tensor::{AlignedBuf, Element, Tensor, TensorError, TensorView};
 
 /// The argument of the entry function, exactly as in the spec (every field 8 bytes).
@@ -73,8 +74,50 @@ pub enum RunError {
     OutputBuffer { name: String, expected: usize, got: usize },
     #[error("output `{name}`: buffer is not aligned to its {align}-byte elements")]
     OutputMisaligned { name: String, align: usize },
+    #[error("output `{name}`: {len} positions exceed the KV cache's capacity of {capacity} (compile with a larger --max-seq)")]
+    KvCapacity { name: String, len: usize, capacity: u64 },
+    #[error("input `{name}`: {reason}")]
+    KvInput { name: String, reason: String },
+    #[error(
+        "the KV cache was overwritten by another run of this model since this session's last step; reset the session"
+    )]
+    KvCacheLost,
+    #[error("this artifact keeps no KV cache in its arena")]
+    NoKvCache,
     #[error(transparent)]
     Tensor(#[from] TensorError),
+}
+
+/// A conversation's KV cache inside a model's arena (artifacts whose META lists `kv_cache`):
+/// how many positions it holds. The arena holds one cache at a time; a run of another session,
+/// or a plain `run`, overwrites it, which the next `run_cached` of this one reports.
+#[derive(Debug)]
+pub struct KvCache {
+    len: usize,
+    id: u64,
+}
+
+static NEXT_KV_ID: AtomicU64 = AtomicU64::new(1);
+
+impl KvCache {
+    /// Positions in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets every position (the next step starts a new text).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// The arena and which KV cache (by id; 0 = none) its cache regions hold.
+#[derive(Debug)]
+struct Arena {
+    buf: AlignedBuf,
+    kv_owner: u64,
 }
 
 /// A loaded, validated model ready to run. Runs may come from any thread; they take turns on the
@@ -90,7 +133,7 @@ pub struct Model {
     /// Read+execute copy of CODE; `entry` points into it, so it lives as long as the model.
     _code: Mmap,
     entry: EntryFn,
-    arena: Mutex<AlignedBuf>,
+    arena: Mutex<Arena>,
     /// Worker threads for the code's `parallel_for` calls (None: run serially).
     pool: Option<pool::Pool>,
     /// The TOKENIZER section's bytes in `file` (validated UTF-8), when present.
@@ -145,7 +188,7 @@ impl Model {
             weights,
             _code: code,
             entry,
-            arena: Mutex::new(arena),
+            arena: Mutex::new(Arena { buf: arena, kv_owner: 0 }),
             pool,
             tokenizer,
         })
@@ -204,7 +247,7 @@ impl Model {
             outputs.push(Tensor::zeros(m.dtype, shape)?);
         }
         let ptrs = outputs.iter_mut().map(|t| t.bytes_mut().as_mut_ptr().cast()).collect();
-        self.invoke(inputs, &symbols, ptrs);
+        self.invoke(&input_ptrs(inputs), &symbols, ptrs, None)?;
         Ok(outputs)
     }
 
@@ -225,8 +268,91 @@ impl Model {
             }
         }
         let ptrs = outputs.iter_mut().map(|b| b.as_mut_ptr().cast()).collect();
-        self.invoke(inputs, &symbols, ptrs);
+        self.invoke(&input_ptrs(inputs), &symbols, ptrs, None)?;
         Ok(shapes)
+    }
+
+    /// A new, empty KV cache for `run_cached`, when the artifact keeps its cache in the arena.
+    pub fn kv_cache(&self) -> Option<KvCache> {
+        (!self.meta.kv_cache.is_empty()).then(|| KvCache { len: 0, id: NEXT_KV_ID.fetch_add(1, Ordering::Relaxed) })
+    }
+
+    /// Runs one step with the KV cache in the arena: `inputs` in META order with `None` exactly
+    /// at the cache inputs (`Meta::kv_cache`), whose past length is `cache.len()`. The step's
+    /// positions are appended to the cache; outputs come back in META order, `None` at the cache
+    /// outputs (they stay in the arena).
+    pub fn run_cached(
+        &self,
+        inputs: &[Option<TensorView<'_>>],
+        cache: &mut KvCache,
+    ) -> Result<Vec<Option<Tensor>>, RunError> {
+        let meta = &self.meta;
+        if meta.kv_cache.is_empty() {
+            return Err(RunError::NoKvCache);
+        }
+        if inputs.len() != meta.inputs.len() {
+            return Err(RunError::InputCount { expected: meta.inputs.len(), got: inputs.len() });
+        }
+        let slot_of_input = |i: usize| meta.kv_cache.iter().find(|s| s.input == i);
+        // Symbols the given inputs bind, for the shapes of the cache inputs.
+        let mut known: HashMap<&str, usize> = HashMap::new();
+        for (i, (t, m)) in inputs.iter().zip(&meta.inputs).enumerate() {
+            let kv_err = |reason: &str| RunError::KvInput { name: m.name.clone(), reason: reason.into() };
+            match (t, slot_of_input(i)) {
+                (Some(_), Some(_)) => return Err(kv_err("is the KV cache kept in the arena: pass None")),
+                (None, None) => return Err(kv_err("missing")),
+                (Some(t), None) => {
+                    check_input(t, m)?;
+                    for (dim, &got) in m.shape.iter().zip(t.shape) {
+                        if let Some(s) = dim.as_symbol() {
+                            known.entry(s).or_insert(got);
+                        }
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+        }
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(inputs.len());
+        for (i, (t, m)) in inputs.iter().zip(&meta.inputs).enumerate() {
+            let shape = match (t, slot_of_input(i)) {
+                (Some(t), _) => t.shape.to_vec(),
+                (None, Some(slot)) => {
+                    let mut shape = Vec::with_capacity(m.shape.len());
+                    for (axis, dim) in m.shape.iter().enumerate() {
+                        let v = match (dim.as_constant(), dim.as_symbol()) {
+                            _ if axis == slot.axis => Some(cache.len),
+                            (Some(c), _) => usize::try_from(c).ok(),
+                            (None, Some(s)) => known.get(s).copied(),
+                            (None, None) => None,
+                        };
+                        shape.push(v.ok_or_else(|| RunError::KvInput {
+                            name: m.name.clone(),
+                            reason: format!("no other input gives axis {axis} (`{dim}`)"),
+                        })?);
+                    }
+                    shape
+                }
+                (None, None) => unreachable!("checked above"),
+            };
+            shapes.push(shape);
+        }
+        let (symbols, out_shapes) = self.bind(&shapes)?;
+        let present = |o: usize| meta.kv_cache.iter().any(|s| s.output == o);
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(out_shapes.len());
+        for (o, (shape, m)) in out_shapes.iter().zip(&meta.outputs).enumerate() {
+            outputs.push(if present(o) { None } else { Some(Tensor::zeros(m.dtype, shape.clone())?) });
+        }
+        let ptrs = outputs
+            .iter_mut()
+            .map(|t| t.as_mut().map_or(std::ptr::null_mut(), |t| t.bytes_mut().as_mut_ptr().cast()))
+            .collect();
+        let in_ptrs: Vec<*const c_void> =
+            inputs.iter().map(|t| t.as_ref().map_or(std::ptr::null(), |t| t.data.as_ptr().cast())).collect();
+        let slot = &meta.kv_cache[0];
+        let new_len = out_shapes[slot.output][slot.axis];
+        self.invoke(&in_ptrs, &symbols, ptrs, Some(cache))?;
+        cache.len = new_len;
+        Ok(outputs)
     }
 
     /// Validates the inputs, binds the symbols and evaluates the output shapes.
@@ -235,11 +361,21 @@ impl Model {
         if inputs.len() != meta.inputs.len() {
             return Err(RunError::InputCount { expected: meta.inputs.len(), got: inputs.len() });
         }
+        for (t, m) in inputs.iter().zip(&meta.inputs) {
+            check_input(t, m)?;
+        }
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.to_vec()).collect();
+        self.bind(&shapes)
+    }
+
+    /// Binds the symbols from the input shapes (checking fixed dims and bounds) and evaluates the
+    /// output shapes; KV-cache outputs must fit their capacity.
+    fn bind(&self, shapes: &[Vec<usize>]) -> Result<(Vec<i64>, Vec<Vec<usize>>), RunError> {
+        let meta = &self.meta;
         // Per symbol: its value and the input that bound it.
         let mut bound: Vec<Option<(usize, usize)>> = vec![None; meta.symbols.len()];
-        for (i, (t, m)) in inputs.iter().zip(&meta.inputs).enumerate() {
-            check_input(t, m)?;
-            for (axis, (&got, dim)) in t.shape.iter().zip(&m.shape).enumerate() {
+        for (i, (shape, m)) in shapes.iter().zip(&meta.inputs).enumerate() {
+            for (axis, (&got, dim)) in shape.iter().zip(&m.shape).enumerate() {
                 if let Some(s) = dim.as_symbol().and_then(|n| meta.symbol_index(n)) {
                     match bound[s] {
                         None => bound[s] = Some((got, i)),
@@ -272,7 +408,7 @@ impl Model {
         }
         let env: HashMap<&str, i64> =
             meta.symbols.iter().map(|s| s.name.as_str()).zip(values.iter().copied()).collect();
-        let mut shapes = Vec::with_capacity(meta.outputs.len());
+        let mut out_shapes = Vec::with_capacity(meta.outputs.len());
         for m in &meta.outputs {
             let shape_err = |reason: String| RunError::OutputShape { name: m.name.clone(), reason };
             let mut shape = Vec::with_capacity(m.shape.len());
@@ -283,20 +419,39 @@ impl Model {
             if tensor::byte_len(m.dtype, &shape).is_none() {
                 return Err(shape_err(format!("{shape:?} has more bytes than memory can address")));
             }
-            shapes.push(shape);
+            out_shapes.push(shape);
         }
-        Ok((values, shapes))
+        for slot in &meta.kv_cache {
+            let len = out_shapes[slot.output][slot.axis];
+            if len as u64 > slot.capacity {
+                let name = meta.outputs[slot.output].name.clone();
+                return Err(RunError::KvCapacity { name, len, capacity: slot.capacity });
+            }
+        }
+        Ok((values, out_shapes))
     }
 
-    /// Calls the entry function; the inputs, symbols and outputs have been validated.
-    fn invoke(&self, inputs: &[TensorView<'_>], symbols: &[i64], outputs: Vec<*mut c_void>) {
-        let inputs: Vec<*const c_void> = inputs.iter().map(|t| t.data.as_ptr().cast()).collect();
+    /// Calls the entry function; the inputs, symbols and outputs have been validated. With a
+    /// cache, the arena must still hold it (or it must be empty); without one, the run overwrites
+    /// whatever cache the arena held.
+    fn invoke(
+        &self,
+        inputs: &[*const c_void],
+        symbols: &[i64],
+        outputs: Vec<*mut c_void>,
+        cache: Option<&KvCache>,
+    ) -> Result<(), RunError> {
         let mut arena = self.arena.lock().unwrap_or_else(PoisonError::into_inner);
+        match cache {
+            Some(c) if c.len > 0 && arena.kv_owner != c.id => return Err(RunError::KvCacheLost),
+            Some(c) => arena.kv_owner = c.id,
+            None => arena.kv_owner = 0,
+        }
         let call = EdgecCall {
             inputs: inputs.as_ptr(),
             outputs: outputs.as_ptr(),
             weights: self.file[self.weights.clone()].as_ptr(),
-            arena: arena.as_mut_ptr(),
+            arena: arena.buf.as_mut_ptr(),
             symbols: symbols.as_ptr(),
             parallel_for: match &self.pool {
                 Some(_) => pool::parallel_for as *mut c_void,
@@ -307,10 +462,16 @@ impl Model {
                 None => std::ptr::null_mut(),
             },
         };
-        // SAFETY: every pointer is valid and sized as META says for this run; the arena is ours
-        // alone while the lock is held. The code itself is trusted (see the crate docs).
+        // SAFETY: every pointer is valid and sized as META says for this run (null only where the
+        // code keeps the KV cache in the arena, which it checks); the arena is ours alone while the
+        // lock is held. The code itself is trusted (see the crate docs).
         unsafe { (self.entry)(&call) };
+        Ok(())
     }
+}
+
+fn input_ptrs(inputs: &[TensorView<'_>]) -> Vec<*const c_void> {
+    inputs.iter().map(|t| t.data.as_ptr().cast()).collect()
 }
 
 /// With `EDGEC_PERF_MAP=FILE` (the `offset size name` table `edgec compile --symbols` writes),

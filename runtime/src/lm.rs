@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use crate::tensor::{Tensor, TensorView};
-use crate::{DType, Model, RunError};
+use crate::{DType, KvCache, Model, RunError};
 
 /// Where the model's language-model inputs and outputs are (indices into META).
 #[derive(Clone, Debug)]
@@ -166,14 +166,20 @@ pub struct Session<'m> {
     /// Generated tokens not yet run through the model (the last one of a generation); the next
     /// `feed` runs them first.
     pending: Vec<u32>,
-    /// Per cache input (in `spec.cache` order, key then value): the cache tensor.
+    /// Per cache input (in `spec.cache` order, key then value): the cache tensor, when the
+    /// artifact does not keep its cache in the arena.
     cache: Vec<Tensor>,
+    /// The cache in the model's arena (artifacts compiled with their KV cache there).
+    kv: Option<KvCache>,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model) -> Result<Session<'m>, String> {
         let spec = LmSpec::detect(model)?;
-        let mut s = Session { model, spec, tokens: Vec::new(), pending: Vec::new(), cache: Vec::new() };
+        // The arena cache serves when it covers every past input of the spec.
+        let in_arena = |i: usize| model.meta().kv_cache.iter().any(|s| s.input == i);
+        let kv = model.kv_cache().filter(|_| spec.cache.iter().all(|&(k, v, _, _)| in_arena(k) && in_arena(v)));
+        let mut s = Session { model, spec, tokens: Vec::new(), pending: Vec::new(), cache: Vec::new(), kv };
         s.reset()?;
         Ok(s)
     }
@@ -187,6 +193,10 @@ impl<'m> Session<'m> {
         self.tokens.clear();
         self.pending.clear();
         self.cache.clear();
+        if let Some(kv) = &mut self.kv {
+            kv.clear();
+            return Ok(());
+        }
         let m = self.model.meta();
         for &(k, v, _, _) in &self.spec.cache {
             for i in [k, v] {
@@ -226,12 +236,11 @@ impl<'m> Session<'m> {
         let ids = &ids[..];
         let with_cache = !self.spec.cache.is_empty();
         let past = if with_cache { self.tokens.len() } else { 0 };
-        self.tokens.extend_from_slice(ids);
         // Without a cache the whole text is the input.
         let new: Vec<i64> = if with_cache {
             ids.iter().map(|&t| t as i64).collect()
         } else {
-            self.tokens.iter().map(|&t| t as i64).collect()
+            self.tokens.iter().chain(ids).map(|&t| t as i64).collect()
         };
         let total = past + new.len();
         let n = new.len();
@@ -248,23 +257,26 @@ impl<'m> Session<'m> {
         if let Some(i) = self.spec.position_ids {
             views[i] = Some(positions.view());
         }
+        if let Some(kv) = &mut self.kv {
+            let outs = self.model.run_cached(&views, kv)?;
+            self.tokens.extend_from_slice(ids);
+            let logits = outs[self.spec.logits].as_ref().expect("logits are not a cache output");
+            return Ok(last_rows(logits, ids.len()));
+        }
         for (l, &(k, v, _, _)) in self.spec.cache.iter().enumerate() {
             views[k] = Some(self.cache[2 * l].view());
             views[v] = Some(self.cache[2 * l + 1].view());
         }
         let views: Vec<TensorView> = views.into_iter().map(|v| v.expect("every input is set")).collect();
         let mut outs = self.model.run(&views)?;
+        self.tokens.extend_from_slice(ids);
         // The presents become the next step's past.
         for (l, &(_, _, pk, pv)) in self.spec.cache.iter().enumerate() {
             self.cache[2 * l] = std::mem::replace(&mut outs[pk], Tensor::zeros(DType::F32, vec![0])?);
             self.cache[2 * l + 1] = std::mem::replace(&mut outs[pv], Tensor::zeros(DType::F32, vec![0])?);
         }
-        let logits = &outs[self.spec.logits];
-        let vocab = *logits.shape().last().unwrap_or(&0);
-        let all = logits.as_slice::<f32>().unwrap_or(&[]);
-        Ok((all[all.len() - vocab * ids.len().min(all.len() / vocab.max(1))..].to_vec(), vocab))
+        Ok(last_rows(&outs[self.spec.logits], ids.len()))
     }
-
     /// Mean negative log-likelihood (nats) of `ids[1..]` given the preceding tokens, as one
     /// prefill from an empty context; also returns the number of predicted tokens.
     pub fn nll(&mut self, ids: &[u32]) -> Result<(f64, usize), RunError> {
@@ -277,6 +289,13 @@ impl<'m> Session<'m> {
         }
         Ok((total, ids.len().saturating_sub(1)))
     }
+}
+
+/// The logits of the last `n` positions (fewer if the output has fewer rows), and the vocabulary size.
+fn last_rows(logits: &Tensor, n: usize) -> (Vec<f32>, usize) {
+    let vocab = *logits.shape().last().unwrap_or(&0);
+    let all = logits.as_slice::<f32>().unwrap_or(&[]);
+    (all[all.len() - vocab * n.min(all.len() / vocab.max(1))..].to_vec(), vocab)
 }
 
 /// log(softmax(row)[i]) in f64.

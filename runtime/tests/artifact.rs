@@ -265,3 +265,34 @@ fn meta_rules_name_the_field() {
     v["compile_options"] = json!({"target": "x86_64", "future_option": true});
     assert!(Artifact::parse(&with_meta_json(&v.to_string())).is_ok());
 }
+
+#[test]
+fn kv_cache_slots_are_checked() {
+    use serde_json::json;
+    let slot = |input: u64, output: u64, axis: u64, capacity: u64| json!({"input": input, "output": output, "axis": axis, "capacity": capacity});
+    // x [1, n] grows into y [1, n] along axis 1.
+    let mut v = valid_meta_json();
+    v["kv_cache"] = json!([slot(0, 0, 1, 16)]);
+    assert!(Artifact::parse(&with_meta_json(&v.to_string())).is_ok());
+    assert_eq!(
+        meta_with(|v| v["kv_cache"] = json!([slot(0, 7, 1, 16)])),
+        "META kv_cache[0]: input 0 or output 7 does not exist"
+    );
+    assert_eq!(
+        meta_with(|v| v["kv_cache"] = json!([slot(0, 0, 1, 16), slot(0, 0, 1, 16)])),
+        "META kv_cache[1]: an input or output is named by two slots"
+    );
+    assert_eq!(
+        meta_with(|v| v["kv_cache"] = json!([slot(0, 2, 0, 16)])),
+        "META kv_cache[0]: `x` and `z` differ in dtype or rank, or axis 0 is out of range"
+    );
+    assert_eq!(
+        meta_with(|v| v["kv_cache"] = json!([slot(0, 0, 0, 16)])),
+        "META kv_cache[0]: `y` must be `x` grown along axis 0 of a symbolic length"
+    );
+    assert_eq!(
+        meta_with(|v| v["kv_cache"] = json!([slot(0, 0, 1, 0)])),
+        "META kv_cache[0]: capacity 0 is not 1..=i64::MAX"
+    );
+    assert!(meta_with(|v| v["kv_cache"] = json!([{"input": 0}])).contains("missing field `output`"));
+}

@@ -29,6 +29,10 @@ pub struct AttentionKernel {
     pub t: Dim,
     pub d: Dim,
     pub dv: Dim,
+    /// Rows from one (batch, kv head) of k and of v to the next: `t` when dense, the capacity
+    /// when they live in a KV-cache region.
+    pub k_rows: Dim,
+    pub v_rows: Dim,
     /// Dense f32 tensors: q [b, hq, s, d], k [b, hkv, t, d], v [b, hkv, t, dv], out [b, hq, s, dv].
     pub q: Loc,
     pub k: Loc,
@@ -81,6 +85,8 @@ struct Cx {
     t: Value,
     d: Value,
     dv: Value,
+    k_rows: Value,
+    v_rows: Value,
     /// Bases of q, k, v, out, mask.
     q: Value,
     k: Value,
@@ -359,7 +365,8 @@ pub fn emit_attention(kb: &mut Kb, ak: &AttentionKernel, units: Option<(Value, V
         let st: Vec<Value> = m.strides.iter().map(|d| kb.dim(d)).collect();
         (base, [st[0], st[1], st[2], st[3]])
     });
-    let cx = Cx { s, t, d, dv, q, k, v, out, mask, vector: kb.target.simd() };
+    let (k_rows, v_rows) = (kb.dim(&ak.k_rows), kb.dim(&ak.v_rows));
+    let cx = Cx { s, t, d, dv, k_rows, v_rows, q, k, v, out, mask, vector: kb.target.simd() };
     let (begin, end) = match units {
         Some(r) => r,
         None => {
@@ -377,13 +384,14 @@ pub fn emit_attention(kb: &mut Kb, ak: &AttentionKernel, units: Option<(Value, V
         let bi = kb.fb.ins().udiv_imm_s(rest, ak.passes() as i64);
         let h0 = kb.fb.ins().imul_imm_s(pass, hp as i64);
         let kh = kb.fb.ins().udiv_imm_s(h0, ak.group() as i64);
-        // kv head row 0: ((bi * hkv + kh) * t) rows of d / dv floats.
+        // kv head row 0: ((bi * hkv + kh) * rows) rows of d / dv floats (rows = t when dense).
         let bk = kb.fb.ins().imul_imm_s(bi, ak.kv_heads as i64);
         let bk = kb.fb.ins().iadd(bk, kh);
-        let krow0 = kb.fb.ins().imul(bk, cx.t);
+        let krow0 = kb.fb.ins().imul(bk, cx.k_rows);
         let kd = kb.fb.ins().imul(krow0, cx.d);
         let kbase = kb.elem_addr(cx.k, kd, 4);
-        let vd = kb.fb.ins().imul(krow0, cx.dv);
+        let vrow0 = kb.fb.ins().imul(bk, cx.v_rows);
+        let vd = kb.fb.ins().imul(vrow0, cx.dv);
         let vbase = kb.elem_addr(cx.v, vd, 4);
         let rows: Vec<HeadRows> = (0..hp)
             .map(|r| {

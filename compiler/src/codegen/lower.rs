@@ -50,6 +50,9 @@ pub enum Kernel {
         eps: f32,
     },
     Attention(Box<AttentionKernel>),
+    /// Runs the kernel only when the caller passed a buffer at `loc` (an input or output
+    /// pointer that may be null: the KV cache's past and present in stateful runs).
+    IfBuffer(Loc, Box<Kernel>),
     /// Known element values (symbolic dims evaluated at run time), stored densely.
     Values {
         loc: Loc,
@@ -69,6 +72,8 @@ pub struct LowerCx<'a> {
     pub packed: &'a std::collections::HashSet<ValueRef>,
     /// Quantized matmul weights in packed form (`layout::NBitsPacking`).
     pub nbits: &'a HashMap<ValueRef, super::layout::NBitsPacking>,
+    /// KV-cache Concats and their arena regions (`kv_cache`).
+    pub kv: &'a HashMap<NodeIndex, super::kv_cache::KvSlot>,
 }
 
 /// Which inputs a node reads at run time (others only shape the kernel at compile time).
@@ -354,6 +359,7 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let ov = View { loc: cx.loc(out0), dtype: odt, offset: Dim::fixed(0), strides: os };
             Kernel::Map(Box::new(MapKernel { dims, out: ov, inputs: vec![inv], expr: Expr::In(0) }))
         }
+        Op::Concat { .. } if cx.kv.contains_key(&n) => return Ok(lower_kv_append(cx, &cx.kv[&n], &ins, out0)),
         Op::Concat { axis } => {
             let a = norm_axis(*axis, oshape.len());
             let odense = dense_strides(&oshape);
@@ -1034,6 +1040,35 @@ fn lower_dynamic_quantize(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
     ])
 }
 
+/// A KV-cache Concat (`kv_cache`): the past copied into the region when the caller passed it,
+/// the new rows written at `past`, the present copied out when the caller wants it.
+fn lower_kv_append(
+    cx: &LowerCx,
+    slot: &super::kv_cache::KvSlot,
+    ins: &[Option<ValueRef>],
+    out: ValueRef,
+) -> Vec<Kernel> {
+    let (past, new) = (ins[0].unwrap(), ins[1].unwrap());
+    let region = |offset: Dim| View { loc: cx.loc(out), dtype: DType::F32, offset, strides: slot.strides.clone() };
+    let copy = |dims: Vec<Dim>, out: View, input: View| {
+        Kernel::Map(Box::new(MapKernel { dims, out, inputs: vec![input], expr: Expr::In(0) }))
+    };
+    let (ps, ns, os) = (cx.shape(past), cx.shape(new), cx.shape(out));
+    let at = ps[slot.axis].checked_mul(&slot.strides[slot.axis]).expect("small fixed stride");
+    let present = Loc::Output(slot.output);
+    vec![
+        Kernel::IfBuffer(
+            cx.loc(past),
+            Box::new(copy(ps.clone(), region(Dim::fixed(0)), View::dense(cx.loc(past), DType::F32, &ps))),
+        ),
+        copy(ns.clone(), region(at), View::dense(cx.loc(new), DType::F32, &ns)),
+        Kernel::IfBuffer(
+            present,
+            Box::new(copy(os.clone(), View::dense(present, DType::F32, &os), region(Dim::fixed(0)))),
+        ),
+    ]
+}
+
 /// Attention on dense f32 q/k/v; the mask is read through a broadcast view over [b, hq, s, t].
 fn lower_attention(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: ValueRef, scale: f32) -> Result<Kernel> {
     let (q, k, v) = (ins[0].unwrap(), ins[1].unwrap(), ins[2].unwrap());
@@ -1058,6 +1093,8 @@ fn lower_attention(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: Val
         t: ks[2].clone(),
         d: qs[3].clone(),
         dv: vs[3].clone(),
+        k_rows: super::kv_cache::rows_of(cx.kv, k).unwrap_or_else(|| ks[2].clone()),
+        v_rows: super::kv_cache::rows_of(cx.kv, v).unwrap_or_else(|| vs[2].clone()),
         q: cx.loc(q),
         k: cx.loc(k),
         v: cx.loc(v),

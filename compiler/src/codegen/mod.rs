@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod emit;
 pub mod gather;
+pub mod kv_cache;
 pub mod layout;
 pub mod link;
 pub mod lower;
@@ -62,6 +63,9 @@ pub struct Stats {
     pub arena_bytes: u64,
     /// Arena bytes without lifetime-based sharing, for comparison.
     pub arena_unshared: u64,
+    /// KV-cache tensors kept in the arena, and their bytes (included in `arena_bytes`).
+    pub kv_slots: usize,
+    pub kv_bytes: u64,
     pub compile_ms: f64,
 }
 
@@ -225,6 +229,7 @@ pub fn compile_with_progress(
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
                 nbits: &plan.nbits,
+                kv: &plan.kv,
             };
             let ks = lower::lower_node(&cx, n)?;
             // An alias of its input copies nothing (a Dropout mask would still need writing).
@@ -344,6 +349,15 @@ pub fn compile_with_progress(
         arena_bytes: plan.arena_bytes,
         entry_offset: offsets[entry_index],
         compile_options: CompileOptions { target: target.triple.to_string(), features: target.feature_text(), max_seq },
+        kv_cache: {
+            let mut slots: Vec<fmt::KvCacheSlot> = plan
+                .kv
+                .values()
+                .map(|s| fmt::KvCacheSlot { input: s.input, output: s.output, axis: s.axis, capacity: s.capacity })
+                .collect();
+            slots.sort_by_key(|s| s.output);
+            slots
+        },
     };
     let stats = Stats {
         nodes: plan.order.len(),
@@ -353,6 +367,8 @@ pub fn compile_with_progress(
         weight_bytes: plan.weights.len(),
         arena_bytes: plan.arena_bytes,
         arena_unshared: plan.arena_unshared,
+        kv_slots: plan.kv.len(),
+        kv_bytes: plan.kv.values().map(|s| s.bytes).sum(),
         compile_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
     let functions = offsets
@@ -458,6 +474,11 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
         Kernel::RmsNorm { rows, eps } => reduce::emit_rms_norm(kb, rows, *eps),
         Kernel::QuantizeRows { a, rows, scratch, pk } => qmatmul::emit_quantize_rows(kb, *a, rows, *scratch, pk),
         Kernel::Gather(gk) => gather::emit_gather(kb, gk),
+        Kernel::IfBuffer(loc, k) => {
+            let base = kb.base(*loc);
+            let given = kb.fb.ins().icmp_imm_u(cranelift_codegen::ir::condcodes::IntCC::NotEqual, base, 0);
+            kb.if_then(given, |kb| emit_kernel(kb, k));
+        }
         Kernel::Values { loc, dtype, values } => {
             let base = kb.base(*loc);
             for (i, d) in values.iter().enumerate() {

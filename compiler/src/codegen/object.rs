@@ -115,6 +115,15 @@ pub fn header(c: &Compiled, prefix: &str, weights_file: bool) -> String {
     for (i, t) in m.outputs.iter().enumerate() {
         h.push_str(&format!("#define {up}_OUTPUT_{} {i} /* {} */\n", c_name(&t.name), describe(t)));
     }
+    if let Some(cap) = m.kv_cache.iter().map(|s| s.capacity).min() {
+        h.push_str(&format!(
+            "\n/* KV cache in the arena: a cache input (past) or output (present) may be NULL; the cache\n\
+             \x20  stays in the arena between runs (keep the arena; the past length is its symbol), and only\n\
+             \x20  non-NULL buffers are copied in or out. Past + new positions must fit the capacity. */\n\
+             #define {up}_KV_CACHE_SLOTS {}\n#define {up}_KV_CACHE_CAPACITY {cap}\n",
+            m.kv_cache.len()
+        ));
+    }
     h.push_str(&format!("\nvoid {p}_entry(const EdgecCall *call);\n"));
     if weights_file {
         h.push_str(&format!(

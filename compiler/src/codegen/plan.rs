@@ -34,8 +34,11 @@ pub struct Plan {
     pub aliases: HashSet<NodeIndex>,
     /// Quantized matmul weights (MatMulNBits B), stored with their scales in `NBitsPacking` form.
     pub nbits: HashMap<ValueRef, NBitsPacking>,
+    /// KV-cache Concats whose result lives in a persistent arena region (`kv_cache`).
+    pub kv: HashMap<NodeIndex, KvSlot>,
 }
 
+pub use super::kv_cache::KvSlot;
 pub use super::layout::{pack_panels, NBitsPacking, PANEL_COLS};
 
 /// A constant every use of which is the B operand of a matmul with the same orientation:
@@ -150,7 +153,12 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
     let mut aliases = HashSet::new();
     let mut output_copies = Vec::new();
     let mut output_of: HashMap<ValueRef, usize> = HashMap::new();
+    let kv = super::kv_cache::find_kv_slots(g, bound);
     for (i, o) in g.outputs.iter().enumerate() {
+        if kv.get(&o.value.node).is_some_and(|s| s.output == i) {
+            // Written from the cache region by the Concat's own (guarded) copy.
+            continue;
+        }
         let node = g.node(o.value.node);
         let computed = !matches!(node.op, Op::Input { .. } | Op::Const { .. });
         if computed && !output_of.contains_key(&o.value) {
@@ -261,7 +269,11 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                 continue;
             }
             buffer_of.insert(v, buffers.len());
-            buffers.push((size_of(v)?.max(1), p, p));
+            match kv.get(&n) {
+                // Persistent: alive before the first node and after the last, shared with nothing.
+                Some(slot) => buffers.push((slot.bytes.max(1), 0, usize::MAX)),
+                None => buffers.push((size_of(v)?.max(1), p, p)),
+            }
         }
     }
     // Values that feed graph outputs through a copy stay alive to the end.
@@ -288,6 +300,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
         packed,
         aliases,
         nbits,
+        kv,
     })
 }
 

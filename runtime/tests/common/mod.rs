@@ -73,6 +73,7 @@ pub fn meta() -> Meta {
         arena_bytes: 64,
         entry_offset: ENTRY,
         compile_options: Default::default(),
+        kv_cache: Vec::new(),
     }
 }
 
