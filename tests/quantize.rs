@@ -77,7 +77,7 @@ fn int8_activation_kernels_match_the_interpreter() {
     };
     let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
     let x: Vec<f32> = (0..rows * k).map(|_| next() * 3.0).collect();
-    for scheme in ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48"] {
+    for scheme in ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48", "w4a8:g64", "w4a8:g128:asym"] {
         let mut g = Graph::new("t", 17);
         let ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(k as i64)]);
         let xin = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty }]);

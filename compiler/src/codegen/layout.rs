@@ -39,9 +39,11 @@ pub struct NBitsPacking {
     pub layout: NBitsLayout,
     /// Records carry offsets (the weight had zero points).
     pub asym: bool,
-    /// Integer-dot form for int8 activations: records carry i32 zero points, and rows come in
-    /// 64-byte chunks of 16 columns x 4 consecutive k (8 for 4 bits: k in the low nibble, k + 4
-    /// in the high one), so one 4-byte group of activations multiplies 4 columns at once.
+    /// Integer-dot form for int8 activations: records carry i32 zero points (only when the weight
+    /// has them: a symmetric weight's zero is implied, 8 for 4 bits and 0 for the stored q - 128
+    /// of 8 bits), and rows come in 64-byte chunks of 16 columns x 4 consecutive k (8 for 4 bits:
+    /// k in the low nibble, k + 4 in the high one), so one 4-byte group of activations multiplies
+    /// 4 columns at once.
     pub int_dot: bool,
 }
 
@@ -75,7 +77,15 @@ impl NBitsPacking {
         PANEL_COLS * self.layout.bits / 8
     }
     pub fn header_bytes(&self) -> usize {
-        PANEL_COLS * 4 * if self.asym || self.int_dot { 2 } else { 1 }
+        PANEL_COLS * 4 * if self.asym { 2 } else { 1 }
+    }
+    /// The zero point of a symmetric weight's stored values in the integer-dot form.
+    pub fn implied_zero(&self) -> i32 {
+        if self.layout.bits == 4 {
+            8
+        } else {
+            0
+        }
     }
     /// k steps per 64-byte chunk of the integer-dot form.
     pub fn chunk_k(&self) -> usize {
@@ -107,7 +117,7 @@ impl NBitsPacking {
                     let s = scales[col * l.blocks() + blk];
                     out[rec + 4 * c..rec + 4 * c + 4].copy_from_slice(&s.to_le_bytes());
                     let zero = l.zero(zp, blk, col);
-                    if self.int_dot {
+                    if self.int_dot && self.asym {
                         // The zero point of the stored values as i32: int8 rows hold q - 128.
                         let z = if l.bits == 8 { zero as i32 - 128 } else { zero as i32 };
                         let o = rec + 64 + 4 * c;

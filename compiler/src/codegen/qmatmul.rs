@@ -137,6 +137,10 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
     let zero = kb.iconst(0);
     let nb = kb.iconst(pk.layout.blocks() as i64);
     let pmaddubsw = pk.layout.bits == 4 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("ssse3");
+    // pmaddubsw sums stay in i16 for up to 4 chunks (|x| <= 127, w <= 15: 4 * 2 * 2 * 15 * 127 <
+    // 2^15), then widen once: a group of chunks is unrolled with i16 accumulators.
+    let chunks = bs / pk.chunk_k();
+    let group = if pmaddubsw { (1..=4).rev().find(|g| chunks.is_multiple_of(*g)).unwrap_or(1) } else { 1 };
     let (_, fin) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
         let (rec, xp, sp) = (st[4], st[5], st[6]);
         let zi = kb.fb.ins().iconst(types::I32, 0);
@@ -145,66 +149,59 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
         let qp = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
         inner.extend([qp, xp]);
         let z = kb.iconst(0);
-        let chunks = kb.iconst((bs / pk.chunk_k()) as i64);
-        let (_, dots) = kb.fold_range(z, chunks, 1, &inner, |kb, _, st| {
-            let (qp, xp) = (st[4], st[5]);
-            let xa = splat_i32_bytes(kb, xp, 0);
-            let mut out = Vec::with_capacity(6);
-            if pk.layout.bits == 4 {
-                let xb = splat_i32_bytes(kb, xp, 4);
-                // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
-                let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
-                let mask = kb.fb.ins().splat(types::I32X4, mask);
-                let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
-                let (xa16, xb16) =
-                    if pmaddubsw { (xa, xb) } else { (kb.fb.ins().swiden_low(xa), kb.fb.ins().swiden_low(xb)) };
-                for cg in 0..4 {
-                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
-                    let lo = kb.fb.ins().band(raw, mask);
-                    let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
-                    let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
-                    let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
-                    let hi = kb.fb.ins().band(shifted, mask);
+        let groups = kb.iconst((chunks / group) as i64);
+        let (_, dots) = kb.fold_range(z, groups, 1, &inner, |kb, _, st| {
+            let (mut qp, mut xp) = (st[4], st[5]);
+            let mut sums: Vec<Value> = Vec::with_capacity(4);
+            for c in 0..group {
+                let d = chunk_dots(kb, pk, qp, xp, pmaddubsw);
+                sums = if c == 0 { d } else { sums.iter().zip(d).map(|(&a, b)| kb.fb.ins().iadd(a, b)).collect() };
+                qp = kb.fb.ins().iadd_imm_s(qp, 64);
+                xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
+            }
+            let mut out: Vec<Value> = (0..4)
+                .map(|cg| {
                     let d = if pmaddubsw {
-                        // u8 nibbles x s8 activations: pairs fit i16 (2 * 15 * 127), no saturation.
-                        let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
-                        let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
-                        let p = kb.fb.ins().iadd(p0, p1);
-                        // Adjacent i16 sums widened: pmaddwd by ones on x64, saddlp on aarch64.
-                        let lo = kb.fb.ins().swiden_low(p);
-                        let hi = kb.fb.ins().swiden_high(p);
+                        // Adjacent i16 sums widened: pmaddwd by ones on x64.
+                        let lo = kb.fb.ins().swiden_low(sums[cg]);
+                        let hi = kb.fb.ins().swiden_high(sums[cg]);
                         kb.fb.ins().iadd_pairwise(lo, hi)
                     } else {
-                        let d0 = dot4(kb, lo, xa16);
-                        let d1 = dot4(kb, hi, xb16);
-                        kb.fb.ins().iadd(d0, d1)
+                        sums[cg]
                     };
-                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
-                }
-            } else {
-                // An activation splat repeats every 4 bytes: its low half is the whole pattern.
-                let x16 = kb.fb.ins().swiden_low(xa);
-                for cg in 0..4 {
-                    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
-                    let d = dot4(kb, raw, x16);
-                    out.push(kb.fb.ins().iadd(st[cg as usize], d));
-                }
-            }
-            out.push(kb.fb.ins().iadd_imm_s(qp, 64));
-            out.push(kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64));
+                    kb.fb.ins().iadd(st[cg], d)
+                })
+                .collect();
+            out.extend([qp, xp]);
             out
         });
         let sx = kb.fb.ins().load(types::F32, mem(), sp, 0);
         let sx = kb.fb.ins().splat(types::F32X4, sx);
         let sum = kb.fb.ins().load(types::I32, mem(), sp, 4);
+        // A symmetric weight's zero is one number for every column: one correction for the block.
+        let implied = match (pk.asym, pk.implied_zero()) {
+            (false, 0) => None,
+            (false, z) => {
+                let c = kb.fb.ins().imul_imm_s(sum, z as i64);
+                Some(kb.fb.ins().splat(types::I32X4, c))
+            }
+            (true, _) => None,
+        };
         let sum = kb.fb.ins().splat(types::I32X4, sum);
         let mut out = Vec::with_capacity(7);
         for cg in 0..4 {
             // sum (w - z) x = dot - z * sum(x), exactly in i32, then one rounding to f32.
             let s = kb.fb.ins().load(types::F32X4, mem(), rec, 16 * cg);
-            let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg);
-            let zs = kb.fb.ins().imul(z, sum);
-            let d = kb.fb.ins().isub(dots[cg as usize], zs);
+            let d = if pk.asym {
+                let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg);
+                let zs = kb.fb.ins().imul(z, sum);
+                kb.fb.ins().isub(dots[cg as usize], zs)
+            } else {
+                match implied {
+                    Some(zs) => kb.fb.ins().isub(dots[cg as usize], zs),
+                    None => dots[cg as usize],
+                }
+            };
             let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
             let scale = kb.fb.ins().fmul(s, sx);
             out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[cg as usize]));
@@ -217,6 +214,47 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
     for (cg, &acc) in fin[..4].iter().enumerate() {
         store_vec(kb, q, i, j, cg * 4, acc, full);
     }
+}
+
+/// The dot products of one 64-byte chunk (16 columns x 4 or 8 k steps) with its activations at
+/// `xp`, per group of 4 columns: i16x8 pair sums with `pmaddubsw` (4 bits on x86), else i32x4.
+fn chunk_dots(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, pmaddubsw: bool) -> Vec<Value> {
+    let xa = splat_i32_bytes(kb, xp, 0);
+    let mut out = Vec::with_capacity(4);
+    if pk.layout.bits == 4 {
+        let xb = splat_i32_bytes(kb, xp, 4);
+        // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
+        let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
+        let mask = kb.fb.ins().splat(types::I32X4, mask);
+        let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
+        let (xa16, xb16) = if pmaddubsw { (xa, xb) } else { (kb.fb.ins().swiden_low(xa), kb.fb.ins().swiden_low(xb)) };
+        for cg in 0..4 {
+            let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+            let lo = kb.fb.ins().band(raw, mask);
+            let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
+            let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
+            let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
+            let hi = kb.fb.ins().band(shifted, mask);
+            out.push(if pmaddubsw {
+                // u8 nibbles x s8 activations: pairs fit i16 (2 * 15 * 127), no saturation.
+                let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
+                let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
+                kb.fb.ins().iadd(p0, p1)
+            } else {
+                let d0 = dot4(kb, lo, xa16);
+                let d1 = dot4(kb, hi, xb16);
+                kb.fb.ins().iadd(d0, d1)
+            });
+        }
+    } else {
+        // An activation splat repeats every 4 bytes: its low half is the whole pattern.
+        let x16 = kb.fb.ins().swiden_low(xa);
+        for cg in 0..4 {
+            let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+            out.push(dot4(kb, raw, x16));
+        }
+    }
+    out
 }
 
 fn vec_flags() -> cranelift_codegen::ir::MemFlagsData {
