@@ -62,7 +62,8 @@ fn quantization_error_is_bounded_and_ordered() {
 
 /// One MatMulNBits with int8 activations per scheme, fed directly (so the activation rounding sees
 /// bit-identical inputs): the integer-dot kernels (host with pmaddubsw, x86_64 baseline, aarch64
-/// under qemu) and the float fallback (riscv64 scalar, under qemu) against the interpreter, tight.
+/// under qemu with and without SDOT, riscv64 with RVV) and the float fallback (riscv64 scalar)
+/// against the interpreter, tight.
 #[test]
 fn int8_activation_kernels_match_the_interpreter() {
     use common::qemu::{run_jobs, CrossArch};
@@ -97,14 +98,19 @@ fn int8_activation_kernels_match_the_interpreter() {
             let got = edgec::codegen::run_model(&model, &feeds).unwrap();
             common::compare(&got[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{scheme} {target}: {e}"));
         }
+        // Baseline and with every feature (aarch64: SDOT with dotprod; riscv64: RVV).
         for arch in CrossArch::CROSS {
-            let inputs = vec![feeds[0].1.clone()];
-            let wants = vec![want[0].1.clone()];
-            let job = common::native::cross_job(scheme, &q, &inputs, &wants, arch.name()).unwrap();
-            let raw = run_jobs(arch, &[job], None).unwrap();
-            let got = common::native::decode_outputs(&raw[0], &wants).unwrap();
-            common::compare(&got[0], &wants[0], 1e-5, 1e-5)
-                .unwrap_or_else(|e| panic!("{scheme} on {}: {e}", arch.name()));
+            for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+                let inputs = vec![feeds[0].1.clone()];
+                let wants = vec![want[0].1.clone()];
+                let mut o = common::native::test_options(arch.name());
+                o.features = features.map(str::to_string);
+                let job = common::native::cross_job_with(scheme, &q, &inputs, &wants, &o).unwrap();
+                let raw = run_jobs(arch, &[job], features.and(arch.cpu_all_features())).unwrap();
+                let got = common::native::decode_outputs(&raw[0], &wants).unwrap();
+                common::compare(&got[0], &wants[0], 1e-5, 1e-5)
+                    .unwrap_or_else(|e| panic!("{scheme} on {} {features:?}: {e}", arch.name()));
+            }
         }
     }
 }

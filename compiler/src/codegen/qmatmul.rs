@@ -137,6 +137,7 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
     let zero = kb.iconst(0);
     let nb = kb.iconst(pk.layout.blocks() as i64);
     let pmaddubsw = pk.layout.bits == 4 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("ssse3");
+    let sdot = kb.target.arch == edgec_runtime::Arch::Aarch64 && kb.target.has("dotprod");
     // pmaddubsw sums stay in i16 for up to 4 chunks (|x| <= 127, w <= 15: 4 * 2 * 2 * 15 * 127 <
     // 2^15), then widen once: a group of chunks is unrolled with i16 accumulators.
     let chunks = bs / pk.chunk_k();
@@ -152,26 +153,29 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
         let groups = kb.iconst((chunks / group) as i64);
         let (_, dots) = kb.fold_range(z, groups, 1, &inner, |kb, _, st| {
             let (mut qp, mut xp) = (st[4], st[5]);
-            let mut sums: Vec<Value> = Vec::with_capacity(4);
-            for c in 0..group {
-                let d = chunk_dots(kb, pk, qp, xp, pmaddubsw);
-                sums = if c == 0 { d } else { sums.iter().zip(d).map(|(&a, b)| kb.fb.ins().iadd(a, b)).collect() };
-                qp = kb.fb.ins().iadd_imm_s(qp, 64);
-                xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
-            }
-            let mut out: Vec<Value> = (0..4)
-                .map(|cg| {
-                    let d = if pmaddubsw {
+            let mut out: Vec<Value> = if pmaddubsw {
+                let mut sums: Vec<Value> = Vec::with_capacity(4);
+                for c in 0..group {
+                    let d = chunk_i16(kb, qp, xp);
+                    sums = if c == 0 { d } else { sums.iter().zip(d).map(|(&a, b)| kb.fb.ins().iadd(a, b)).collect() };
+                    qp = kb.fb.ins().iadd_imm_s(qp, 64);
+                    xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
+                }
+                (0..4)
+                    .map(|cg| {
                         // Adjacent i16 sums widened: pmaddwd by ones on x64.
                         let lo = kb.fb.ins().swiden_low(sums[cg]);
                         let hi = kb.fb.ins().swiden_high(sums[cg]);
-                        kb.fb.ins().iadd_pairwise(lo, hi)
-                    } else {
-                        sums[cg]
-                    };
-                    kb.fb.ins().iadd(st[cg], d)
-                })
-                .collect();
+                        let d = kb.fb.ins().iadd_pairwise(lo, hi);
+                        kb.fb.ins().iadd(st[cg], d)
+                    })
+                    .collect()
+            } else {
+                let acc = chunk_i32(kb, pk, qp, xp, &st[..4], sdot);
+                qp = kb.fb.ins().iadd_imm_s(qp, 64);
+                xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
+                acc
+            };
             out.extend([qp, xp]);
             out
         });
@@ -216,45 +220,82 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
     }
 }
 
-/// The dot products of one 64-byte chunk (16 columns x 4 or 8 k steps) with its activations at
-/// `xp`, per group of 4 columns: i16x8 pair sums with `pmaddubsw` (4 bits on x86), else i32x4.
-fn chunk_dots(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, pmaddubsw: bool) -> Vec<Value> {
+/// The low and high nibbles of 16 bytes at `qp + off`, each as i8x16 (values 0..15).
+fn nibbles(kb: &mut Kb, qp: Value, off: i32) -> (Value, Value) {
+    // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
+    let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
+    let mask = kb.fb.ins().splat(types::I32X4, mask);
+    let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
+    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, off);
+    let lo = kb.fb.ins().band(raw, mask);
+    let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
+    let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
+    let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
+    (lo, kb.fb.ins().band(shifted, mask))
+}
+
+/// One 4-bit chunk (16 columns x 8 k steps at `qp`, activations at `xp`) with x86's pmaddubsw:
+/// per group of 4 columns, i16x8 pair sums (u8 nibbles x s8 activations: 2 * 15 * 127 fits).
+fn chunk_i16(kb: &mut Kb, qp: Value, xp: Value) -> Vec<Value> {
     let xa = splat_i32_bytes(kb, xp, 0);
-    let mut out = Vec::with_capacity(4);
+    let xb = splat_i32_bytes(kb, xp, 4);
+    (0..4)
+        .map(|cg| {
+            let (lo, hi) = nibbles(kb, qp, 16 * cg);
+            let p0 = kb.fb.ins().x86_pmaddubsw(xa, lo);
+            let p1 = kb.fb.ins().x86_pmaddubsw(xb, hi);
+            kb.fb.ins().iadd(p0, p1)
+        })
+        .collect()
+}
+
+/// One chunk (16 columns x 4 or 8 k steps) added into the i32x4 accumulators `acc` (lanes =
+/// columns): with `sdot` in the tree aarch64 folds into SDOT, else widened to i16 pairs.
+fn chunk_i32(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, acc: &[Value], sdot: bool) -> Vec<Value> {
+    let xa = splat_i32_bytes(kb, xp, 0);
+    let dot = |kb: &mut Kb, w: Value, x: Value, acc: Value| -> Value {
+        if sdot {
+            sdot_tree(kb, w, x, acc)
+        } else {
+            // An activation splat repeats every 4 bytes: its low half is the whole pattern.
+            let x16 = kb.fb.ins().swiden_low(x);
+            let d = dot4(kb, w, x16);
+            kb.fb.ins().iadd(acc, d)
+        }
+    };
     if pk.layout.bits == 4 {
         let xb = splat_i32_bytes(kb, xp, 4);
-        // (An i32 splat: x64 without SSSE3 has no byte shuffle for an i8 splat.)
-        let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
-        let mask = kb.fb.ins().splat(types::I32X4, mask);
-        let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
-        let (xa16, xb16) = if pmaddubsw { (xa, xb) } else { (kb.fb.ins().swiden_low(xa), kb.fb.ins().swiden_low(xb)) };
-        for cg in 0..4 {
-            let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
-            let lo = kb.fb.ins().band(raw, mask);
-            let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
-            let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
-            let shifted = kb.fb.ins().bitcast(types::I8X16, vec_flags(), shifted);
-            let hi = kb.fb.ins().band(shifted, mask);
-            out.push(if pmaddubsw {
-                // u8 nibbles x s8 activations: pairs fit i16 (2 * 15 * 127), no saturation.
-                let p0 = kb.fb.ins().x86_pmaddubsw(xa16, lo);
-                let p1 = kb.fb.ins().x86_pmaddubsw(xb16, hi);
-                kb.fb.ins().iadd(p0, p1)
-            } else {
-                let d0 = dot4(kb, lo, xa16);
-                let d1 = dot4(kb, hi, xb16);
-                kb.fb.ins().iadd(d0, d1)
-            });
-        }
+        (0..4)
+            .map(|cg| {
+                let (lo, hi) = nibbles(kb, qp, 16 * cg);
+                let a = dot(kb, lo, xa, acc[cg as usize]);
+                dot(kb, hi, xb, a)
+            })
+            .collect()
     } else {
-        // An activation splat repeats every 4 bytes: its low half is the whole pattern.
-        let x16 = kb.fb.ins().swiden_low(xa);
-        for cg in 0..4 {
-            let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
-            out.push(dot4(kb, raw, x16));
-        }
+        (0..4)
+            .map(|cg| {
+                let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
+                dot(kb, raw, xa, acc[cg as usize])
+            })
+            .collect()
     }
-    out
+}
+
+/// `acc + lane sums of 4 byte products of a and b`, spelt as the exact i32 tree that Cranelift's
+/// aarch64 backend folds into one SDOT when the target has dotprod.
+fn sdot_tree(kb: &mut Kb, a: Value, b: Value, acc: Value) -> Value {
+    let (al, bl) = (kb.fb.ins().swiden_low(a), kb.fb.ins().swiden_low(b));
+    let (ah, bh) = (kb.fb.ins().swiden_high(a), kb.fb.ins().swiden_high(b));
+    let lo = kb.fb.ins().imul(al, bl);
+    let hi = kb.fb.ins().imul(ah, bh);
+    let pair = |kb: &mut Kb, x: Value| {
+        let (l, h) = (kb.fb.ins().swiden_low(x), kb.fb.ins().swiden_high(x));
+        kb.fb.ins().iadd_pairwise(l, h)
+    };
+    let (pl, ph) = (pair(kb, lo), pair(kb, hi));
+    let d = kb.fb.ins().iadd_pairwise(pl, ph);
+    kb.fb.ins().iadd(d, acc)
 }
 
 fn vec_flags() -> cranelift_codegen::ir::MemFlagsData {
