@@ -114,3 +114,113 @@ fn int8_activation_kernels_match_the_interpreter() {
         }
     }
 }
+
+/// QDQ weights (`qdq-weights`, first in the default pipeline): `MatMul(x, DequantizeLinear(W))`
+/// with 8-bit W per column, per tensor (u8 with a zero point) and in blocks along K (a partial
+/// last block, zero points varying) becomes MatMulNBits; the interpreter's outputs are unchanged
+/// and the native code matches them. A DequantizeLinear that also feeds something other than a
+/// matmul's B is not rewritten.
+#[test]
+fn qdq_weights_become_matmul_nbits() {
+    use edgec::ir::{DType, Dim, GraphOutput, Op, TensorType, Value, ValueRef};
+    let (k, n, rows) = (40, 24, 3);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state >> 40
+    };
+    let x: Vec<f32> = (0..rows * k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+    let q_i8: Vec<i8> = (0..k * n).map(|_| (next() % 255) as i8).collect();
+    let q_u8: Vec<u8> = (0..k * n).map(|_| (next() % 256) as u8).collect();
+    let scales = |len: usize, next: &mut dyn FnMut() -> u64| -> Vec<f32> {
+        (0..len).map(|_| 0.001 + (next() % 100) as f32 / 10000.0).collect()
+    };
+    let per_col = scales(n, &mut next);
+    let per_block = scales(3 * n, &mut next);
+    let zp_block: Vec<i8> = (0..3 * n).map(|_| (next() % 21) as i8 - 10).collect();
+    // (case, weight, scale, zero point, axis, block_size, also read by an Add)
+    let cases: Vec<(&str, Tensor, Tensor, Tensor, i64, i64, bool)> = vec![
+        (
+            "per column",
+            Tensor::from_vec(vec![k, n], q_i8.clone()),
+            Tensor::from_vec(vec![n], per_col.clone()),
+            Tensor::from_vec(vec![n], vec![0i8; n]),
+            1,
+            0,
+            false,
+        ),
+        (
+            "per tensor u8",
+            Tensor::from_vec(vec![k, n], q_u8),
+            Tensor::from_vec(vec![1], vec![0.004f32]),
+            Tensor::from_vec(vec![1], vec![117u8]),
+            1,
+            0,
+            false,
+        ),
+        (
+            "blocks of 16",
+            Tensor::from_vec(vec![k, n], q_i8.clone()),
+            Tensor::from_vec(vec![3, n], per_block),
+            Tensor::from_vec(vec![3, n], zp_block),
+            0,
+            16,
+            false,
+        ),
+        (
+            "shared with an Add",
+            Tensor::from_vec(vec![k, n], q_i8),
+            Tensor::from_vec(vec![n], per_col),
+            Tensor::from_vec(vec![n], vec![0i8; n]),
+            1,
+            0,
+            true,
+        ),
+    ];
+    for (case, w, s, z, axis, block_size, shared) in cases {
+        let mut g = Graph::new("t", 21);
+        let ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(k as i64)]);
+        let xin = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty }]);
+        g.inputs.push(xin);
+        let (wc, sc, zc) = (g.add_const("w".into(), &w), g.add_const("s".into(), &s), g.add_const("z".into(), &z));
+        let wty = TensorType::new(DType::F32, vec![Dim::fixed(k as i64), Dim::fixed(n as i64)]);
+        let dq = g.add_node(
+            Op::DequantizeLinear { axis, block_size },
+            "dq".into(),
+            &[Some(wc), Some(sc), Some(zc)],
+            vec![Value { name: "wf".into(), ty: wty.clone() }],
+        );
+        let dqv = ValueRef { node: dq, slot: 0 };
+        let out_ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(n as i64)]);
+        let y = Value { name: "y".into(), ty: out_ty };
+        let mm = g.add_node(Op::MatMul, "mm".into(), &[Some(ValueRef { node: xin, slot: 0 }), Some(dqv)], vec![y]);
+        g.outputs.push(GraphOutput { name: "y".into(), value: ValueRef { node: mm, slot: 0 } });
+        if shared {
+            let b = g.add_node(
+                Op::Binary(edgec::ir::BinaryOp::Add),
+                "plus".into(),
+                &[Some(dqv), Some(dqv)],
+                vec![Value { name: "w2".into(), ty: wty }],
+            );
+            g.outputs.push(GraphOutput { name: "w2".into(), value: ValueRef { node: b, slot: 0 } });
+        }
+        edgec::ir::verify::verify(&g).unwrap();
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![rows, k], x.clone()))];
+        let want = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+        let mut q = g.clone();
+        PassManager::default_pipeline().run(&mut q, &mut |_, _, _| {}).unwrap();
+        let nbits = q.g.node_weights().filter(|nd| matches!(nd.op, Op::MatMulNBits { bits: 8, .. })).count();
+        let dqs = q.g.node_weights().filter(|nd| matches!(nd.op, Op::DequantizeLinear { .. })).count();
+        // (Shared, the small weight is folded to f32 by const-fold instead.)
+        assert_eq!(nbits, if shared { 0 } else { 1 }, "{case}");
+        assert_eq!(dqs, 0, "{case}");
+        let got = Interpreter::new(&q).unwrap().run(&feeds).unwrap();
+        common::compare(&got[0].1, &want[0].1, 1e-6, 1e-6).unwrap_or_else(|e| panic!("{case}: interpreter {e}"));
+        let c = edgec::codegen::compile(&q, &common::native::test_options("host")).unwrap();
+        let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+        let native = edgec::codegen::run_model(&model, &feeds).unwrap();
+        common::compare(&native[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{case}: native {e}"));
+    }
+}

@@ -14,6 +14,7 @@ pub mod gptq;
 pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
+pub mod qdq_weights;
 pub mod quantize;
 pub mod shape_infer;
 
@@ -53,12 +54,21 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "fuse-layer-norm" => Box::new(fuse_layer_norm::FuseLayerNorm),
         "fuse-rms-norm" => Box::new(fuse_rms_norm::FuseRmsNorm),
         "fuse-attention" => Box::new(fuse_attention::FuseAttention),
+        "qdq-weights" => Box::new(qdq_weights::QdqWeights),
         _ => return None,
     })
 }
 
-pub const ALL_PASSES: &[&str] =
-    &["shape-inference", "const-fold", "dce", "cse", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
+pub const ALL_PASSES: &[&str] = &[
+    "shape-inference",
+    "qdq-weights",
+    "const-fold",
+    "dce",
+    "cse",
+    "fuse-layer-norm",
+    "fuse-rms-norm",
+    "fuse-attention",
+];
 
 /// The pipeline `edgec` runs by default.
 /// Import already ran shape inference, and const-fold re-infers what it needs, so
@@ -66,7 +76,7 @@ pub const ALL_PASSES: &[&str] =
 /// The fusions run on the cleaned-up graph (LayerNorm before RMSNorm: a LayerNorm contains an
 /// RMSNorm of `x - mean`) and remove what they replaced themselves.
 pub const DEFAULT_PIPELINE: &[&str] =
-    &["const-fold", "cse", "dce", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
+    &["qdq-weights", "const-fold", "cse", "dce", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
 
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
