@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cross-target proof for SmolLM2: compile decoder_with_past.onnx with --emit obj for x86_64 and
-# aarch64, link each into tests/harness/lm_generate.c (a C greedy-decoding loop with the KV cache
-# in swapped buffers), run the x86_64 program natively and the aarch64 one under qemu-user, and
-# check both produce the same tokens for the ChatML prompt "What is the capital of France?" as
-# `edgec generate` on the host artifact.
+# aarch64, link each into tests/harness/lm_generate.c (a C greedy-decoding loop), run the x86_64
+# program natively and the aarch64 one under qemu-user, the latter twice: with the KV cache in the
+# program's swapped buffers and kept in the arena (--kv-in-arena: NULL past/present pointers, what a
+# device does), and check all produce the same tokens for the ChatML prompt "What is the capital
+# of France?".
 #
 # Usage: models/check-smollm2-qemu.sh [N_NEW]   (needs models/make-smollm2.sh and scripts/setup-cross.sh)
 set -euo pipefail
@@ -29,15 +30,21 @@ for arch in x86_64 aarch64; do
   if [[ $arch == aarch64 ]]; then cc=aarch64-linux-gnu-gcc; run=(qemu-aarch64 -L /usr/aarch64-linux-gnu); fi
   "$cc" -std=c99 -O2 -Wall -Wextra -Werror -static -DMODEL_HEADER="\"$PWD/${obj%.o}.h\"" \
     -DWEIGHTS_PATH="\"$PWD/${obj%.o}.weights.bin\"" tests/harness/lm_generate.c "$obj" -o "$work/lm-$arch"
-  start=$(date +%s.%N)
-  # shellcheck disable=SC2086
-  out[$arch]=$("${run[@]}" "$work/lm-$arch" 49152 3 64 "$n_new" $ids)
-  echo "$arch: ${out[$arch]}  ($(echo "$(date +%s.%N) - $start" | bc) s)"
+  modes=("")
+  [[ $arch == aarch64 ]] && modes+=(--kv-in-arena)
+  for mode in "${modes[@]}"; do
+    start=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    out[$arch$mode]=$("${run[@]}" "$work/lm-$arch" $mode 49152 3 64 "$n_new" $ids)
+    echo "$arch $mode: ${out[$arch$mode]}  ($(echo "$(date +%s.%N) - $start" | bc) s)"
+  done
 done
 text=$(.venv/bin/python -c "
 from tokenizers import Tokenizer
 t = Tokenizer.from_file('$src/tokenizer.json')
 print(repr(t.decode([int(x) for x in '${out[aarch64]}'.split()], skip_special_tokens=False)))")
 echo "aarch64 text: $text"
-if [[ "${out[x86_64]}" != "${out[aarch64]}" ]]; then echo "MISMATCH between x86_64 and aarch64" >&2; exit 1; fi
-echo "x86_64 and aarch64 (qemu) produce the same $n_new tokens"
+if [[ "${out[x86_64]}" != "${out[aarch64]}" || "${out[aarch64]}" != "${out[aarch64--kv-in-arena]}" ]]; then
+  echo "MISMATCH between x86_64 and aarch64 (buffers / KV cache in the arena)" >&2; exit 1
+fi
+echo "x86_64 and aarch64 (qemu; KV cache in buffers and in the arena) produce the same $n_new tokens"

@@ -357,8 +357,28 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
     let (src, dst, sp) = (st[0], st[1], st[2]);
     let z = kb.iconst(0);
     let n = kb.iconst(len as i64);
-    let zf = Fm::new(kb, types::F32).c(0.0);
-    let (_, amax) = kb.fold_range(z, n, 1, &[zf], |kb, jj, acc| {
+    // The integer-dot form runs 4 values at a time (the float fallback is for targets without
+    // vectors); any rest goes one by one below.
+    let vec4 = pk.int_dot && kb.target.simd();
+    let mut j = z;
+    let mut zf = Fm::new(kb, types::F32).c(0.0);
+    if vec4 {
+        let z4 = Fm::new(kb, types::F32X4).c(0.0);
+        let (end, m4) = kb.fold_range(z, n, 4, &[z4], |kb, jj, acc| {
+            let o = kb.fb.ins().ishl_imm_s(jj, 2);
+            let p = kb.fb.ins().iadd(src, o);
+            let x = kb.fb.ins().load(types::F32X4, mem(), p, 0);
+            let mut fm = Fm::new(kb, types::F32X4);
+            let ax = fm.abs(x);
+            vec![fm.max(acc[0], ax)]
+        });
+        j = end;
+        for lane in 0..4u8 {
+            let x = kb.fb.ins().extractlane(m4[0], lane);
+            zf = Fm::new(kb, types::F32).max(zf, x);
+        }
+    }
+    let (_, amax) = kb.fold_range(j, n, 1, &[zf], |kb, jj, acc| {
         let o = kb.fb.ins().ishl_imm_s(jj, 2);
         let p = kb.fb.ins().iadd(src, o);
         let x = kb.fb.ins().load(types::F32, mem(), p, 0);
@@ -374,8 +394,35 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
     let is_zero = fm.cmp(cranelift_codegen::ir::condcodes::FloatCC::Equal, amax[0], zero_f);
     let inv = kb.fb.ins().select(is_zero, zero_f, inv);
     let scale = kb.fb.ins().select(is_zero, zero_f, scale);
-    let zi = kb.fb.ins().iconst(types::I32, 0);
-    let (_, sum) = kb.fold_range(z, n, 1, &[zi], |kb, jj, acc| {
+    let mut zi = kb.fb.ins().iconst(types::I32, 0);
+    let mut j = z;
+    if vec4 {
+        let inv4 = kb.fb.ins().splat(types::F32X4, inv);
+        let z4 = kb.fb.ins().splat(types::I32X4, zi);
+        let (end, s4) = kb.fold_range(z, n, 4, &[z4], |kb, jj, acc| {
+            let o = kb.fb.ins().ishl_imm_s(jj, 2);
+            let p = kb.fb.ins().iadd(src, o);
+            let x = kb.fb.ins().load(types::F32X4, mem(), p, 0);
+            let mut fm = Fm::new(kb, types::F32X4);
+            let y = fm.mul(x, inv4);
+            let r = fm.round(y);
+            let qi = kb.fb.ins().fcvt_to_sint_sat(types::I32X4, r);
+            // |q| <= 127: narrowing to bytes is exact; the 4 bytes go out as one word.
+            let h = kb.fb.ins().snarrow(qi, qi);
+            let b = kb.fb.ins().snarrow(h, h);
+            let w = kb.fb.ins().bitcast(types::I32X4, vec_flags(), b);
+            let w = kb.fb.ins().extractlane(w, 0);
+            let d = kb.fb.ins().iadd(dst, jj);
+            kb.fb.ins().store(mem(), w, d, 0);
+            vec![kb.fb.ins().iadd(acc[0], qi)]
+        });
+        j = end;
+        for lane in 0..4u8 {
+            let x = kb.fb.ins().extractlane(s4[0], lane);
+            zi = kb.fb.ins().iadd(zi, x);
+        }
+    }
+    let (_, sum) = kb.fold_range(j, n, 1, &[zi], |kb, jj, acc| {
         let o = kb.fb.ins().ishl_imm_s(jj, 2);
         let p = kb.fb.ins().iadd(src, o);
         let x = kb.fb.ins().load(types::F32, mem(), p, 0);
