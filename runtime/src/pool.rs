@@ -4,11 +4,36 @@
 //! `parallel_for(ctx, task, call, n)`; this pool runs `task(call, begin, end)` over chunks of
 //! `0..n` on its workers and the calling thread, and returns when all are done. The generated code
 //! carries no threading library, so the same artifact runs serially when the callback is NULL.
+//!
+//! A decode step makes a parallel_for call every 50-200 µs. Waking a sleeping thread costs a
+//! futex round trip each time, so between calls workers spin for a short while (`SPIN`) before
+//! they sleep, and the caller spins for its workers before it sleeps; condvars are signalled only
+//! when someone actually sleeps.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a worker (or the waiting caller) spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Spins until `ready()` or `SPIN` has passed; returns whether it became ready.
+fn spin_until(ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() > SPIN {
+            return ready();
+        }
+    }
+}
 
 /// `void task(const EdgecCall *call, int64_t begin, int64_t end)`.
 pub type TaskFn = unsafe extern "C" fn(*const c_void, i64, i64);
@@ -31,6 +56,12 @@ struct Shared {
     /// The current job and its generation (workers run each generation once).
     job: Mutex<(u64, Option<Job>)>,
     wake: Condvar,
+    /// The generation, readable without the lock (what spinning workers watch).
+    generation: AtomicU64,
+    /// Workers asleep on `wake`.
+    sleepers: AtomicUsize,
+    /// The caller is asleep on `done`.
+    caller_sleeping: AtomicBool,
     /// Next unit to hand out.
     next: AtomicI64,
     /// Workers still busy with the current generation.
@@ -58,6 +89,9 @@ impl Pool {
         let shared = Arc::new(Shared {
             job: Mutex::new((0, None)),
             wake: Condvar::new(),
+            generation: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
+            caller_sleeping: AtomicBool::new(false),
             next: AtomicI64::new(0),
             busy: AtomicUsize::new(0),
             done: Condvar::new(),
@@ -98,15 +132,23 @@ impl Pool {
             let mut j = s.job.lock().unwrap_or_else(|e| e.into_inner());
             j.0 += 1;
             j.1 = Some(Job { task, call, n, chunk });
+            s.generation.store(j.0, Ordering::SeqCst);
         }
-        s.wake.notify_all();
+        // A worker that went to sleep did so under the job lock, before the job was posted.
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            s.wake.notify_all();
+        }
         unsafe { work(s, task, call, n, chunk) };
-        // Wait for the workers to finish their chunks.
-        let mut g = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
-        while s.busy.load(Ordering::SeqCst) != 0 {
-            g = s.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        // Wait for the workers to finish their chunks: spin, then sleep.
+        if !spin_until(|| s.busy.load(Ordering::SeqCst) == 0) {
+            let mut g = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.caller_sleeping.store(true, Ordering::SeqCst);
+            while s.busy.load(Ordering::SeqCst) != 0 {
+                g = s.done.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.caller_sleeping.store(false, Ordering::SeqCst);
+            drop(g);
         }
-        drop(g);
         s.job.lock().unwrap_or_else(|e| e.into_inner()).1 = None;
     }
 }
@@ -125,6 +167,8 @@ unsafe fn work(s: &Shared, task: TaskFn, call: *const c_void, n: i64, chunk: i64
 fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
+        // The next job usually comes within microseconds: watch for it before sleeping.
+        spin_until(|| s.generation.load(Ordering::SeqCst) != seen);
         let (task, call, n, chunk) = {
             let mut j = s.job.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -137,11 +181,14 @@ fn worker(s: &Shared) {
                         break (job.task, job.call, job.n, job.chunk);
                     }
                 }
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
                 j = s.wake.wait(j).unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         };
         unsafe { work(s, task, call, n, chunk) };
-        if s.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // The caller sets its flag under done_lock before it checks `busy` and sleeps.
+        if s.busy.fetch_sub(1, Ordering::SeqCst) == 1 && s.caller_sleeping.load(Ordering::SeqCst) {
             let _g = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
             s.done.notify_all();
         }
@@ -151,6 +198,7 @@ fn worker(s: &Shared) {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shared.job.lock().unwrap_or_else(|e| e.into_inner()).0 = u64::MAX;
+        self.shared.generation.store(u64::MAX, Ordering::SeqCst);
         self.shared.wake.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
