@@ -32,6 +32,9 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
         if start.elapsed() > SPIN {
             return ready();
         }
+        // Let another runnable thread have this core: on a busy machine the thread we wait for
+        // may be the one that needs it.
+        std::thread::yield_now();
     }
 }
 
