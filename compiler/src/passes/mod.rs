@@ -15,6 +15,7 @@ pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
 pub mod quantize;
+pub mod sensitivity;
 pub mod shape_infer;
 
 use crate::error::{Error, Result};
