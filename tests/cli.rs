@@ -160,7 +160,7 @@ fn compile_and_artifact_errors_are_clear() {
         (&["compile", m, "--quantize", "int4", "--auto-keep", "3"], "--auto-keep needs --calibrate"),
         (
             &["compile", m, "--quantize", "int4", "--auto-keep", "x", "--calibrate", "README.md"],
-            "expected N or N=PRECISION",
+            "expected a number of layers",
         ),
         (&["compile", m, "--quantize", "int4", "--auto-keep", "3=int5", "--calibrate", "README.md"], "int5"),
     ];
@@ -237,5 +237,10 @@ fn keep_and_auto_keep_flags() {
     assert!(s < q, "the ranking comes before the quantize row: {report}");
     assert_eq!(report.matches(r#""kept":true"#).count(), 3, "{report}");
     assert_eq!(report.matches(r#""rank":"#).count(), 15, "14 block layers and lm_head: {report}");
+    // A byte budget, fp32: a 64x64 layer costs 16 KiB - 2.3 KiB more in f32, so 60KB keeps a few.
+    let (out, _) =
+        weights(&["--auto-keep", "60KB=fp32", "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
+    let kept = out.matches("auto-keep   #").count();
+    assert!((2..=8).contains(&kept) && out.contains(") at fp32"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -187,7 +187,7 @@ fn keep_rules_set_each_layers_precision() {
 fn sensitivity_scan_ranks_layers_by_output_error() {
     use edgec::calib::{linear_layers, Calibration, Options};
     use edgec::passes::prune::{replace_weight, weight_kn, weight_tensor};
-    use edgec::passes::sensitivity::{keep_rules, scan, to_json};
+    use edgec::passes::sensitivity::{choose, keep_rules, scan, to_json, Budget};
     let (mut g, feeds) = tiny_llama();
     let outlier = "/model/layers.1/mlp/up_proj/MatMul";
     let l = linear_layers(&g).into_iter().find(|l| g.node(l.node).name == outlier).unwrap();
@@ -222,7 +222,8 @@ fn sensitivity_scan_ranks_layers_by_output_error() {
     let n = 3;
     let keep_at = |layers: &[edgec::passes::sensitivity::Sensitivity]| {
         let mut p = Quantize::new(scheme, vec![]);
-        p.rules = keep_rules(layers, n, Some("int8".parse().unwrap()));
+        let int8 = Some("int8".parse().unwrap());
+        p.rules = keep_rules(layers, &choose(layers, Budget::Layers(n), int8).unwrap(), int8);
         let mut q = g.clone();
         p.run(&mut q).unwrap();
         pass_by_name("dce").unwrap().run(&mut q).unwrap();
@@ -235,7 +236,25 @@ fn sensitivity_scan_ranks_layers_by_output_error() {
     println!("keep top {n}: {top_err:.4e}, keep bottom {n}: {bottom_err:.4e}");
     assert!(top_err < bottom_err, "top {top_err} vs bottom {bottom_err}");
 
-    let json = to_json(&ranking, scheme, n, Some("int8".parse().unwrap()), 1.0);
+    // A byte budget keeps, in rank order, the layers whose extra bytes fit: here the top layer
+    // (64x128 int4 per channel 4 KiB + scales, int8 8 KiB + scales) and then only smaller ones.
+    let int8: Option<Scheme> = Some("int8".parse().unwrap());
+    let extra = |s: &edgec::passes::sensitivity::Sensitivity| int8.unwrap().weight_bytes(s.k, s.n).unwrap() - s.bytes;
+    let budget = extra(&ranking[0]) + extra(&ranking[0]) / 2;
+    let chosen = choose(&ranking, Budget::Bytes(budget), int8).unwrap();
+    assert!(chosen[0]);
+    let spent: usize = ranking.iter().zip(&chosen).filter(|(_, &c)| c).map(|(s, _)| extra(s)).sum();
+    assert!(spent <= budget && chosen.iter().filter(|&&c| c).count() > 1, "{chosen:?}");
+    for (s, c) in ranking.iter().zip(&chosen) {
+        // Every layer left out would not have fit.
+        assert!(*c || extra(s) > budget - spent, "{}", s.name);
+    }
+    assert_eq!("2MB".parse::<Budget>().unwrap(), Budget::Bytes(2_000_000));
+    assert_eq!("0.5KB".parse::<Budget>().unwrap(), Budget::Bytes(500));
+    assert_eq!("7".parse::<Budget>().unwrap(), Budget::Layers(7));
+    assert!("7 layers".parse::<Budget>().is_err() && "-1MB".parse::<Budget>().is_err());
+
+    let json = to_json(&ranking, &choose(&ranking, Budget::Layers(n), int8).unwrap(), scheme, int8, 1.0);
     assert!(
         json.starts_with(r#"{"pass":"sensitivity","scheme":"int4:channel","keep":"int8:channel","kept":3"#),
         "{json}"

@@ -246,10 +246,11 @@ struct OptimizeArgs {
     /// `layers.0.=int8`. Embedding tables are int8 rows unless kept in fp32.
     #[arg(long = "keep", value_name = "PATTERN=PRECISION")]
     keep: Vec<String>,
-    /// Keep the N linear layers most sensitive to --quantize's rounding (relative output error on
-    /// the --calibrate text) at PRECISION (default int8): `N` or `N=PRECISION`. The ranking goes
-    /// to --report.
-    #[arg(long = "auto-keep", value_name = "N[=PRECISION]")]
+    /// Keep the linear layers most sensitive to --quantize's rounding (relative output error on
+    /// the --calibrate text) at PRECISION (default int8): the top N (`N`), or in rank order those
+    /// whose extra bytes fit a budget (`2MB`, `500KB`); `BUDGET=PRECISION` for another precision.
+    /// The ranking goes to --report.
+    #[arg(long = "auto-keep", value_name = "BUDGET[=PRECISION]")]
     auto_keep: Option<String>,
     /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
     #[arg(long, value_name = "FILE.json")]
@@ -281,13 +282,16 @@ impl OptimizeArgs {
         Ok(Some(pass))
     }
 
-    /// `--auto-keep N[=PRECISION]`: how many layers, at which precision (`None`: f32).
-    fn auto_keep(&self) -> Result<Option<(usize, Option<edgec::passes::quantize::Scheme>)>, String> {
+    /// `--auto-keep BUDGET[=PRECISION]`: how many layers or extra bytes, at which precision (`None`: f32).
+    #[allow(clippy::type_complexity)]
+    fn auto_keep(
+        &self,
+    ) -> Result<Option<(edgec::passes::sensitivity::Budget, Option<edgec::passes::quantize::Scheme>)>, String> {
         let Some(text) = &self.auto_keep else { return Ok(None) };
-        let (n, prec) = text.split_once('=').unwrap_or((text, "int8"));
-        let n = n.parse::<usize>().map_err(|_| format!("--auto-keep {text}: expected N or N=PRECISION"))?;
+        let (budget, prec) = text.split_once('=').unwrap_or((text, "int8"));
+        let budget = budget.parse().map_err(|e| format!("--auto-keep {e}"))?;
         let prec = edgec::passes::quantize::parse_precision(prec).map_err(|e| format!("--auto-keep {text}: {e}"))?;
-        Ok(Some((n, prec)))
+        Ok(Some((budget, prec)))
     }
 
     /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan).
@@ -313,12 +317,13 @@ fn calibrated_quantize(
     let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
     println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
     let mut row = None;
-    if let Some((n, keep)) = auto_keep {
+    if let Some((budget, keep)) = auto_keep {
         let t = Instant::now();
         let ranking = sensitivity::scan(g, &cal, &pass).map_err(|e| e.to_string())?;
+        let chosen = sensitivity::choose(&ranking, budget, keep).map_err(|e| e.to_string())?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let keep_text = keep.map_or("fp32".to_string(), |s| s.to_string());
-        for (i, s) in ranking.iter().take(n).enumerate() {
+        for (i, s) in ranking.iter().enumerate().filter(|(i, _)| chosen[*i]) {
             println!(
                 "auto-keep   #{} {} ({}x{}, rel. output error {:.4}) at {keep_text}",
                 i + 1,
@@ -328,8 +333,8 @@ fn calibrated_quantize(
                 s.rel_error
             );
         }
-        row = Some(sensitivity::to_json(&ranking, pass.scheme, n, keep, ms));
-        pass.rules.extend(sensitivity::keep_rules(&ranking, n, keep));
+        row = Some(sensitivity::to_json(&ranking, &chosen, pass.scheme, keep, ms));
+        pass.rules.extend(sensitivity::keep_rules(&ranking, &chosen, keep));
     }
     if optimize.method == "gptq" {
         let mut grams = std::collections::HashMap::new();

@@ -2,7 +2,8 @@
 //! every linear layer the quantize pass would round with its main scheme is rounded once
 //! (round-to-nearest), and ranked by the relative output error that causes on the calibration
 //! activations, `‖X·ΔW‖² / ‖X·W‖² = tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)` with `H = XᵀX` from `calib`.
-//! The top `N` become exact-name rules at a higher precision. Relative (not absolute) error, so a
+//! The top `N` (or, in rank order, those that fit a byte budget) become exact-name rules at a higher
+//! precision. Relative (not absolute) error, so a
 //! layer's rank does not depend on the scale of its activations; one rounding per layer, no model
 //! runs beyond the calibration pass the Gram matrices come from.
 
@@ -80,20 +81,67 @@ pub fn scan(g: &Graph, cal: &Calibration, pass: &Quantize) -> Result<Vec<Sensiti
     Ok(out)
 }
 
-/// Rules that give the first `n` layers of `ranking` the precision `keep` (`None`: f32).
-pub fn keep_rules(ranking: &[Sensitivity], n: usize, keep: Option<Scheme>) -> Vec<Rule> {
-    ranking.iter().take(n).map(|s| Rule { pattern: s.name.clone(), exact: true, precision: keep }).collect()
+/// How much `--auto-keep` may keep: a number of layers, or extra bytes over the main scheme.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    Layers(usize),
+    Bytes(usize),
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+    /// `N` layers, or `NKB` / `NMB` / `NGB` (decimal units) extra bytes.
+    fn from_str(s: &str) -> std::result::Result<Budget, String> {
+        let bad = || format!("'{s}': expected a number of layers (N) or extra bytes (e.g. 2MB)");
+        for (suffix, unit) in [("KB", 1e3), ("MB", 1e6), ("GB", 1e9)] {
+            if let Some(v) = s.strip_suffix(suffix) {
+                let v: f64 = v.parse().map_err(|_| bad())?;
+                return if v >= 0.0 { Ok(Budget::Bytes((v * unit) as usize)) } else { Err(bad()) };
+            }
+        }
+        s.parse().map(Budget::Layers).map_err(|_| bad())
+    }
+}
+
+/// Which layers of `ranking` to keep at `keep` (`None`: f32): the first N, or, in rank order, every
+/// layer whose extra bytes still fit the budget.
+pub fn choose(ranking: &[Sensitivity], budget: Budget, keep: Option<Scheme>) -> Result<Vec<bool>> {
+    let mut left = match budget {
+        Budget::Layers(n) => return Ok((0..ranking.len()).map(|i| i < n).collect()),
+        Budget::Bytes(b) => b,
+    };
+    let mut chosen = Vec::with_capacity(ranking.len());
+    for s in ranking {
+        let kept = keep.map_or(Ok(4 * s.k * s.n), |k| k.weight_bytes(s.k, s.n))?;
+        let extra = kept.saturating_sub(s.bytes);
+        chosen.push(extra <= left);
+        if extra <= left {
+            left -= extra;
+        }
+    }
+    Ok(chosen)
+}
+
+/// Exact-name rules that give the chosen layers the precision `keep`.
+pub fn keep_rules(ranking: &[Sensitivity], chosen: &[bool], keep: Option<Scheme>) -> Vec<Rule> {
+    ranking
+        .iter()
+        .zip(chosen)
+        .filter(|(_, &c)| c)
+        .map(|(s, _)| Rule { pattern: s.name.clone(), exact: true, precision: keep })
+        .collect()
 }
 
 /// The ranking as a row of `edgec compile --report`.
-pub fn to_json(ranking: &[Sensitivity], scheme: Scheme, kept: usize, keep: Option<Scheme>, ms: f64) -> String {
+pub fn to_json(ranking: &[Sensitivity], chosen: &[bool], scheme: Scheme, keep: Option<Scheme>, ms: f64) -> String {
     let keep_text = keep.map_or("fp32".to_string(), |s| s.to_string());
     let layers: Vec<String> = ranking
         .iter()
+        .zip(chosen)
         .enumerate()
-        .map(|(i, s)| {
+        .map(|(i, (s, kept))| {
             format!(
-                r#"{{"rank":{},"name":{:?},"weight":{:?},"k":{},"n":{},"rel_error":{:.6e},"bytes":{},"kept":{}}}"#,
+                r#"{{"rank":{},"name":{:?},"weight":{:?},"k":{},"n":{},"rel_error":{:.6e},"bytes":{},"kept":{kept}}}"#,
                 i + 1,
                 s.name,
                 s.weight,
@@ -101,13 +149,12 @@ pub fn to_json(ranking: &[Sensitivity], scheme: Scheme, kept: usize, keep: Optio
                 s.n,
                 s.rel_error,
                 s.bytes,
-                i < kept
             )
         })
         .collect();
     format!(
         r#"{{"pass":"sensitivity","scheme":"{scheme}","keep":"{keep_text}","kept":{},"ms":{ms:.1},"layers":[{}]}}"#,
-        kept.min(ranking.len()),
+        chosen.iter().filter(|&&c| c).count(),
         layers.join(",")
     )
 }
