@@ -238,8 +238,9 @@ fn sensitivity_scan_ranks_layers_by_output_error() {
 
     // A byte budget keeps, in rank order, the layers whose extra bytes fit: here the top layer
     // (64x128 int4 per channel 4 KiB + scales, int8 8 KiB + scales) and then only smaller ones.
-    let int8: Option<Scheme> = Some("int8".parse().unwrap());
-    let extra = |s: &edgec::passes::sensitivity::Sensitivity| int8.unwrap().weight_bytes(s.k, s.n).unwrap() - s.bytes;
+    let int8_scheme: Scheme = "int8".parse().unwrap();
+    let int8 = Some(int8_scheme);
+    let extra = |s: &edgec::passes::sensitivity::Sensitivity| int8_scheme.weight_bytes(s.k, s.n).unwrap() - s.bytes;
     let budget = extra(&ranking[0]) + extra(&ranking[0]) / 2;
     let chosen = choose(&ranking, Budget::Bytes(budget), int8).unwrap();
     assert!(chosen[0]);
