@@ -300,8 +300,9 @@ impl OptimizeArgs {
     }
 }
 
-/// The quantize pass with what calibration adds: `--auto-keep` rules from the sensitivity scan
-/// (its ranking as a report row) and GPTQ rounding from the Gram matrices.
+/// The quantize pass with what calibration adds: GPTQ rounding from the Gram matrices, and
+/// `--auto-keep` rules from the sensitivity scan (which rounds as the pass will; its ranking as a
+/// report row).
 fn calibrated_quantize(
     g: &edgec::ir::Graph,
     mut pass: edgec::passes::quantize::Quantize,
@@ -317,6 +318,18 @@ fn calibrated_quantize(
     let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
     println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
     let mut row = None;
+    if optimize.method == "gptq" {
+        let mut grams = std::collections::HashMap::new();
+        for l in edgec::calib::linear_layers(g) {
+            if let Some(h) = cal.gram_for(g, l.node) {
+                grams.insert(g.node(l.node).name.clone(), h.h.clone());
+            }
+        }
+        pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
+            Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
+            None => Ok(None),
+        }));
+    }
     if let Some((budget, keep)) = auto_keep {
         let t = Instant::now();
         let ranking = sensitivity::scan(g, &cal, &pass).map_err(|e| e.to_string())?;
@@ -335,18 +348,6 @@ fn calibrated_quantize(
         }
         row = Some(sensitivity::to_json(&ranking, &chosen, pass.scheme, keep, ms));
         pass.rules.extend(sensitivity::keep_rules(&ranking, &chosen, keep));
-    }
-    if optimize.method == "gptq" {
-        let mut grams = std::collections::HashMap::new();
-        for l in edgec::calib::linear_layers(g) {
-            if let Some(h) = cal.gram_for(g, l.node) {
-                grams.insert(g.node(l.node).name.clone(), h.h.clone());
-            }
-        }
-        pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
-            Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
-            None => Ok(None),
-        }));
     }
     Ok((pass, row))
 }

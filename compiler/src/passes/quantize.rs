@@ -327,7 +327,7 @@ pub struct Quantize {
     /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name and the
     /// layer's scheme.
     #[allow(clippy::type_complexity)]
-    pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>>>>,
+    pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>> + Send + Sync>>,
 }
 
 impl Quantize {
@@ -335,6 +335,15 @@ impl Quantize {
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
         let rules = keep.into_iter().map(|pattern| Rule { pattern, exact: false, precision: None }).collect();
         Quantize { scheme, rules, search: false, rounder: None }
+    }
+
+    /// The weight `w` (K x N) of MatMul `name` rounded to `scheme`: by the rounder (GPTQ) when it
+    /// has one for the layer, else round-to-nearest.
+    pub fn round(&self, name: &str, w: &[f32], k: usize, n: usize, scheme: Scheme) -> Result<Quantized> {
+        if let Some(q) = self.rounder.as_ref().map(|r| r(name, w, k, n, scheme)).transpose()?.flatten() {
+            return Ok(q);
+        }
+        quantize_rtn(w, k, n, scheme, self.search)
     }
 
     /// The precision of a layer or table with these names (`None`: f32).
@@ -376,14 +385,7 @@ impl Pass for Quantize {
                     }
                     let Some(scheme) = self.precision(&[&node.name, &wname]) else { continue };
                     let (k, nn) = (shape[0], shape[1]);
-                    let q = match &self.rounder {
-                        Some(r) => r(&node.name, &w, k, nn, scheme)?,
-                        None => None,
-                    };
-                    let q = match q {
-                        Some(q) => q,
-                        None => quantize_rtn(&w, k, nn, scheme, self.search)?,
-                    };
+                    let q = self.round(&node.name, &w, k, nn, scheme)?;
                     let l = q.layout;
                     let bq = g.add_const(
                         format!("{wname}.q{}", l.bits),

@@ -1,14 +1,14 @@
 //! Per-layer quantization sensitivity (`edgec compile --quantize S --auto-keep N --calibrate FILE`):
-//! every linear layer the quantize pass would round with its main scheme is rounded once
-//! (round-to-nearest), and ranked by the relative output error that causes on the calibration
-//! activations, `‖X·ΔW‖² / ‖X·W‖² = tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)` with `H = XᵀX` from `calib`.
-//! The top `N` (or, in rank order, those that fit a byte budget) become exact-name rules at a higher
-//! precision. Relative (not absolute) error, so a
-//! layer's rank does not depend on the scale of its activations; one rounding per layer, no model
-//! runs beyond the calibration pass the Gram matrices come from.
+//! every linear layer the quantize pass would round with its main scheme is rounded once, the way
+//! the pass will (round-to-nearest, or GPTQ with `--method gptq`, whose errors are not RTN's; it then
+//! runs twice), and ranked by the relative output error that causes on the calibration activations,
+//! `‖X·ΔW‖² / ‖X·W‖² = tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)` with `H = XᵀX` from `calib`. The top `N` (or, in
+//! rank order, those that fit a byte budget) become exact-name rules at a higher precision.
+//! Relative (not absolute) error, so a layer's rank does not depend on the scale of its
+//! activations; no model runs beyond the calibration pass the Gram matrices come from.
 
 use super::prune::rel_error;
-use super::quantize::{quantize_rtn, Quantize, Rule, Scheme};
+use super::quantize::{Quantize, Rule, Scheme};
 use crate::calib::{linear_layers, Calibration};
 use crate::error::Result;
 use crate::ir::{Graph, Op};
@@ -31,7 +31,7 @@ pub struct Sensitivity {
 /// The layers `pass` would quantize with its main scheme, most sensitive first. Layers whose input
 /// did not run during calibration, or that a rule already places, are not ranked.
 pub fn scan(g: &Graph, cal: &Calibration, pass: &Quantize) -> Result<Vec<Sensitivity>> {
-    let (scheme, search) = (pass.scheme, pass.search);
+    let scheme = pass.scheme;
     let mut todo = Vec::new();
     for l in linear_layers(g) {
         let node = g.node(l.node);
@@ -54,11 +54,8 @@ pub fn scan(g: &Graph, cal: &Calibration, pass: &Quantize) -> Result<Vec<Sensiti
                     for (l, name, c, h) in todo.iter().skip(t).step_by(threads) {
                         let w = c.to_tensor().to_f64_vec();
                         let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-                        let dq: Vec<f64> = quantize_rtn(&w32, l.k, l.n, scheme, search)?
-                            .dequantize()
-                            .into_iter()
-                            .map(f64::from)
-                            .collect();
+                        let q = pass.round(name, &w32, l.k, l.n, scheme)?;
+                        let dq: Vec<f64> = q.dequantize().into_iter().map(f64::from).collect();
                         mine.push(Sensitivity {
                             name: name.clone(),
                             weight: c.name.clone(),
