@@ -301,8 +301,7 @@ impl OptimizeArgs {
 }
 
 /// The quantize pass with what calibration adds: GPTQ rounding from the Gram matrices, and
-/// `--auto-keep` rules from the sensitivity scan (which rounds as the pass will; its ranking as a
-/// report row).
+/// `--auto-keep` rules from the sensitivity scan (its ranking as a report row).
 fn calibrated_quantize(
     g: &edgec::ir::Graph,
     mut pass: edgec::passes::quantize::Quantize,
