@@ -153,6 +153,16 @@ fn compile_and_artifact_errors_are_clear() {
         (&["compile", m, "--quantize", "int4", "--method", "best"], "--method best"),
         (&["compile", m, "--quantize", "int4", "--method", "gptq"], "--method gptq needs --calibrate"),
         (&["compile", m, "--method", "gptq"], "--method gptq needs --quantize"),
+        (&["compile", m, "--quantize", "int4", "--keep", "lm_head"], "must be PATTERN=PRECISION"),
+        (&["compile", m, "--quantize", "int4", "--keep", "lm_head=int3"], "unknown quantization scheme 'int3'"),
+        (&["compile", m, "--keep", "lm_head=int8"], "--keep needs --quantize"),
+        (&["compile", m, "--auto-keep", "3"], "--auto-keep needs --quantize"),
+        (&["compile", m, "--quantize", "int4", "--auto-keep", "3"], "--auto-keep needs --calibrate"),
+        (
+            &["compile", m, "--quantize", "int4", "--auto-keep", "x", "--calibrate", "README.md"],
+            "expected a number of layers",
+        ),
+        (&["compile", m, "--quantize", "int4", "--auto-keep", "3=int5", "--calibrate", "README.md"], "int5"),
     ];
     let dir = std::env::temp_dir().join(format!("edgec-cli-err-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -177,5 +187,60 @@ fn compile_and_artifact_errors_are_clear() {
     assert!(ok, "{err}");
     let (ok, _, err) = edgec(&["bench", foreign.to_str().unwrap()]);
     assert!(!ok && err.contains("aarch64") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--keep` and `--auto-keep` as a user runs them on the tiny Llama (a word-level tokenizer over its
+/// 128-token vocabulary stands in for a real one): the scan's choice is printed and reported, and
+/// the kept layers make the weights larger.
+#[test]
+fn keep_and_auto_keep_flags() {
+    let dir = std::env::temp_dir().join(format!("edgec-cli-keep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\":{i}")).collect();
+    let tokenizer = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+        vocab.join(",")
+    );
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(&tok, tokenizer).unwrap();
+    let text: Vec<String> = (0..400u64).map(|i| format!("w{}", i * 7919 % 128)).collect();
+    let calib = dir.join("calib.txt");
+    std::fs::write(&calib, text.join(" ")).unwrap();
+    let m = "models/tiny/llama/model.onnx";
+    let weights = |extra: &[&str]| -> (String, String) {
+        let (art, report) = (dir.join("m.edgec"), dir.join("r.json"));
+        let mut a = vec!["compile", m, "--quantize", "int4", "--tokenizer", tok.to_str().unwrap()];
+        a.extend(["-o", art.to_str().unwrap(), "--report", report.to_str().unwrap()]);
+        a.extend(extra);
+        let (ok, out, err) = edgec(&a);
+        assert!(ok, "{extra:?}: {err}");
+        (out, std::fs::read_to_string(&report).unwrap())
+    };
+    let bytes = |out: &str| -> usize {
+        let line = out.lines().find(|l| l.starts_with("weights ")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (plain, _) = weights(&[]);
+    let (lm8, _) = weights(&["--keep", "lm_head=int8"]);
+    let (lm32, _) = weights(&["--keep-fp32", "lm_head"]);
+    assert!(bytes(&plain) < bytes(&lm8) && bytes(&lm8) < bytes(&lm32), "{plain}\n{lm8}\n{lm32}");
+    let c = calib.to_str().unwrap();
+    let (out, report) = weights(&["--auto-keep", "3", "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
+    assert!(out.contains("calibrate   64 tokens"), "{out}");
+    assert_eq!(out.matches("auto-keep   #").count(), 3, "{out}");
+    assert!(out.contains("auto-keep   #3 /model/") && out.contains("at int8:channel"), "{out}");
+    assert!(bytes(&out) > bytes(&plain), "{out}");
+    let (s, q) = (report.find(r#""pass":"sensitivity""#).unwrap(), report.find(r#""pass":"quantize""#).unwrap());
+    assert!(s < q, "the ranking comes before the quantize row: {report}");
+    assert_eq!(report.matches(r#""kept":true"#).count(), 3, "{report}");
+    assert_eq!(report.matches(r#""rank":"#).count(), 15, "14 block layers and lm_head: {report}");
+    // A byte budget, fp32: a 64x64 layer costs 16 KiB - 2.3 KiB more in f32, so 60KB keeps a few.
+    let (out, _) =
+        weights(&["--auto-keep", "60KB=fp32", "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
+    let kept = out.matches("auto-keep   #").count();
+    assert!((2..=8).contains(&kept) && out.contains(") at fp32"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }

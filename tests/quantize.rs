@@ -5,8 +5,8 @@
 mod common;
 
 use edgec::interp::Interpreter;
-use edgec::ir::{text::render, Graph, Tensor};
-use edgec::passes::quantize::Quantize;
+use edgec::ir::{text::render, Graph, Op, Tensor};
+use edgec::passes::quantize::{Quantize, Rule, Scheme};
 use edgec::passes::{pass_by_name, Pass, PassManager};
 
 fn tiny_llama() -> (Graph, Vec<(String, Tensor)>) {
@@ -223,4 +223,174 @@ fn qdq_weights_become_matmul_nbits() {
         let native = edgec::codegen::run_model(&model, &feeds).unwrap();
         common::compare(&native[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{case}: native {e}"));
     }
+}
+
+fn with_rules(g: &Graph, scheme: &str, rules: &[&str]) -> Graph {
+    let mut q = g.clone();
+    let mut pass = Quantize::new(scheme.parse().unwrap(), vec![]);
+    pass.rules = rules.iter().map(|r| r.parse().unwrap()).collect();
+    pass.run(&mut q).unwrap();
+    pass_by_name("dce").unwrap().run(&mut q).unwrap();
+    edgec::ir::verify::verify(&q).unwrap();
+    q
+}
+
+/// (node name, bits) of every MatMulNBits, and the names of the MatMuls left in f32.
+fn precisions(g: &Graph) -> (Vec<(String, usize)>, Vec<String>) {
+    let (mut q, mut f) = (Vec::new(), Vec::new());
+    for n in g.g.node_indices() {
+        match g.node(n).op {
+            Op::MatMulNBits { bits, .. } => q.push((g.node(n).name.clone(), bits)),
+            Op::MatMul => f.push(g.node(n).name.clone()),
+            _ => {}
+        }
+    }
+    (q, f)
+}
+
+/// Deterministic token sequences over the tiny Llama's vocabulary (128).
+fn token_seqs(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % 128) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `--keep PATTERN=PRECISION`: the first matching rule sets a layer's precision, `*=int8` is the
+/// int8 scheme, `=fp32` is `--keep-fp32`, and bad rules are errors.
+#[test]
+fn keep_rules_set_each_layers_precision() {
+    let (g, feeds) = tiny_llama();
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let err = |q: &Graph| relative_error(q, &reference, &feeds);
+
+    let lm8 = with_rules(&g, "int4", &["lm_head=int8"]);
+    let (q, f) = precisions(&lm8);
+    assert!(f.iter().all(|n| !n.contains("lm_head")), "{f:?}");
+    assert_eq!(q.iter().filter(|(n, b)| n.contains("lm_head") && *b == 8).count(), 1, "{q:?}");
+    assert!(q.iter().filter(|(n, _)| !n.contains("lm_head")).all(|(_, b)| *b == 4), "{q:?}");
+    let (e4, e_lm8) = (err(&quantized(&g, "int4", &[])), err(&lm8));
+    let e_lm32 = err(&with_rules(&g, "int4", &["lm_head=fp32"]));
+    println!("int4 {e4:.3e}, lm_head int8 {e_lm8:.3e}, lm_head fp32 {e_lm32:.3e}");
+    assert!(e_lm32 < e_lm8 && e_lm8 < e4, "{e_lm32} {e_lm8} {e4}");
+
+    // `=fp32` is --keep-fp32; `*=int8` under int4 is the int8 scheme, bit for bit.
+    assert_eq!(render(&with_rules(&g, "int4", &["lm_head=fp32"])), render(&quantized(&g, "int4", &["lm_head"])));
+    assert_eq!(render(&with_rules(&g, "int4", &["*=int8"])), render(&quantized(&g, "int8", &[])));
+    // The first matching rule wins.
+    let (q, f) = precisions(&with_rules(&g, "int4", &["lm_head=fp32", "*=int8", "layers.0=int4"]));
+    assert!(f.len() == 1 && f[0].contains("lm_head"), "{f:?}");
+    assert!(q.iter().all(|(_, b)| *b == 8), "{q:?}");
+
+    for bad in ["lm_head", "=int8", "lm_head=int3", "lm_head=int4:g7"] {
+        assert!(bad.parse::<Rule>().is_err(), "{bad}");
+    }
+}
+
+/// The sensitivity scan ranks every quantized linear layer by its relative output error on the
+/// calibration activations and skips layers a rule already places. The tiny model's random layers
+/// are all about equally sensitive, so one gets outlier weights (one per column, 8x the column's
+/// largest, as real LLM weights have): the scan must rank it first, and keeping the top layers at
+/// int8 must beat keeping the same number of bottom ones.
+#[test]
+fn sensitivity_scan_ranks_layers_by_output_error() {
+    use edgec::calib::{linear_layers, Calibration, Options};
+    use edgec::passes::prune::{replace_weight, weight_kn, weight_tensor};
+    use edgec::passes::sensitivity::{choose, keep_rules, scan, to_json, Budget};
+    let (mut g, feeds) = tiny_llama();
+    let outlier = "/model/layers.1/mlp/up_proj/MatMul";
+    let l = linear_layers(&g).into_iter().find(|l| g.node(l.node).name == outlier).unwrap();
+    let mut w = weight_kn(&g, &l);
+    for c in 0..l.n {
+        let peak = (0..l.k).map(|k| w[k * l.n + c].abs()).fold(0.0, f64::max);
+        w[(c * 7 % l.k) * l.n + c] = 8.0 * peak;
+    }
+    replace_weight(&mut g, &l, &weight_tensor(&l, &w));
+    pass_by_name("dce").unwrap().run(&mut g).unwrap();
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let cal = Calibration::collect(&g, &token_seqs(4, 16, 3), &Options::default()).unwrap();
+    let scheme: Scheme = "int4:channel".parse().unwrap();
+    let pass = Quantize::new(scheme, vec![]);
+    let ranking = scan(&g, &cal, &pass).unwrap();
+    let (q, _) = precisions(&quantized(&g, "int4:channel", &[]));
+    assert_eq!(ranking.len(), q.len(), "every quantized MatMul is ranked");
+    assert!(ranking.windows(2).all(|w| w[0].rel_error >= w[1].rel_error));
+    assert!(ranking.iter().all(|s| s.rel_error > 0.0 && s.rel_error < 1.0 && s.bytes > 0));
+    assert_eq!(ranking[0].name, outlier);
+    assert!(ranking[0].rel_error > 3.0 * ranking[1].rel_error, "{:?}", &ranking[..2]);
+    for s in &ranking {
+        println!("{:.4e} {} {}x{}", s.rel_error, s.name, s.k, s.n);
+    }
+    // A layer a rule places is not ranked.
+    let mut ruled = Quantize::new(scheme, vec![]);
+    ruled.rules.push("lm_head=int8".parse().unwrap());
+    let r2 = scan(&g, &cal, &ruled).unwrap();
+    assert_eq!(r2.len(), ranking.len() - 1);
+    assert!(r2.iter().all(|s| !s.name.contains("lm_head")));
+
+    // The scan ranks round-to-nearest errors even when the pass has another rounder (GPTQ in
+    // `edgec compile`; its calibration-row errors are in-sample): a rounder that zeroes a layer
+    // changes nothing.
+    let mut zeroing = Quantize::new(scheme, vec![]);
+    zeroing.rounder = Some(Box::new(move |_, _, k, n, scheme| {
+        Ok(Some(edgec::passes::quantize::Quantized::new(k, n, scheme).unwrap()))
+    }));
+    assert_eq!(scan(&g, &cal, &zeroing).unwrap(), ranking);
+
+    let n = 3;
+    let keep_at = |layers: &[edgec::passes::sensitivity::Sensitivity]| {
+        let mut p = Quantize::new(scheme, vec![]);
+        let int8 = Some("int8".parse().unwrap());
+        p.rules = keep_rules(layers, &choose(layers, Budget::Layers(n), int8).unwrap(), int8);
+        let mut q = g.clone();
+        p.run(&mut q).unwrap();
+        pass_by_name("dce").unwrap().run(&mut q).unwrap();
+        let bits = precisions(&q).0;
+        assert_eq!(bits.iter().filter(|(_, b)| *b == 8).count(), n);
+        relative_error(&q, &reference, &feeds)
+    };
+    let bottom: Vec<_> = ranking.iter().rev().cloned().collect();
+    let (top_err, bottom_err) = (keep_at(&ranking), keep_at(&bottom));
+    println!("keep top {n}: {top_err:.4e}, keep bottom {n}: {bottom_err:.4e}");
+    assert!(top_err < bottom_err, "top {top_err} vs bottom {bottom_err}");
+
+    // A byte budget keeps, in rank order, the layers whose extra bytes fit: here the top layer
+    // (64x128 int4 per channel 4 KiB + scales, int8 8 KiB + scales) and then only smaller ones.
+    let int8_scheme: Scheme = "int8".parse().unwrap();
+    let int8 = Some(int8_scheme);
+    let extra = |s: &edgec::passes::sensitivity::Sensitivity| int8_scheme.weight_bytes(s.k, s.n).unwrap() - s.bytes;
+    let budget = extra(&ranking[0]) + extra(&ranking[0]) / 2;
+    let chosen = choose(&ranking, Budget::Bytes(budget), int8).unwrap();
+    assert!(chosen[0]);
+    let spent: usize = ranking.iter().zip(&chosen).filter(|(_, &c)| c).map(|(s, _)| extra(s)).sum();
+    assert!(spent <= budget && chosen.iter().filter(|&&c| c).count() > 1, "{chosen:?}");
+    for (s, c) in ranking.iter().zip(&chosen) {
+        // Every layer left out would not have fit.
+        assert!(*c || extra(s) > budget - spent, "{}", s.name);
+    }
+    assert_eq!("2MB".parse::<Budget>().unwrap(), Budget::Bytes(2_000_000));
+    assert_eq!("0.5KB".parse::<Budget>().unwrap(), Budget::Bytes(500));
+    assert_eq!("7".parse::<Budget>().unwrap(), Budget::Layers(7));
+    assert!("7 layers".parse::<Budget>().is_err() && "-1MB".parse::<Budget>().is_err());
+
+    let json = to_json(&ranking, &choose(&ranking, Budget::Layers(n), int8).unwrap(), scheme, int8, 1.0);
+    assert!(
+        json.starts_with(r#"{"pass":"sensitivity","scheme":"int4:channel","keep":"int8:channel","kept":3"#),
+        "{json}"
+    );
+    assert_eq!(json.matches(r#""kept":true"#).count(), n);
+}
+
+#[test]
+fn quantized_llama_with_rules_snapshot() {
+    let (g, _) = tiny_llama();
+    let q = with_rules(&g, "int4", &["lm_head=int8", "layers.1/mlp=int4:g16:asym", "layers.1=fp32"]);
+    insta::assert_snapshot!("llama@quantize-int4-rules", render(&q));
 }

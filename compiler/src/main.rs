@@ -193,24 +193,6 @@ fn calibration_sequences(args: &PruneArgs, tokenizer: Option<&[u8]>) -> Result<O
     edgec::calib::token_sequences(tok, &text, args.calib_tokens, args.calib_seq).map(Some).map_err(|e| e.to_string())
 }
 
-/// `--method gptq`: the Gram matrix of every linear layer's input, by MatMul node name.
-fn gptq_grams(
-    g: &edgec::ir::Graph,
-    args: &PruneArgs,
-    tokenizer: Option<&[u8]>,
-) -> Result<std::collections::HashMap<String, Vec<f64>>, String> {
-    let seqs = calibration_sequences(args, tokenizer)?.ok_or("--method gptq needs --calibrate FILE")?;
-    let cal = edgec::calib::Calibration::collect(g, &seqs, &Default::default()).map_err(|e| e.to_string())?;
-    println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
-    let mut grams = std::collections::HashMap::new();
-    for l in edgec::calib::linear_layers(g) {
-        if let Some(h) = cal.gram_for(g, l.node) {
-            grams.insert(g.node(l.node).name.clone(), h.h.clone());
-        }
-    }
-    Ok(grams)
-}
-
 /// `timing_only`: without --prune, --calibrate alone collects the statistics and reports the time
 /// (false when another step, GPTQ, uses the calibration text).
 fn prune_step(
@@ -256,43 +238,117 @@ struct OptimizeArgs {
     #[arg(long, default_value = "absmax")]
     method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
-    /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`.
+    /// (repeatable), e.g. `lm_head` or `/model/layers.0/*`. Same as `--keep PATTERN=fp32`.
     #[arg(long = "keep-fp32", value_name = "PATTERN")]
     keep_fp32: Vec<String>,
+    /// Give matching weights another precision than --quantize's: PATTERN=fp32 or PATTERN=SCHEME
+    /// (repeatable; the first matching rule wins, --keep-fp32 rules first), e.g. `lm_head=int8`,
+    /// `layers.0.=int8`. Embedding tables are int8 rows unless kept in fp32.
+    #[arg(long = "keep", value_name = "PATTERN=PRECISION")]
+    keep: Vec<String>,
+    /// Keep the linear layers most sensitive to --quantize's rounding (relative output error on
+    /// the --calibrate text) at PRECISION (default int8): the top N (`N`), or in rank order those
+    /// whose extra bytes fit a budget (`2MB`, `500KB`); `BUDGET=PRECISION` for another precision.
+    /// The ranking goes to --report.
+    #[arg(long = "auto-keep", value_name = "BUDGET[=PRECISION]")]
+    auto_keep: Option<String>,
     /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
 }
 
 impl OptimizeArgs {
-    /// The passes the flags add after the base pipeline.
-    /// `grams`: per MatMul node name, its input's Gram matrix (for `--method gptq`).
-    fn passes(
-        &self,
-        grams: Option<std::collections::HashMap<String, Vec<f64>>>,
-    ) -> Result<Vec<Box<dyn edgec::passes::Pass>>, String> {
-        let mut passes: Vec<Box<dyn edgec::passes::Pass>> = Vec::new();
-        if let Some(q) = &self.quantize {
-            let scheme: edgec::passes::quantize::Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
-            let mut pass = edgec::passes::quantize::Quantize::new(scheme, self.keep_fp32.clone());
-            pass.search = match self.method.as_str() {
-                "mse" => true,
-                "absmax" | "gptq" => false,
-                m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq`")),
+    /// The quantize pass the flags ask for (no GPTQ rounder, no automatic rules yet).
+    fn quantize_pass(&self) -> Result<Option<edgec::passes::quantize::Quantize>, String> {
+        use edgec::passes::quantize::{Quantize, Rule, Scheme};
+        let Some(q) = &self.quantize else {
+            return match (self.method.as_str(), &self.auto_keep, self.keep.is_empty()) {
+                ("gptq", _, _) => Err("--method gptq needs --quantize".into()),
+                (_, Some(_), _) => Err("--auto-keep needs --quantize".into()),
+                (_, _, false) => Err("--keep needs --quantize".into()),
+                _ => Ok(None),
             };
-            if let Some(grams) = grams {
-                pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
-                    Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
-                    None => Ok(None),
-                }));
-            }
-            passes.push(Box::new(pass));
+        };
+        let scheme: Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
+        let mut pass = Quantize::new(scheme, self.keep_fp32.clone());
+        for k in &self.keep {
+            pass.rules.push(k.parse::<Rule>().map_err(|e| format!("--keep {e}"))?);
         }
-        if !passes.is_empty() {
-            passes.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
-        }
-        Ok(passes)
+        pass.search = match self.method.as_str() {
+            "mse" => true,
+            "absmax" | "gptq" => false,
+            m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq`")),
+        };
+        Ok(Some(pass))
     }
+
+    /// `--auto-keep BUDGET[=PRECISION]`: how many layers or extra bytes, at which precision (`None`: f32).
+    #[allow(clippy::type_complexity)]
+    fn auto_keep(
+        &self,
+    ) -> Result<Option<(edgec::passes::sensitivity::Budget, Option<edgec::passes::quantize::Scheme>)>, String> {
+        let Some(text) = &self.auto_keep else { return Ok(None) };
+        let (budget, prec) = text.split_once('=').unwrap_or((text, "int8"));
+        let budget = budget.parse().map_err(|e| format!("--auto-keep {e}"))?;
+        let prec = edgec::passes::quantize::parse_precision(prec).map_err(|e| format!("--auto-keep {text}: {e}"))?;
+        Ok(Some((budget, prec)))
+    }
+
+    /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan).
+    fn needs_calibration(&self) -> bool {
+        self.quantize.is_some() && (self.method == "gptq" || self.auto_keep.is_some())
+    }
+}
+
+/// The quantize pass with what calibration adds: GPTQ rounding from the Gram matrices, and
+/// `--auto-keep` rules from the sensitivity scan (its ranking as a report row).
+fn calibrated_quantize(
+    g: &edgec::ir::Graph,
+    mut pass: edgec::passes::quantize::Quantize,
+    optimize: &OptimizeArgs,
+    args: &PruneArgs,
+    tokenizer: Option<&[u8]>,
+) -> Result<(edgec::passes::quantize::Quantize, Option<String>), String> {
+    use edgec::passes::sensitivity;
+    let auto_keep = optimize.auto_keep()?;
+    let flag = if optimize.method == "gptq" { "--method gptq" } else { "--auto-keep" };
+    let seqs = calibration_sequences(args, tokenizer)?.ok_or_else(|| format!("{flag} needs --calibrate FILE"))?;
+    let opts = edgec::calib::Options { channel_stats: false, ..Default::default() };
+    let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
+    println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
+    let mut row = None;
+    if optimize.method == "gptq" {
+        let mut grams = std::collections::HashMap::new();
+        for l in edgec::calib::linear_layers(g) {
+            if let Some(h) = cal.gram_for(g, l.node) {
+                grams.insert(g.node(l.node).name.clone(), h.h.clone());
+            }
+        }
+        pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
+            Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
+            None => Ok(None),
+        }));
+    }
+    if let Some((budget, keep)) = auto_keep {
+        let t = Instant::now();
+        let ranking = sensitivity::scan(g, &cal, &pass).map_err(|e| e.to_string())?;
+        let chosen = sensitivity::choose(&ranking, budget, keep).map_err(|e| e.to_string())?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let keep_text = keep.map_or("fp32".to_string(), |s| s.to_string());
+        for (i, s) in ranking.iter().enumerate().filter(|(i, _)| chosen[*i]) {
+            println!(
+                "auto-keep   #{} {} ({}x{}, rel. output error {:.4}) at {keep_text}",
+                i + 1,
+                s.name,
+                s.k,
+                s.n,
+                s.rel_error
+            );
+        }
+        row = Some(sensitivity::to_json(&ranking, &chosen, pass.scheme, keep, ms));
+        pass.rules.extend(sensitivity::keep_rules(&ranking, &chosen, keep));
+    }
+    Ok((pass, row))
 }
 
 /// Bytes of the constants that something still reads.
@@ -407,11 +463,7 @@ fn compile(
         names.iter().partition(|n| prune.prune.is_none() || !n.starts_with("fuse-"));
     let pm = pipeline(&pre.join(",")).map_err(|e| e.to_string())?;
     let mut opt_pm = pipeline(&post.join(",")).map_err(|e| e.to_string())?;
-    if optimize.method != "gptq" {
-        for p in optimize.passes(None)? {
-            opt_pm.push(p);
-        }
-    }
+    let quantize = optimize.quantize_pass()?;
     let mut rows = vec![format!(
         r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
         g.op_count(),
@@ -432,20 +484,23 @@ fn compile(
         t_pass = Instant::now();
     };
     pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
-    let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref(), optimize.method != "gptq")?;
-    if optimize.method == "gptq" {
-        // Calibrate on the graph the quantize pass will see (after pruning).
-        let grams = match optimize.quantize {
-            Some(_) => Some(gptq_grams(&g, prune, tokenizer_bytes.as_deref())?),
-            None => return Err("--method gptq needs --quantize".into()),
-        };
-        for p in optimize.passes(grams)? {
-            opt_pm.push(p);
+    let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref(), !optimize.needs_calibration())?;
+    let mut sensitivity_row = None;
+    if let Some(mut pass) = quantize {
+        if optimize.needs_calibration() {
+            // Calibrate on the graph the quantize pass will see (after pruning).
+            (pass, sensitivity_row) = calibrated_quantize(&g, pass, optimize, prune, tokenizer_bytes.as_deref())?;
         }
+        opt_pm.push(Box::new(pass));
+        opt_pm.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
     }
     opt_pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
     if let Some(r) = prune_report {
         rows.insert(rows.len() - opt_pm.names().len(), r.to_json());
+    }
+    if let Some(r) = sensitivity_row {
+        let at = rows.iter().position(|r| r.contains(r#""pass":"quantize""#)).unwrap_or(rows.len());
+        rows.insert(at, r);
     }
     let t_import = t0.elapsed();
     // Code generation takes seconds on a real model: show how far it is.

@@ -16,6 +16,7 @@ pub mod prune;
 pub mod prune_structured;
 pub mod qdq_weights;
 pub mod quantize;
+pub mod sensitivity;
 pub mod shape_infer;
 
 use crate::error::{Error, Result};

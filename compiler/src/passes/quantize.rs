@@ -62,6 +62,15 @@ impl std::str::FromStr for Scheme {
     }
 }
 
+impl Scheme {
+    /// Bytes a K x N weight takes in this scheme as MatMulNBits constants (values, f32 scales,
+    /// zero points).
+    pub fn weight_bytes(&self, k: usize, n: usize) -> Result<usize> {
+        let l = NBitsLayout::new(k, n, self.bits, self.group.unwrap_or(k)).map_err(Error::Invalid)?;
+        Ok(l.b_len() + 4 * n * l.blocks() + if self.asym { n * l.zp_cols() } else { 0 })
+    }
+}
+
 impl std::fmt::Display for Scheme {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(f, "int{}", self.bits)?;
@@ -185,6 +194,22 @@ impl Quantized {
     }
 }
 
+impl Quantized {
+    /// The weight the quantized one stands for, row-major K x N.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let l = self.layout;
+        let mut w = vec![0f32; l.k * l.n];
+        for c in 0..l.n {
+            for kk in 0..l.k {
+                let blk = kk / l.block_size;
+                let z = l.zero(self.zero_points.as_deref(), blk, c) as i32;
+                w[kk * l.n + c] = (l.q(&self.b, kk, c) as i32 - z) as f32 * self.scales[c * l.blocks() + blk];
+            }
+        }
+        w
+    }
+}
+
 /// Round-to-nearest quantization of a row-major K x N matrix, column by column and block by block,
 /// with each block's range from `BlockParams::fit` (`search` false) or `fit_mse`.
 pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, search: bool) -> Result<Quantized> {
@@ -247,26 +272,86 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 /// Gather tables smaller than this stay f32 (position tables, small lookups).
 const MIN_EMBEDDING_ROWS: usize = 1024;
 
+/// A per-layer precision rule (`--keep PATTERN=PRECISION`, `--keep-fp32 PATTERN`, `--auto-keep`):
+/// matching weights get `precision` instead of the pass's main scheme.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    /// A node or weight name: substring or `*` pattern (`pattern_matches`), or, when `exact`, the
+    /// whole name (the sensitivity scan names layers exactly).
+    pub pattern: String,
+    pub exact: bool,
+    /// `None` leaves the weight in f32.
+    pub precision: Option<Scheme>,
+}
+
+impl Rule {
+    fn matches(&self, name: &str) -> bool {
+        if self.exact {
+            self.pattern == name
+        } else {
+            pattern_matches(&self.pattern, name)
+        }
+    }
+}
+
+impl std::str::FromStr for Rule {
+    type Err = String;
+    /// `PATTERN=fp32` or `PATTERN=SCHEME` (`lm_head=int8`, `layers.0.*=int4:g64`).
+    fn from_str(s: &str) -> std::result::Result<Rule, String> {
+        let (pattern, prec) =
+            s.rsplit_once('=').ok_or_else(|| format!("'{s}' must be PATTERN=PRECISION (fp32, int8, int4:g64, ...)"))?;
+        if pattern.is_empty() {
+            return Err(format!("'{s}': empty pattern"));
+        }
+        let precision = parse_precision(prec).map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Rule { pattern: pattern.to_string(), exact: false, precision })
+    }
+}
+
+/// `fp32` (`None`) or a scheme.
+pub fn parse_precision(s: &str) -> std::result::Result<Option<Scheme>, String> {
+    match s {
+        "fp32" | "f32" => Ok(None),
+        scheme => scheme.parse().map(Some),
+    }
+}
+
 pub struct Quantize {
     pub scheme: Scheme,
     /// Search each block's clipping range for the least rounding error (`--method mse`) instead of
     /// taking its full range (`--method absmax`, the default: on SmolLM2 int4 g32 the search gave
     /// perplexity 44.1 against 42.2, clipped outlier weights matter more than resolution).
     pub search: bool,
-    /// Node or weight names (patterns) left in f32.
-    pub keep: Vec<String>,
-    /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name.
+    /// Per-layer exceptions to `scheme`; the first rule matching the node or weight name wins.
+    pub rules: Vec<Rule>,
+    /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name and the
+    /// layer's scheme.
     #[allow(clippy::type_complexity)]
-    pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>>>>,
+    pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>> + Send + Sync>>,
 }
 
 impl Quantize {
+    /// `keep`: node or weight name patterns left in f32.
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
-        Quantize { scheme, keep, search: false, rounder: None }
+        let rules = keep.into_iter().map(|pattern| Rule { pattern, exact: false, precision: None }).collect();
+        Quantize { scheme, rules, search: false, rounder: None }
     }
 
-    fn kept(&self, names: &[&str]) -> bool {
-        self.keep.iter().any(|p| names.iter().any(|n| pattern_matches(p, n)))
+    /// The weight `w` (K x N) of MatMul `name` rounded to `scheme`: by the rounder (GPTQ) when it
+    /// has one for the layer, else round-to-nearest.
+    pub fn round(&self, name: &str, w: &[f32], k: usize, n: usize, scheme: Scheme) -> Result<Quantized> {
+        if let Some(q) = self.rounder.as_ref().map(|r| r(name, w, k, n, scheme)).transpose()?.flatten() {
+            return Ok(q);
+        }
+        quantize_rtn(w, k, n, scheme, self.search)
+    }
+
+    /// The precision of a layer or table with these names (`None`: f32).
+    pub fn precision(&self, names: &[&str]) -> Option<Scheme> {
+        match self.rules.iter().find(|r| names.iter().any(|n| r.matches(n))) {
+            Some(r) => r.precision,
+            None => Some(self.scheme),
+        }
     }
 }
 
@@ -295,18 +380,12 @@ impl Pass for Quantize {
                 Op::MatMul => {
                     let (Some(a), Some(b)) = (ins[0], ins[1]) else { continue };
                     let Some((shape, w, wname)) = const_f32(g, b) else { continue };
-                    if shape.len() != 2 || g.ty(a).dtype != DType::F32 || self.kept(&[&node.name, &wname]) {
+                    if shape.len() != 2 || g.ty(a).dtype != DType::F32 {
                         continue;
                     }
+                    let Some(scheme) = self.precision(&[&node.name, &wname]) else { continue };
                     let (k, nn) = (shape[0], shape[1]);
-                    let q = match &self.rounder {
-                        Some(r) => r(&node.name, &w, k, nn, self.scheme)?,
-                        None => None,
-                    };
-                    let q = match q {
-                        Some(q) => q,
-                        None => quantize_rtn(&w, k, nn, self.scheme, self.search)?,
-                    };
+                    let q = self.round(&node.name, &w, k, nn, scheme)?;
                     let l = q.layout;
                     let bq = g.add_const(
                         format!("{wname}.q{}", l.bits),
@@ -316,7 +395,7 @@ impl Pass for Quantize {
                     let zp = q.zero_points.map(|z| {
                         g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
                     });
-                    let accuracy_level = if self.scheme.a8 { 4 } else { 0 };
+                    let accuracy_level = if scheme.a8 { 4 } else { 0 };
                     let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level };
                     let out = node.outputs[0].clone();
                     let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
@@ -326,7 +405,11 @@ impl Pass for Quantize {
                 Op::Gather { axis: 0 } => {
                     let (Some(t), Some(ids)) = (ins[0], ins[1]) else { continue };
                     let Some((shape, w, wname)) = const_f32(g, t) else { continue };
-                    if shape.len() != 2 || shape[0] < MIN_EMBEDDING_ROWS || self.kept(&[&node.name, &wname]) {
+                    // Tables are int8 rows whatever the scheme (a rule can only keep them f32).
+                    if shape.len() != 2
+                        || shape[0] < MIN_EMBEDDING_ROWS
+                        || self.precision(&[&node.name, &wname]).is_none()
+                    {
                         continue;
                     }
                     quantize_embedding(g, n, &node.name, &node.outputs[0], ids, &wname, &shape, &w);
