@@ -19,17 +19,7 @@ fn tiny_lm(file: &str) -> Graph {
 
 /// Deterministic token sequences over the tiny vocabulary (96).
 fn seqs(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((x >> 33) % 96) as u32
-                })
-                .collect()
-        })
-        .collect()
+    common::token_seqs(n, len, 96, seed)
 }
 
 fn run(g: &Graph, feeds: &[(String, Tensor)]) -> Vec<(String, Tensor)> {

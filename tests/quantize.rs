@@ -250,17 +250,7 @@ fn precisions(g: &Graph) -> (Vec<(String, usize)>, Vec<String>) {
 
 /// Deterministic token sequences over the tiny Llama's vocabulary (128).
 fn token_seqs(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((x >> 33) % 128) as u32
-                })
-                .collect()
-        })
-        .collect()
+    common::token_seqs(n, len, 128, seed)
 }
 
 /// `--keep PATTERN=PRECISION`: the first matching rule sets a layer's precision, `*=int8` is the

@@ -203,3 +203,19 @@ pub fn tiny_lm_feeds(g: &edgec::ir::Graph) -> Vec<(String, Tensor)> {
     }
     feeds
 }
+
+/// Deterministic token sequences (an LCG) over a vocabulary of `vocab` ids, for calibration.
+#[allow(dead_code)]
+pub fn token_seqs(n: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % vocab) as u32
+                })
+                .collect()
+        })
+        .collect()
+}

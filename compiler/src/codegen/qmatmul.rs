@@ -360,32 +360,30 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
     // The integer-dot form runs 4 values at a time (the float fallback is for targets without
     // vectors); any rest goes one by one below.
     let vec4 = pk.int_dot && kb.target.simd();
-    let mut j = z;
-    let mut zf = Fm::new(kb, types::F32).c(0.0);
-    if vec4 {
-        let z4 = Fm::new(kb, types::F32X4).c(0.0);
-        let (end, m4) = kb.fold_range(z, n, 4, &[z4], |kb, jj, acc| {
+    // max |x| over [start, n) in steps of `ty`'s lanes.
+    let abs_max = |kb: &mut Kb, start: Value, ty: cranelift_codegen::ir::Type| {
+        let z = Fm::new(kb, ty).c(0.0);
+        let step = ty.lane_count() as i64;
+        kb.fold_range(start, n, step, &[z], |kb, jj, acc| {
             let o = kb.fb.ins().ishl_imm_s(jj, 2);
             let p = kb.fb.ins().iadd(src, o);
-            let x = kb.fb.ins().load(types::F32X4, mem(), p, 0);
-            let mut fm = Fm::new(kb, types::F32X4);
+            let x = kb.fb.ins().load(ty, mem(), p, 0);
+            let mut fm = Fm::new(kb, ty);
             let ax = fm.abs(x);
             vec![fm.max(acc[0], ax)]
-        });
+        })
+    };
+    let (mut j, mut zf) = (z, Fm::new(kb, types::F32).c(0.0));
+    if vec4 {
+        let (end, m4) = abs_max(kb, z, types::F32X4);
         j = end;
         for lane in 0..4u8 {
             let x = kb.fb.ins().extractlane(m4[0], lane);
             zf = Fm::new(kb, types::F32).max(zf, x);
         }
     }
-    let (_, amax) = kb.fold_range(j, n, 1, &[zf], |kb, jj, acc| {
-        let o = kb.fb.ins().ishl_imm_s(jj, 2);
-        let p = kb.fb.ins().iadd(src, o);
-        let x = kb.fb.ins().load(types::F32, mem(), p, 0);
-        let mut fm = Fm::new(kb, types::F32);
-        let ax = fm.abs(x);
-        vec![fm.max(acc[0], ax)]
-    });
+    let (_, tail) = abs_max(kb, j, types::F32);
+    let amax = [Fm::new(kb, types::F32).max(zf, tail[0])];
     let mut fm = Fm::new(kb, types::F32);
     let c127 = fm.c(127.0);
     let scale = fm.div(amax[0], c127);
