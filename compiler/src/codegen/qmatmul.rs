@@ -475,7 +475,11 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
         }
     }
     let q_ptr = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
-    let mut state = st[..nacc].to_vec();
+    // A single row with symmetric weights (decode) sums x * (q - zero) over the block in its own
+    // accumulators and applies the column scales once at the end: one multiply per column per
+    // block instead of per k step. (Prompt tiles have no registers to spare for that.)
+    let factored = rows == 1 && !pk.asym;
+    let mut state = if factored { vec![Fm::new(kb, types::F32X4).c(0.0); nacc] } else { st[..nacc].to_vec() };
     state.extend([a_ptr, q_ptr]);
     let zero = kb.iconst(0);
     let end = kb.iconst(len as i64);
@@ -514,6 +518,8 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
                 let slot = w.len();
                 w.push(if pk.asym {
                     Fm::new(kb, types::F32X4).fma(f, scale[slot], offset[slot])
+                } else if factored {
+                    f
                 } else {
                     kb.fb.ins().fmul(f, scale[slot])
                 });
@@ -537,7 +543,11 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
         out.push(kb.fb.ins().iadd_imm_s(qp, pk.row_bytes() as i64));
         out
     });
-    let mut out = fin[..nacc].to_vec();
+    let mut out: Vec<Value> = if factored {
+        (0..nacc).map(|c| Fm::new(kb, types::F32X4).fma(fin[c], scale[c], st[c])).collect()
+    } else {
+        fin[..nacc].to_vec()
+    };
     out.extend([fin[nacc], rec]);
     out
 }
