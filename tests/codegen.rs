@@ -432,17 +432,8 @@ fn kv_cache_in_arena_matches_explicit_past() {
     let (stateful, plain) = (Model::from_bytes(&bytes).unwrap(), Model::from_bytes(&bytes).unwrap());
     let meta = stateful.meta().clone();
     let mut cache = stateful.kv_cache().unwrap();
-    // Empty pasts: batch 1, length 0.
-    let mut past: Vec<T> = meta
-        .kv_cache
-        .iter()
-        .map(|s| {
-            let shape = meta.inputs[s.input].shape.iter().map(|d| d.as_constant().unwrap_or(0).max(1) as usize);
-            let mut shape: Vec<usize> = shape.collect();
-            shape[s.axis] = 0;
-            T::zeros(DType::F32, shape).unwrap()
-        })
-        .collect();
+    let mut past: Vec<T> =
+        meta.kv_cache.iter().map(|s| edgec_runtime::lm::empty_past(&stateful, s.input, s.axis).unwrap()).collect();
     let mut len = 0;
     for (step, ids) in [&[3u32, 14, 15, 92][..], &[65], &[35, 8], &[97]].into_iter().enumerate() {
         let feeds = step_feeds(ids, len);

@@ -25,6 +25,16 @@ fn quantized(g: &Graph, scheme: &str, keep: &[&str]) -> Graph {
     q
 }
 
+/// Deterministic 24-bit numbers (xorshift64, the top bits).
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state >> 40
+    }
+}
+
 /// ||got - want|| / ||want|| over the first output (the logits).
 fn relative_error(g: &Graph, reference: &[(String, Tensor)], feeds: &[(String, Tensor)]) -> f64 {
     let got = Interpreter::new(g).unwrap().run(feeds).unwrap();
@@ -69,13 +79,8 @@ fn int8_activation_kernels_match_the_interpreter() {
     use common::qemu::{run_jobs, CrossArch};
     use edgec::ir::{DType, Dim, GraphOutput, Op, TensorType, Value, ValueRef};
     let (k, n, rows) = (80, 40, 5);
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
+    let mut bits = xorshift(0x2545_F491_4F6C_DD1D);
+    let mut next = || bits() as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
     let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
     let x: Vec<f32> = (0..rows * k).map(|_| next() * 3.0).collect();
     for scheme in ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48", "w4a8:g64", "w4a8:g128:asym"] {
@@ -124,13 +129,7 @@ fn int8_activation_kernels_match_the_interpreter() {
 fn qdq_weights_become_matmul_nbits() {
     use edgec::ir::{DType, Dim, GraphOutput, Op, TensorType, Value, ValueRef};
     let (k, n, rows) = (40, 24, 3);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state >> 40
-    };
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let x: Vec<f32> = (0..rows * k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
     let q_i8: Vec<i8> = (0..k * n).map(|_| (next() % 255) as i8).collect();
     let q_u8: Vec<u8> = (0..k * n).map(|_| (next() % 256) as u8).collect();

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use edgec_runtime::lm::LmSpec;
+use edgec_runtime::lm::{empty_past, LmSpec};
 use edgec_runtime::{DType, Model, Tensor, TensorView};
 
 fn feeds(spec: &LmSpec, ids: &[i64], past: usize) -> Vec<(usize, Tensor)> {
@@ -31,20 +31,8 @@ fn decode(model: &Model, spec: &LmSpec, prompt: usize, tokens: usize, in_arena: 
     let ids: Vec<i64> = (0..prompt as i64).map(|i| 100 + i % 1000).collect();
     let mut cache = model.kv_cache().expect("the artifact keeps its KV cache in the arena");
     // Plain runs: per cache input, the tensor fed back (empty at first).
-    let mut past: Vec<Tensor> = model
-        .meta()
-        .kv_cache
-        .iter()
-        .map(|s| {
-            let m = &model.inputs()[s.input];
-            let shape =
-                m.shape
-                    .iter()
-                    .enumerate()
-                    .map(|(a, d)| if a == s.axis { 0 } else { d.as_constant().unwrap_or(1) as usize });
-            Tensor::zeros(DType::F32, shape.collect()).unwrap()
-        })
-        .collect();
+    let mut past: Vec<Tensor> =
+        model.meta().kv_cache.iter().map(|s| empty_past(model, s.input, s.axis).unwrap()).collect();
     let mut len = 0;
     let mut step = |ids: &[i64], len: usize| {
         let f = feeds(spec, ids, len);

@@ -197,22 +197,9 @@ impl<'m> Session<'m> {
             kv.clear();
             return Ok(());
         }
-        let m = self.model.meta();
         for &(k, v, _, _) in &self.spec.cache {
             for i in [k, v] {
-                // Batch 1, past length 0, other dims from the declared shape.
-                let dims: Result<Vec<usize>, String> = m.inputs[i]
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(axis, d)| match d.as_constant() {
-                        Some(c) => Ok(c as usize),
-                        None if axis == 0 => Ok(1),
-                        None if axis == 2 => Ok(0),
-                        None => Err(format!("input `{}`: dim {axis} must be fixed", m.inputs[i].name)),
-                    })
-                    .collect();
-                self.cache.push(Tensor::zeros(DType::F32, dims?).map_err(|e| e.to_string())?);
+                self.cache.push(empty_past(self.model, i, 2)?);
             }
         }
         Ok(())
@@ -289,6 +276,24 @@ impl<'m> Session<'m> {
         }
         Ok((total, ids.len().saturating_sub(1)))
     }
+}
+
+/// An empty past for cache input `input` of a decoder with past: batch (axis 0) 1, length 0
+/// along `axis`, every other dim as declared (which must be fixed).
+pub fn empty_past(model: &Model, input: usize, axis: usize) -> Result<Tensor, String> {
+    let m = &model.meta().inputs[input];
+    let dims: Result<Vec<usize>, String> = m
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(a, d)| match d.as_constant() {
+            _ if a == axis => Ok(0),
+            Some(c) => Ok(c as usize),
+            None if a == 0 => Ok(1),
+            None => Err(format!("input `{}`: dim {a} must be fixed", m.name)),
+        })
+        .collect();
+    Tensor::zeros(DType::F32, dims?).map_err(|e| e.to_string())
 }
 
 /// The logits of the last `n` positions (fewer if the output has fewer rows), and the vocabulary size.
