@@ -242,5 +242,40 @@ fn keep_and_auto_keep_flags() {
         weights(&["--auto-keep", "60KB=fp32", "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
     let kept = out.matches("auto-keep   #").count();
     assert!((2..=8).contains(&kept) && out.contains(") at fp32"), "{out}");
+    // GPTQ's options parse and run; bad ones are named.
+    let (out, _) = weights(&[
+        "--method",
+        "gptq:damp=0.1:act-order",
+        "--calibrate",
+        c,
+        "--calib-tokens",
+        "64",
+        "--calib-seq",
+        "16",
+    ]);
+    assert_eq!(bytes(&out), bytes(&plain), "{out}");
+    for (method, msg) in [("gptq:damp=-1", "damp=-1: expected a positive number"), ("gptq:fast", "gptq option 'fast'")]
+    {
+        let (ok, _, err) = edgec(&["compile", m, "--quantize", "int4", "--method", method, "--calibrate", c]);
+        assert!(!ok && err.contains(msg), "{method}: {err}");
+    }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `edgec inspect M | head` ends quietly when the reader closes the pipe, as Unix tools do.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args(["inspect", "models/tiny/llama/model.onnx", "--passes", "default", "--after", "all"])
+        .current_dir(common::repo_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe is closed
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && out.status.code() != Some(101), "{:?}: {err}", out.status);
 }

@@ -234,7 +234,9 @@ struct OptimizeArgs {
     quantize: Option<String>,
     /// How weights are rounded: `absmax` (each block's full range; the default), `mse` (per
     /// block, the clipping range with the least squared weight error: measured worse on SmolLM2) or
-    /// `gptq` (error-minimising rounding against the layer outputs on `--calibrate FILE`).
+    /// `gptq` (error-minimising rounding against the layer outputs on `--calibrate FILE`;
+    /// `gptq:damp=F` sets the relative damping of H (default 0.01), `gptq:act-order` rounds the
+    /// inputs with the largest activations first).
     #[arg(long, default_value = "absmax")]
     method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
@@ -263,7 +265,7 @@ impl OptimizeArgs {
         use edgec::passes::quantize::{Quantize, Rule, Scheme};
         let Some(q) = &self.quantize else {
             return match (self.method.as_str(), &self.auto_keep, self.keep.is_empty()) {
-                ("gptq", _, _) => Err("--method gptq needs --quantize".into()),
+                (m, _, _) if m.starts_with("gptq") => Err("--method gptq needs --quantize".into()),
                 (_, Some(_), _) => Err("--auto-keep needs --quantize".into()),
                 (_, _, false) => Err("--keep needs --quantize".into()),
                 _ => Ok(None),
@@ -276,8 +278,12 @@ impl OptimizeArgs {
         }
         pass.search = match self.method.as_str() {
             "mse" => true,
-            "absmax" | "gptq" => false,
-            m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq`")),
+            "absmax" => false,
+            m if m.starts_with("gptq") => {
+                self.gptq()?;
+                false
+            }
+            m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq[:damp=F][:act-order]`")),
         };
         Ok(Some(pass))
     }
@@ -294,9 +300,19 @@ impl OptimizeArgs {
         Ok(Some((budget, prec)))
     }
 
+    /// `--method gptq[:OPTIONS]`: GPTQ's options, `None` for another method.
+    fn gptq(&self) -> Result<Option<edgec::passes::gptq::GptqOptions>, String> {
+        match self.method.strip_prefix("gptq") {
+            Some(rest) if rest.is_empty() || rest.starts_with(':') => {
+                rest.parse().map(Some).map_err(|e| format!("--method {}: {e}", self.method))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan).
     fn needs_calibration(&self) -> bool {
-        self.quantize.is_some() && (self.method == "gptq" || self.auto_keep.is_some())
+        self.quantize.is_some() && (self.method.starts_with("gptq") || self.auto_keep.is_some())
     }
 }
 
@@ -311,13 +327,14 @@ fn calibrated_quantize(
 ) -> Result<(edgec::passes::quantize::Quantize, Option<String>), String> {
     use edgec::passes::sensitivity;
     let auto_keep = optimize.auto_keep()?;
-    let flag = if optimize.method == "gptq" { "--method gptq" } else { "--auto-keep" };
+    let gptq = optimize.gptq()?;
+    let flag = if gptq.is_some() { "--method gptq" } else { "--auto-keep" };
     let seqs = calibration_sequences(args, tokenizer)?.ok_or_else(|| format!("{flag} needs --calibrate FILE"))?;
     let opts = edgec::calib::Options { channel_stats: false, ..Default::default() };
     let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
     println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
     let mut row = None;
-    if optimize.method == "gptq" {
+    if let Some(opt) = gptq {
         let mut grams = std::collections::HashMap::new();
         for l in edgec::calib::linear_layers(g) {
             if let Some(h) = cal.gram_for(g, l.node) {
@@ -325,7 +342,7 @@ fn calibrated_quantize(
             }
         }
         pass.rounder = Some(Box::new(move |name, w, k, n, scheme| match grams.get(name) {
-            Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme).map(Some),
+            Some(h) => edgec::passes::gptq::gptq(w, k, n, h, scheme, opt).map(Some),
             None => Ok(None),
         }));
     }
@@ -807,6 +824,12 @@ fn generate(
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`edgec inspect M | head`) like other Unix tools, instead of
+    // panicking in println!: Rust ignores SIGPIPE by default.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { model, passes, after } => inspect(&model, passes, after),

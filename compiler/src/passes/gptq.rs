@@ -9,38 +9,91 @@ use super::quantize::{BlockParams, Quantized, Scheme};
 use crate::calib::linalg::{damped, inverse_upper_factor};
 use crate::error::{Error, Result};
 
-/// Relative damping added to H's diagonal (of its mean), as in the paper.
-pub const DAMP: f64 = 0.01;
+/// How GPTQ rounds: `--method gptq[:damp=F][:act-order]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptqOptions {
+    /// Relative damping added to H's diagonal (of its mean); the paper's 0.01. Larger values pull
+    /// the result toward round-to-nearest, which matters when H comes from fewer calibration rows
+    /// than the layer has inputs (it is then singular and GPTQ over-fits those rows).
+    pub damp: f64,
+    /// Round the input rows in order of decreasing `H_ii` (largest activations first) instead of
+    /// in storage order, so the rows that matter most are rounded while the most rows remain to
+    /// absorb their error. Blocks stay contiguous groups of K: a block's parameters are fitted
+    /// when the first of its rows is reached, on the weights as updated so far.
+    pub act_order: bool,
+}
+
+impl Default for GptqOptions {
+    fn default() -> Self {
+        GptqOptions { damp: 0.01, act_order: false }
+    }
+}
+
+impl std::str::FromStr for GptqOptions {
+    type Err = String;
+    /// The part after `gptq`: `""`, `":damp=0.1"`, `":act-order"`, `":damp=0.1:act-order"`.
+    fn from_str(s: &str) -> std::result::Result<GptqOptions, String> {
+        let mut o = GptqOptions::default();
+        for part in s.split(':').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("damp", v)) => {
+                    o.damp = v.parse().ok().filter(|d: &f64| d.is_finite() && *d > 0.0).ok_or_else(|| {
+                        format!("gptq damp={v}: expected a positive number (relative to mean(diag H))")
+                    })?
+                }
+                None if part == "act-order" => o.act_order = true,
+                _ => return Err(format!("gptq option '{part}': expected damp=F or act-order")),
+            }
+        }
+        Ok(o)
+    }
+}
 
 /// `w` row-major K x N, `h` the K x K Gram matrix of the layer's inputs.
-pub fn gptq(w: &[f32], k: usize, n: usize, h: &[f64], scheme: Scheme) -> Result<Quantized> {
+pub fn gptq(w: &[f32], k: usize, n: usize, h: &[f64], scheme: Scheme, opt: GptqOptions) -> Result<Quantized> {
     if h.len() != k * k || w.len() != k * n {
         return Err(Error::Invalid(format!("gptq: H is {} values and W {} for K={k} N={n}", h.len(), w.len())));
     }
-    let a = damped(h, k, DAMP);
-    // Hinv = Uᵀ·U: row i of U spreads the error of row i over rows i+1.. (divided by U_ii).
+    // perm[i]: the input row rounded i-th.
+    let mut perm: Vec<usize> = (0..k).collect();
+    if opt.act_order {
+        perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+    }
+    let mut pos = vec![0; k];
+    for (i, &r) in perm.iter().enumerate() {
+        pos[r] = i;
+    }
+    let hp: Vec<f64> = (0..k * k).map(|ij| h[perm[ij / k] * k + perm[ij % k]]).collect();
+    let a = damped(&hp, k, opt.damp);
+    // Hinv = Uᵀ·U (in rounding order): row i of U spreads the error of row i over rows i+1.. (divided by U_ii).
     let u = inverse_upper_factor(&a, k).map_err(|e| Error::Invalid(format!("gptq: {e}")))?;
     let mut out = Quantized::new(k, n, scheme)?;
     let bs = out.layout.block_size;
     let column = |c: usize| -> Vec<(BlockParams, Vec<u8>)> {
-        let mut col: Vec<f64> = (0..k).map(|kk| w[kk * n + c] as f64).collect();
-        let mut blocks = Vec::with_capacity(k.div_ceil(bs));
-        for b0 in (0..k).step_by(bs) {
-            let end = (b0 + bs).min(k);
-            let vals: Vec<f32> = col[b0..end].iter().map(|&v| v as f32).collect();
-            let p = BlockParams::fit(&vals, scheme.bits, scheme.asym);
-            let mut q = Vec::with_capacity(end - b0);
-            for i in b0..end {
-                let qi = p.quantize(col[i] as f32);
-                let err = (col[i] - p.dequantize(qi) as f64) / u[i * k + i];
-                for j in i + 1..k {
-                    col[j] -= err * u[i * k + j];
-                }
-                q.push(qi);
+        // In rounding order.
+        let mut col: Vec<f64> = perm.iter().map(|&kk| w[kk * n + c] as f64).collect();
+        let mut params: Vec<Option<BlockParams>> = vec![None; k.div_ceil(bs)];
+        let mut q = vec![0u8; k];
+        for i in 0..k {
+            let row = perm[i];
+            let blk = row / bs;
+            let p = *params[blk].get_or_insert_with(|| {
+                // The block's rows as updated so far.
+                let vals: Vec<f32> = (blk * bs..((blk + 1) * bs).min(k)).map(|r| col[pos[r]] as f32).collect();
+                BlockParams::fit(&vals, scheme.bits, scheme.asym)
+            });
+            let qi = p.quantize(col[i] as f32);
+            let err = (col[i] - p.dequantize(qi) as f64) / u[i * k + i];
+            for j in i + 1..k {
+                col[j] -= err * u[i * k + j];
             }
-            blocks.push((p, q));
+            q[row] = qi;
         }
-        blocks
+        params
+            .into_iter()
+            .enumerate()
+            .map(|(b, p)| (p.expect("every block has rows"), q[b * bs..((b + 1) * bs).min(k)].to_vec()))
+            .collect()
     };
     out.fill_columns(column);
     Ok(out)
@@ -97,7 +150,9 @@ mod tests {
             e
         };
         let rtn = out_err(&quantize_rtn(&w, k, n, scheme, false).unwrap());
-        let g = out_err(&gptq(&w, k, n, &h, scheme).unwrap());
-        assert!(g < 0.8 * rtn, "gptq {g} vs rtn {rtn}");
+        for opt in [GptqOptions::default(), ":damp=0.1:act-order".parse().unwrap()] {
+            let g = out_err(&gptq(&w, k, n, &h, scheme, opt).unwrap());
+            assert!(g < 0.8 * rtn, "gptq {opt:?}: {g} vs rtn {rtn}");
+        }
     }
 }
