@@ -38,12 +38,15 @@ declare -A flags=(
     [gptq-d01-lm8]="--quantize int4 --method gptq:damp=0.1 --keep lm_head=int8 --calibrate $T"
     [gptq-ao-lm8]="--quantize int4 --method gptq:act-order --keep lm_head=int8 --calibrate $T"
     [gptq-d01-ao-lm8]="--quantize int4 --method gptq:damp=0.1:act-order --keep lm_head=int8 --calibrate $T"
+    [gptq-d01-ao]="--quantize int4 --method gptq:damp=0.1:act-order --calibrate $T"
+    [gptq-d03-ao-lm8]="--quantize int4 --method gptq:damp=0.3:act-order --keep lm_head=int8 --calibrate $T"
+    [gptq-d01-ao-lm8-fl8-auto2.7MB]="--quantize int4 --method gptq:damp=0.1:act-order --keep lm_head=int8 $FL --auto-keep 2.69MB --calibrate $T"
     [gptq-lm8-fl8-4096]="--quantize int4 --method gptq --keep lm_head=int8 $FL --calibrate $T --calib-tokens 4096"
 )
 order=(fp32 int4 int4-auto7 int4-firstlast8 int4-lmhead8 int4-lmhead32 int4-lm8-first14 int4-lm8-firstlast8
     int4-lm8-auto14 int4-lm8-auto2.7MB int4-lm8-fl8-auto14 int4-lm8-ends2 int4-lm8-fl8-auto2.7MB gptq-lm8 gptq-lm8-fl8
     gptq-lm8-fl8-auto14 gptq-lm8-fl8-auto2.7MB gptq-lm8-fl8-auto5.4MB gptq-lm8-fl8-4096 gptq-d01-lm8 gptq-ao-lm8
-    gptq-d01-ao-lm8)
+    gptq-d01-ao-lm8 gptq-d01-ao gptq-d03-ao-lm8 gptq-d01-ao-lm8-fl8-auto2.7MB)
 rows=("$@")
 [[ ${#rows[@]} -gt 0 ]] || rows=("${order[@]}")
 compile() { # LABEL
@@ -54,7 +57,7 @@ compile() { # LABEL
         --report "$OUT/$1.json" -o "$f" > "$OUT/$1.compile.txt"
 }
 compile fp32
-fp32_ppl=""
+fp32_ppl=$(cat "$OUT/fp32.ppl" 2>/dev/null || true)
 echo "| row | flags | artifact MB | perplexity | vs fp32 | KL (nats) | top-1 |"
 echo "|---|---|--:|--:|--:|--:|--:|"
 for r in fp32 "${rows[@]}"; do
@@ -67,7 +70,7 @@ for r in fp32 "${rows[@]}"; do
     ppl=$(awk '/^perplexity/ {print $2}' <<< "$out")
     kl=$(awk '/^mean KL/ {print $4}' <<< "$out")
     top1=$(awk '/^top-1/ {print $3}' <<< "$out")
-    [[ -n "$fp32_ppl" ]] || fp32_ppl=$ppl
+    [[ -n "$fp32_ppl" ]] || { fp32_ppl=$ppl; echo "$ppl" > "$OUT/fp32.ppl"; }
     awk -v r="$r" -v f="${flags[$r]}" -v s="$(stat -c %s "$OUT/$r.edgec")" -v p="$ppl" -v b="$fp32_ppl" \
         -v kl="${kl:--}" -v t="${top1:--}" \
         'BEGIN { printf "| %s | `%s` | %.1f | %.3f | %+.1f %% | %s | %s |\n", r, f, s/1e6, p, 100*(p/b-1), kl, t == "-" ? "-" : t " %" }'

@@ -235,8 +235,8 @@ struct OptimizeArgs {
     /// How weights are rounded: `absmax` (each block's full range; the default), `mse` (per
     /// block, the clipping range with the least squared weight error: measured worse on SmolLM2) or
     /// `gptq` (error-minimising rounding against the layer outputs on `--calibrate FILE`;
-    /// `gptq:damp=F` sets the relative damping of H (default 0.01), `gptq:act-order` rounds the
-    /// inputs with the largest activations first).
+    /// the inputs with the largest activations first, H damped by 0.1 of its mean diagonal;
+    /// `gptq:damp=F` sets the damping, `gptq:row-order` rounds in storage order as the paper).
     #[arg(long, default_value = "absmax")]
     method: String,
     /// Leave matching weights in f32: a node or weight name substring, or a pattern with `*`
@@ -283,7 +283,9 @@ impl OptimizeArgs {
                 self.gptq()?;
                 false
             }
-            m => return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq[:damp=F][:act-order]`")),
+            m => {
+                return Err(format!("--method {m}: expected `absmax`, `mse` or `gptq[:damp=F][:act-order|:row-order]`"))
+            }
         };
         Ok(Some(pass))
     }
