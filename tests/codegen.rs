@@ -482,6 +482,145 @@ fn kv_cache_in_arena_matches_explicit_past() {
     assert!(matches!(stateful.run_cached(&views, &mut full), Err(RunError::KvInput { .. })));
 }
 
+/// The C API's cached steps (`edgec_model_run_cached`, tiny-lm decoder loaded from a file) give
+/// the bytes `Model::run_cached` gives; NULL caches, missing buffers and models without a cache
+/// are errors with a message.
+#[test]
+fn kv_cache_through_the_c_api() {
+    use edgec_runtime::capi::*;
+    use std::ffi::{c_char, CStr, CString};
+    let c = tiny_lm_decoder("host", 16);
+    let path = std::env::temp_dir().join(format!("edgec-capi-kv-{}.edgec", std::process::id()));
+    std::fs::write(&path, c.artifact().unwrap()).unwrap();
+    let reference = edgec_runtime::Model::load(&path).unwrap();
+    let meta = reference.meta().clone();
+    let mut want_cache = reference.kv_cache().unwrap();
+    let mut err = [0 as c_char; 256];
+    let msg = |e: &[c_char]| unsafe { CStr::from_ptr(e.as_ptr()) }.to_string_lossy().into_owned();
+    let cpath = CString::new(path.to_str().unwrap()).unwrap();
+    // Every input in order; the cache inputs with NULL data.
+    let in_descs = |feeds: &[(String, edgec_runtime::Tensor)]| -> Vec<EdgecTensor> {
+        let desc = |m: &edgec_runtime::TensorMeta| {
+            let t = feeds.iter().find(|(n, _)| *n == m.name).map(|(_, t)| t);
+            let mut d = EdgecTensor {
+                dtype: m.dtype.code(),
+                rank: m.shape.len() as u32,
+                shape: [0; EDGEC_MAX_RANK],
+                data: t.map_or(std::ptr::null_mut(), |t| t.bytes().as_ptr() as *mut u8),
+                byte_len: t.map_or(0, |t| t.bytes().len()),
+            };
+            if let Some(t) = t {
+                d.shape.iter_mut().zip(t.shape()).for_each(|(d, &s)| *d = s as i64);
+            }
+            d
+        };
+        meta.inputs.iter().map(desc).collect()
+    };
+    unsafe {
+        let model = edgec_model_load(cpath.as_ptr(), err.as_mut_ptr(), err.len());
+        assert!(!model.is_null(), "{}", msg(&err));
+        let cache = edgec_kv_cache_new(model, err.as_mut_ptr(), err.len());
+        assert!(!cache.is_null(), "{}", msg(&err));
+        let mut len = 0;
+        for ids in [&[3u32, 14, 15, 92][..], &[65], &[35, 8]] {
+            let feeds = step_feeds(ids, len);
+            let want = reference.run_cached(&cached_views(&meta, &feeds), &mut want_cache).unwrap();
+            let mut ins = in_descs(&feeds);
+            let mut bufs: Vec<Vec<u8>> =
+                want.iter().map(|t| vec![0u8; t.as_ref().map_or(0, |t| t.bytes().len())]).collect();
+            let mut outs: Vec<EdgecTensor> = bufs
+                .iter_mut()
+                .map(|b| EdgecTensor {
+                    dtype: 0,
+                    rank: 0,
+                    shape: [0; EDGEC_MAX_RANK],
+                    data: if b.is_empty() { std::ptr::null_mut() } else { b.as_mut_ptr() },
+                    byte_len: b.len(),
+                })
+                .collect();
+            let rc = edgec_model_run_cached(
+                model,
+                cache,
+                ins.as_mut_ptr(),
+                ins.len(),
+                outs.as_mut_ptr(),
+                outs.len(),
+                err.as_mut_ptr(),
+                err.len(),
+            );
+            assert_eq!(rc, 0, "{}", msg(&err));
+            for (o, w) in want.iter().enumerate() {
+                if let Some(w) = w {
+                    assert_eq!(bufs[o], w.bytes(), "output {}", meta.outputs[o].name);
+                    assert_eq!(outs[o].rank as usize, w.shape().len());
+                }
+            }
+            len += ids.len();
+            assert_eq!(edgec_kv_cache_len(cache), len);
+        }
+        // A short logits buffer: an error naming the sizes (the step was taken, as it says).
+        let feeds = step_feeds(&[1], len);
+        let mut ins = in_descs(&feeds);
+        let mut small = [0u8; 8];
+        let mut outs: Vec<EdgecTensor> = meta
+            .outputs
+            .iter()
+            .map(|_| EdgecTensor {
+                dtype: 0,
+                rank: 0,
+                shape: [0; EDGEC_MAX_RANK],
+                data: small.as_mut_ptr(),
+                byte_len: small.len(),
+            })
+            .collect();
+        let rc = edgec_model_run_cached(
+            model,
+            cache,
+            ins.as_mut_ptr(),
+            ins.len(),
+            outs.as_mut_ptr(),
+            outs.len(),
+            err.as_mut_ptr(),
+            err.len(),
+        );
+        assert!(
+            rc == -1 && msg(&err).contains("the buffer has 8 (the step was taken: the cache holds 8 positions)"),
+            "{}",
+            msg(&err)
+        );
+        assert_eq!(edgec_kv_cache_len(cache), len + 1);
+        let rc = edgec_model_run_cached(
+            model,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            0,
+            std::ptr::null_mut(),
+            0,
+            err.as_mut_ptr(),
+            err.len(),
+        );
+        assert_eq!((rc, msg(&err).as_str()), (-1, "cache is NULL"));
+        let rc = edgec_model_run_cached(
+            model,
+            cache,
+            std::ptr::null(),
+            0,
+            std::ptr::null_mut(),
+            0,
+            err.as_mut_ptr(),
+            err.len(),
+        );
+        assert!(rc == -1 && msg(&err).contains("outputs given"), "{}", msg(&err));
+        edgec_kv_cache_free(cache);
+        edgec_model_free(model);
+        assert!(edgec_kv_cache_new(std::ptr::null(), err.as_mut_ptr(), err.len()).is_null());
+        assert_eq!(msg(&err), "model is NULL");
+        assert_eq!(edgec_kv_cache_len(std::ptr::null()), 0);
+        edgec_kv_cache_free(std::ptr::null_mut());
+    }
+    std::fs::remove_file(&path).ok();
+}
+
 /// The C programs of a device without the Rust runtime: tests/harness/lm_generate.c linked with
 /// the tiny-lm decoder as an `--emit obj` object for x86_64, aarch64 and riscv64 (qemu-user),
 /// decoding greedily with NULL past/present pointers (cache in the arena) and with its own

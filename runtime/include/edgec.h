@@ -68,6 +68,25 @@ int32_t edgec_model_output_rank(const EdgecModel *model, size_t index);
 /* Bytes per element; 0 for an unknown code. */
 size_t edgec_dtype_size(int32_t dtype);
 
+/* Decoding with the KV cache kept in the model's arena (artifacts compiled from a decoder with
+ * past inputs): no past/present copies per step. */
+typedef struct EdgecKvCache EdgecKvCache;
+
+/* A new, empty cache; NULL (with a message) if the model keeps none. */
+EdgecKvCache *edgec_kv_cache_new(const EdgecModel *model, char *err_buf, size_t err_len);
+/* Positions the cache holds (0 for NULL). */
+size_t edgec_kv_cache_len(const EdgecKvCache *cache);
+/* Frees a cache; NULL is ignored. */
+void edgec_kv_cache_free(EdgecKvCache *cache);
+
+/* One step: every input in order, the past key/value inputs with data = NULL (their length is
+ * the cache's); every output in order, the present key/value outputs are not touched (data may be
+ * NULL). The step's positions are appended to the cache. A run of the same model with another
+ * cache, or edgec_model_run, takes the arena over: this cache's next step then fails instead of
+ * decoding from foreign rows. 0 on success, -1 on failure. */
+int edgec_model_run_cached(const EdgecModel *model, EdgecKvCache *cache, const EdgecTensor *inputs, size_t n_inputs,
+                           EdgecTensor *outputs, size_t n_outputs, char *err_buf, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif

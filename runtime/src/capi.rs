@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use crate::format::DType;
-use crate::{Model, TensorView};
+use crate::{KvCache, Model, TensorView};
 
 /// Largest rank an `EdgecTensor` can describe.
 pub const EDGEC_MAX_RANK: usize = 8;
@@ -157,37 +157,12 @@ pub unsafe extern "C" fn edgec_model_run(
         let in_desc = descriptors(inputs, n_inputs, "inputs")?;
         // A copy, so no shared reference aliases the descriptors written back below.
         let out_desc = descriptors(outputs, n_outputs, "outputs")?.to_vec();
-        let mut shapes = Vec::with_capacity(in_desc.len());
-        for (i, d) in in_desc.iter().enumerate() {
-            let rank = d.rank as usize;
-            if rank > EDGEC_MAX_RANK {
-                return Err(format!("input {i}: rank {rank} is above {EDGEC_MAX_RANK}"));
-            }
-            let shape = d.shape[..rank].iter().map(|&v| usize::try_from(v)).collect::<Result<Vec<_>, _>>();
-            shapes.push(shape.map_err(|_| format!("input {i}: negative dimension"))?);
-        }
-        for (i, t) in m.outputs().iter().enumerate() {
-            if t.shape.len() > EDGEC_MAX_RANK {
-                return Err(format!("output {i}: rank {} is above {EDGEC_MAX_RANK}", t.shape.len()));
-            }
-        }
-        // Rust slices may not alias a mutable one: refuse overlapping output buffers.
-        for (i, o) in out_desc.iter().enumerate() {
-            let (a, b) = span(o);
-            let others = in_desc.iter().chain(out_desc.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| d));
-            if a < b && others.map(span).any(|(c, d)| c < d && a < d && c < b) {
-                return Err(format!("output {i}: buffer overlaps another input or output"));
-            }
-        }
+        let shapes = input_shapes(in_desc)?;
+        check_output_ranks(m)?;
+        refuse_overlaps(in_desc, &out_desc)?;
         let mut views = Vec::with_capacity(in_desc.len());
         for (i, (d, shape)) in in_desc.iter().zip(&shapes).enumerate() {
-            let dtype = DType::from_code(d.dtype).ok_or(format!("input {i}: unknown dtype code {}", d.dtype))?;
-            let data: &[u8] = match (d.data.is_null(), d.byte_len) {
-                (_, 0) => &[],
-                (true, _) => return Err(format!("input {i}: data is NULL")),
-                (false, n) => std::slice::from_raw_parts(d.data, n),
-            };
-            views.push(TensorView { dtype, shape, data });
+            views.push(input_view(i, d, shape)?.ok_or(format!("input {i}: data is NULL"))?);
         }
         let mut bufs = Vec::with_capacity(out_desc.len());
         for (i, d) in out_desc.iter().enumerate() {
@@ -198,13 +173,177 @@ pub unsafe extern "C" fn edgec_model_run(
             });
         }
         let out_shapes = m.run_into(&views, &mut bufs).map_err(|e| e.to_string())?;
-        for ((j, shape), t) in out_shapes.iter().enumerate().zip(m.outputs()) {
-            let d = &mut *outputs.add(j);
-            d.dtype = t.dtype.code();
-            d.rank = shape.len() as u32;
-            d.shape = [0; EDGEC_MAX_RANK];
-            for (dst, &v) in d.shape.iter_mut().zip(shape) {
-                *dst = v as i64;
+        for (j, shape) in out_shapes.iter().enumerate() {
+            describe_output(m, &mut *outputs.add(j), j, shape);
+        }
+        Ok(())
+    });
+    if ran.is_some() {
+        0
+    } else {
+        -1
+    }
+}
+
+/// The shapes of the input descriptors (rank and sign checked).
+fn input_shapes(in_desc: &[EdgecTensor]) -> Result<Vec<Vec<usize>>, String> {
+    let mut shapes = Vec::with_capacity(in_desc.len());
+    for (i, d) in in_desc.iter().enumerate() {
+        let rank = d.rank as usize;
+        if rank > EDGEC_MAX_RANK {
+            return Err(format!("input {i}: rank {rank} is above {EDGEC_MAX_RANK}"));
+        }
+        let shape = d.shape[..rank].iter().map(|&v| usize::try_from(v)).collect::<Result<Vec<_>, _>>();
+        shapes.push(shape.map_err(|_| format!("input {i}: negative dimension"))?);
+    }
+    Ok(shapes)
+}
+
+fn check_output_ranks(m: &Model) -> Result<(), String> {
+    for (i, t) in m.outputs().iter().enumerate() {
+        if t.shape.len() > EDGEC_MAX_RANK {
+            return Err(format!("output {i}: rank {} is above {EDGEC_MAX_RANK}", t.shape.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Rust slices may not alias a mutable one: refuse overlapping output buffers.
+fn refuse_overlaps(in_desc: &[EdgecTensor], out_desc: &[EdgecTensor]) -> Result<(), String> {
+    for (i, o) in out_desc.iter().enumerate() {
+        let (a, b) = span(o);
+        let others = in_desc.iter().chain(out_desc.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| d));
+        if a < b && others.map(span).any(|(c, d)| c < d && a < d && c < b) {
+            return Err(format!("output {i}: buffer overlaps another input or output"));
+        }
+    }
+    Ok(())
+}
+
+/// Input `i` as a view; `None` when its data is NULL with a nonzero length.
+unsafe fn input_view<'a>(i: usize, d: &EdgecTensor, shape: &'a [usize]) -> Result<Option<TensorView<'a>>, String> {
+    let dtype = DType::from_code(d.dtype).ok_or(format!("input {i}: unknown dtype code {}", d.dtype))?;
+    let data: &[u8] = match (d.data.is_null(), d.byte_len) {
+        (_, 0) => &[],
+        (true, _) => return Ok(None),
+        (false, n) => std::slice::from_raw_parts(d.data, n),
+    };
+    Ok(Some(TensorView { dtype, shape, data }))
+}
+
+/// Fills output descriptor `j`'s dtype, rank and shape.
+fn describe_output(m: &Model, d: &mut EdgecTensor, j: usize, shape: &[usize]) {
+    d.dtype = m.outputs()[j].dtype.code();
+    d.rank = shape.len() as u32;
+    d.shape = [0; EDGEC_MAX_RANK];
+    for (dst, &v) in d.shape.iter_mut().zip(shape) {
+        *dst = v as i64;
+    }
+}
+
+/// A KV cache kept in a model's arena (`edgec_model_run_cached`).
+pub struct EdgecKvCache {
+    cache: KvCache,
+}
+
+/// A new, empty KV cache for `model`; NULL with a message in `err_buf` when the model keeps none
+/// (it was not compiled from a decoder with past inputs, or `model` is NULL).
+///
+/// # Safety
+/// `model` is NULL or from `edgec_model_load`; `err_buf` is NULL or writable for `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn edgec_kv_cache_new(
+    model: *const EdgecModel,
+    err_buf: *mut c_char,
+    err_len: usize,
+) -> *mut EdgecKvCache {
+    let made = guard(err_buf, err_len, || {
+        let m = &model.as_ref().ok_or("model is NULL")?.model;
+        let cache = m.kv_cache().ok_or("the model keeps no KV cache in its arena")?;
+        Ok(Box::new(EdgecKvCache { cache }))
+    });
+    made.map_or(std::ptr::null_mut(), Box::into_raw)
+}
+
+/// Positions held by the cache (0 for NULL).
+///
+/// # Safety
+/// `cache` is NULL or from `edgec_kv_cache_new`, not freed.
+#[no_mangle]
+pub unsafe extern "C" fn edgec_kv_cache_len(cache: *const EdgecKvCache) -> usize {
+    cache.as_ref().map_or(0, |c| c.cache.len())
+}
+
+/// Frees a cache from `edgec_kv_cache_new`; NULL is ignored.
+///
+/// # Safety
+/// `cache` is NULL or from `edgec_kv_cache_new`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn edgec_kv_cache_free(cache: *mut EdgecKvCache) {
+    if !cache.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(cache))));
+    }
+}
+
+/// One decoding step with the KV cache in the arena (`Model::run_cached`): every input in order,
+/// the cache inputs (past keys/values) with `data` NULL; the step's positions are appended to
+/// `cache`. Outputs: every output in order; the cache outputs (present keys/values) stay in the
+/// arena: their descriptors are not read or written (`data` may be NULL; `edgec_kv_cache_len`
+/// tells the cache's length); the others are copied into their buffers and described. Buffers are
+/// checked after the step (the output shapes depend on it): a short one fails the call, but the
+/// step's positions are in the cache, as the message says. Returns 0, or -1 with a message in `err_buf`.
+///
+/// # Safety
+/// As `edgec_model_run`, and `cache` is from `edgec_kv_cache_new` for this model, not used by
+/// another thread meanwhile.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn edgec_model_run_cached(
+    model: *const EdgecModel,
+    cache: *mut EdgecKvCache,
+    inputs: *const EdgecTensor,
+    n_inputs: usize,
+    outputs: *mut EdgecTensor,
+    n_outputs: usize,
+    err_buf: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    let ran = guard(err_buf, err_len, || {
+        let m = &model.as_ref().ok_or("model is NULL")?.model;
+        let cache = &mut cache.as_mut().ok_or("cache is NULL")?.cache;
+        let in_desc = descriptors(inputs, n_inputs, "inputs")?;
+        let out_desc = descriptors(outputs, n_outputs, "outputs")?.to_vec();
+        if out_desc.len() != m.outputs().len() {
+            return Err(format!("{} outputs given, the model has {}", out_desc.len(), m.outputs().len()));
+        }
+        let shapes = input_shapes(in_desc)?;
+        check_output_ranks(m)?;
+        let mut views = Vec::with_capacity(in_desc.len());
+        for (i, (d, shape)) in in_desc.iter().zip(&shapes).enumerate() {
+            let at_cache = m.meta().kv_cache.iter().any(|s| s.input == i);
+            views.push(if at_cache && d.data.is_null() { None } else { input_view(i, d, shape)? });
+        }
+        let got = m.run_cached(&views, cache).map_err(|e| e.to_string())?;
+        for (j, (t, d)) in got.iter().zip(&out_desc).enumerate() {
+            let Some(t) = t else { continue };
+            let bytes = t.bytes();
+            if bytes.len() > d.byte_len || (d.data.is_null() && !bytes.is_empty()) {
+                return Err(format!(
+                    "output {j}: needs {} bytes, the buffer has {} (the step was taken: the cache holds {} positions)",
+                    bytes.len(),
+                    if d.data.is_null() { 0 } else { d.byte_len },
+                    cache.len()
+                ));
+            }
+        }
+        for (j, t) in got.iter().enumerate() {
+            // Cache outputs (None) stay in the arena: their descriptors are left as they are.
+            if let Some(t) = t {
+                let d = &mut *outputs.add(j);
+                if !t.bytes().is_empty() {
+                    std::ptr::copy_nonoverlapping(t.bytes().as_ptr(), d.data, t.bytes().len());
+                }
+                describe_output(m, d, j, t.shape());
             }
         }
         Ok(())
