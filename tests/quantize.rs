@@ -73,17 +73,33 @@ fn quantization_error_is_bounded_and_ordered() {
 /// One MatMulNBits with int8 activations per scheme, fed directly (so the activation rounding sees
 /// bit-identical inputs): the integer-dot kernels (host with pmaddubsw, x86_64 baseline, aarch64
 /// under qemu with and without SDOT, riscv64 with RVV) and the float fallback (riscv64 scalar)
-/// against the interpreter, tight.
+/// against the interpreter, tight. Dynamic rounding per row and block, and static activation
+/// scales (`--act-static`, QDQ pairs): int8 symmetric, int8 and uint8 with zero points (the
+/// activations, in -3..3, saturate at both ends with the uint8 one).
 #[test]
 fn int8_activation_kernels_match_the_interpreter() {
     use common::qemu::{run_jobs, CrossArch};
+    use edgec::ir::nbits::ActQuant;
     use edgec::ir::{DType, Dim, GraphOutput, Op, TensorType, Value, ValueRef};
     let (k, n, rows) = (80, 40, 5);
     let mut bits = xorshift(0x2545_F491_4F6C_DD1D);
     let mut next = || bits() as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
     let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
     let x: Vec<f32> = (0..rows * k).map(|_| next() * 3.0).collect();
-    for scheme in ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48", "w4a8:g64", "w4a8:g128:asym"] {
+    let statics = [
+        None,
+        Some(ActQuant::new(3.0 / 127.0, 0, DType::I8).unwrap()),
+        Some(ActQuant::new(0.03, -7, DType::I8).unwrap()),
+        Some(ActQuant::new(0.02, 131, DType::U8).unwrap()),
+    ];
+    let schemes = ["w8a8", "w4a8", "w4a8:g16:asym", "int8:g32:asym:a8", "w4a8:g48", "w4a8:g64", "w4a8:g128:asym"];
+    let cases = schemes.iter().flat_map(|s| statics.iter().map(move |a| (*s, *a)));
+    for (scheme, act) in cases {
+        // Every static variant on two schemes (symmetric and asymmetric weights) keeps qemu's time down.
+        if act.is_some() && !matches!(scheme, "w8a8" | "w4a8:g16:asym" | "int8:g32:asym:a8") {
+            continue;
+        }
+        let label = format!("{scheme} {act:?}");
         let mut g = Graph::new("t", 17);
         let ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(k as i64)]);
         let xin = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty }]);
@@ -94,14 +110,24 @@ fn int8_activation_kernels_match_the_interpreter() {
         let y = Value { name: "y".into(), ty: out_ty };
         let mm = g.add_node(Op::MatMul, "mm".into(), &[Some(x_ref), Some(wc)], vec![y]);
         g.outputs.push(GraphOutput { name: "y".into(), value: ValueRef { node: mm, slot: 0 } });
-        let q = quantized(&g, scheme, &[]);
+        let mut q = g.clone();
+        let mut pass = Quantize::new(scheme.parse().unwrap(), vec![]);
+        if let Some(a) = act {
+            pass.act_static.insert("mm".into(), a);
+        }
+        pass.run(&mut q).unwrap();
+        pass_by_name("dce").unwrap().run(&mut q).unwrap();
+        assert_eq!(
+            q.g.node_weights().filter(|nd| matches!(nd.op, Op::MatMulNBits { act: a, .. } if a == act)).count(),
+            1
+        );
         let feeds = vec![("x".to_string(), Tensor::from_vec(vec![rows, k], x.clone()))];
         let want = Interpreter::new(&q).unwrap().run(&feeds).unwrap();
         for target in ["host", "x86_64"] {
             let c = edgec::codegen::compile(&q, &common::native::test_options(target)).unwrap();
             let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
             let got = edgec::codegen::run_model(&model, &feeds).unwrap();
-            common::compare(&got[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{scheme} {target}: {e}"));
+            common::compare(&got[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{label} {target}: {e}"));
         }
         // Baseline and with every feature (aarch64: SDOT with dotprod; riscv64: RVV).
         for arch in CrossArch::CROSS {
@@ -110,11 +136,11 @@ fn int8_activation_kernels_match_the_interpreter() {
                 let wants = vec![want[0].1.clone()];
                 let mut o = common::native::test_options(arch.name());
                 o.features = features.map(str::to_string);
-                let job = common::native::cross_job_with(scheme, &q, &inputs, &wants, &o).unwrap();
+                let job = common::native::cross_job_with(&label, &q, &inputs, &wants, &o).unwrap();
                 let raw = run_jobs(arch, &[job], features.and(arch.cpu_all_features())).unwrap();
                 let got = common::native::decode_outputs(&raw[0], &wants).unwrap();
                 common::compare(&got[0], &wants[0], 1e-5, 1e-5)
-                    .unwrap_or_else(|e| panic!("{scheme} on {} {features:?}: {e}", arch.name()));
+                    .unwrap_or_else(|e| panic!("{label} on {} {features:?}: {e}", arch.name()));
             }
         }
     }

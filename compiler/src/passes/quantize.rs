@@ -8,7 +8,7 @@
 
 use super::{Pass, PassStats};
 use crate::error::{Error, Result};
-use crate::ir::nbits::{self, NBitsLayout};
+use crate::ir::nbits::{self, ActQuant, NBitsLayout};
 use crate::ir::{DType, Dim, Graph, Op, Tensor, TensorType, Value, ValueRef};
 
 /// How weights are rounded: bits, block size along K, symmetric or with zero points.
@@ -328,13 +328,16 @@ pub struct Quantize {
     /// layer's scheme.
     #[allow(clippy::type_complexity)]
     pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>> + Send + Sync>>,
+    /// Static activation scales (`--act-static`, from calibration) by MatMul node name: layers whose
+    /// scheme has int8 activations (`:a8`) use them instead of rounding per row at run time.
+    pub act_static: std::collections::HashMap<String, ActQuant>,
 }
 
 impl Quantize {
     /// `keep`: node or weight name patterns left in f32.
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
         let rules = keep.into_iter().map(|pattern| Rule { pattern, exact: false, precision: None }).collect();
-        Quantize { scheme, rules, search: false, rounder: None }
+        Quantize { scheme, rules, search: false, rounder: None, act_static: Default::default() }
     }
 
     /// The weight `w` (K x N) of MatMul `name` rounded to `scheme`: by the rounder (GPTQ) when it
@@ -396,7 +399,8 @@ impl Pass for Quantize {
                         g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
                     });
                     let accuracy_level = if scheme.a8 { 4 } else { 0 };
-                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level };
+                    let act = if scheme.a8 { self.act_static.get(&node.name).copied() } else { None };
+                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level, act };
                     let out = node.outputs[0].clone();
                     let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
                     g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: m, slot: 0 });
