@@ -409,3 +409,52 @@ fn quantized_llama_with_rules_snapshot() {
     let q = with_rules(&g, "int4", &["lm_head=int8", "layers.1/mlp=int4:g16:asym", "layers.1=fp32"]);
     insta::assert_snapshot!("llama@quantize-int4-rules", render(&q));
 }
+
+/// `--act-static`: static activation scales from a calibration run, for every linear layer of the
+/// tiny Llama under w8a8 (the pass writes them into each MatMulNBits). The logits stay close to
+/// f32 with each method (one scale per tensor is coarser than dynamic per-row scales, so the bound
+/// is looser than dynamic's), and native code matches the interpreter's reading of the static
+/// graph: the first layer's input is bit-identical, later ones can round one step apart near a
+/// rounding boundary (as with dynamic int8 activations in codegen.rs: |diff| <= 0.05).
+#[test]
+fn static_activation_scales_from_calibration() {
+    use edgec::calib::{linear_layers, Calibration, Options};
+    use edgec::passes::quantize::{static_scales, ActStatic};
+    let (g, feeds) = tiny_llama();
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let cal =
+        Calibration::collect(&g, &token_seqs(8, 16, 5), &Options { percentile: 99.9, channel_stats: true }).unwrap();
+    let dynamic = relative_error(&quantized(&g, "w8a8", &[]), &reference, &feeds);
+    println!("w8a8 dynamic: relative logit error {dynamic:.3e}");
+    for method in ["minmax", "minmax:asym", "percentile:99.9"] {
+        let m: ActStatic = method.parse().unwrap();
+        let mut pass = Quantize::new("w8a8".parse().unwrap(), vec![]);
+        pass.act_static = static_scales(&g, &cal, m);
+        assert_eq!(pass.act_static.len(), linear_layers(&g).len(), "{method}");
+        let mut q = g.clone();
+        pass.run(&mut q).unwrap();
+        pass_by_name("dce").unwrap().run(&mut q).unwrap();
+        let statics = q.g.node_weights().filter(|nd| matches!(nd.op, Op::MatMulNBits { act: Some(_), .. })).count();
+        assert_eq!(statics, linear_layers(&g).len(), "{method}");
+        let err = relative_error(&q, &reference, &feeds);
+        println!("w8a8 --act-static {method}: relative logit error {err:.3e}");
+        assert!(err < 0.1, "{method}: {err}");
+        let want = Interpreter::new(&q).unwrap().run(&feeds).unwrap();
+        let c = edgec::codegen::compile(&q, &common::native::test_options("host")).unwrap();
+        let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+        let got = edgec::codegen::run_model(&model, &feeds).unwrap();
+        common::compare(&got[0].1, &want[0].1, 0.0, 0.05).unwrap_or_else(|e| panic!("{method} native: {e}"));
+    }
+    // Another layer's scale does not apply: a name with no statistics keeps dynamic rounding.
+    let mut pass = Quantize::new("w8a8".parse().unwrap(), vec![]);
+    pass.act_static = static_scales(&g, &cal, ActStatic::MinMax { asym: false });
+    pass.act_static.retain(|name, _| name.contains("lm_head"));
+    let mut q = g.clone();
+    pass.run(&mut q).unwrap();
+    let statics: Vec<_> =
+        q.g.node_weights()
+            .filter(|nd| matches!(nd.op, Op::MatMulNBits { act: Some(_), .. }))
+            .map(|nd| nd.name.clone())
+            .collect();
+    assert!(statics.len() == 1 && statics[0].contains("lm_head"), "{statics:?}");
+}
