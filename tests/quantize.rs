@@ -458,3 +458,114 @@ fn static_activation_scales_from_calibration() {
             .collect();
     assert!(statics.len() == 1 && statics[0].contains("lm_head"), "{statics:?}");
 }
+
+/// QDQ activations (`qdq-activations`, after `qdq-weights` in the default pipeline) on the two QDQ
+/// fixtures, qdq_mlp (written by hand like a QAT export) and qdq_static_mlp (onnxruntime's own
+/// quantize_static): every pair feeding a matmul folds into the MatMulNBits' static activation
+/// scale, the interpreter's outputs stay bit-identical to the graph as written (tiny_models.rs
+/// checks both against onnxruntime), and native code (host, x86_64 baseline, aarch64 with and
+/// without SDOT and riscv64 under qemu) matches them. qdq_static_mlp's output is itself
+/// quantized (steps of 0.019): a matmul result within float rounding of a step boundary may land
+/// on the neighbouring step, so native code is held to one step there, 1e-5 elsewhere.
+#[test]
+fn qdq_activations_run_on_the_integer_kernels() {
+    use common::qemu::{run_jobs, CrossArch};
+    for (name, folded, tol) in [("qdq_mlp", 2, 1e-5), ("qdq_static_mlp", 2, 0.02)] {
+        let dir = common::repo_root().join("models/tiny").join(name);
+        let g = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap();
+        let feeds = common::read_npy_dir(&dir.join("inputs"));
+        let as_written = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+        let mut q = g.clone();
+        PassManager::default_pipeline().run(&mut q, &mut |_, _, _| {}).unwrap();
+        let statics = q.g.node_weights().filter(|nd| matches!(nd.op, Op::MatMulNBits { act: Some(_), .. })).count();
+        assert_eq!(statics, folded, "{name}");
+        assert!(!q.g.node_weights().any(|nd| matches!(nd.op, Op::MatMul | Op::MatMulNBits { act: None, .. })));
+        let got = Interpreter::new(&q).unwrap().run(&feeds).unwrap();
+        assert!(got == as_written, "{name}: the fold changed the interpreter's outputs");
+        for target in ["host", "x86_64"] {
+            let c = edgec::codegen::compile(&q, &common::native::test_options(target)).unwrap();
+            let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+            let native = edgec::codegen::run_model(&model, &feeds).unwrap();
+            common::compare(&native[0].1, &got[0].1, 0.0, tol).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
+        }
+        for arch in CrossArch::CROSS {
+            for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+                let inputs = vec![feeds[0].1.clone()];
+                let wants = vec![got[0].1.clone()];
+                let mut o = common::native::test_options(arch.name());
+                o.features = features.map(str::to_string);
+                let job = common::native::cross_job_with(name, &q, &inputs, &wants, &o).unwrap();
+                let raw = run_jobs(arch, &[job], features.and(arch.cpu_all_features())).unwrap();
+                let native = common::native::decode_outputs(&raw[0], &wants).unwrap();
+                common::compare(&native[0], &wants[0], 0.0, tol)
+                    .unwrap_or_else(|e| panic!("{name} on {} {features:?}: {e}", arch.name()));
+            }
+        }
+    }
+}
+
+/// What `qdq-activations` leaves as written: a per-axis activation scale, and a pair whose
+/// QuantizeLinear and DequantizeLinear disagree on the scale.
+#[test]
+fn qdq_activations_leave_other_pairs_alone() {
+    use edgec::ir::{DType, Dim, GraphOutput, TensorType, Value, ValueRef};
+    let (k, n) = (8, 4);
+    let cases: [(&str, Tensor, Tensor); 2] = [
+        ("per axis", Tensor::from_vec(vec![k], vec![0.02f32; k]), Tensor::from_vec(vec![k], vec![0.02f32; k])),
+        ("scales differ", Tensor::from_vec(vec![1], vec![0.02f32]), Tensor::from_vec(vec![1], vec![0.03f32])),
+    ];
+    for (case, qs, ds) in cases {
+        let mut g = Graph::new("t", 21);
+        let ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(k as i64)]);
+        let xin = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty: ty.clone() }]);
+        g.inputs.push(xin);
+        let zl = if qs.len() == 1 { 1 } else { k };
+        let (qsc, dsc) = (g.add_const("qs".into(), &qs), g.add_const("ds".into(), &ds));
+        let zc = g.add_const("z".into(), &Tensor::from_vec(vec![zl], vec![0i8; zl]));
+        let q_ty = TensorType::new(DType::I8, ty.shape.clone().unwrap());
+        let quant = Op::QuantizeLinear { axis: 1, saturate: true, block_size: 0, output_dtype: None };
+        let qn = g.add_node(
+            quant,
+            "q".into(),
+            &[Some(ValueRef { node: xin, slot: 0 }), Some(qsc), Some(zc)],
+            vec![Value { name: "xq".into(), ty: q_ty }],
+        );
+        let dq = Op::DequantizeLinear { axis: 1, block_size: 0 };
+        let dn = g.add_node(
+            dq,
+            "dq".into(),
+            &[Some(ValueRef { node: qn, slot: 0 }), Some(dsc), Some(zc)],
+            vec![Value { name: "xd".into(), ty: ty.clone() }],
+        );
+        let w: Vec<i8> = (0..k * n).map(|i| (i as i8 % 7) - 3).collect();
+        let (wc, ws) = (
+            g.add_const("w".into(), &Tensor::from_vec(vec![k, n], w)),
+            g.add_const("ws".into(), &Tensor::scalar(0.1f32)),
+        );
+        let wty = TensorType::new(DType::F32, vec![Dim::fixed(k as i64), Dim::fixed(n as i64)]);
+        let wd = g.add_node(
+            Op::DequantizeLinear { axis: 1, block_size: 0 },
+            "wdq".into(),
+            &[Some(wc), Some(ws), None],
+            vec![Value { name: "wf".into(), ty: wty }],
+        );
+        let out_ty = TensorType::new(DType::F32, vec![Dim::sym("rows"), Dim::fixed(n as i64)]);
+        let mm = g.add_node(
+            Op::MatMul,
+            "mm".into(),
+            &[Some(ValueRef { node: dn, slot: 0 }), Some(ValueRef { node: wd, slot: 0 })],
+            vec![Value { name: "y".into(), ty: out_ty }],
+        );
+        g.outputs.push(GraphOutput { name: "y".into(), value: ValueRef { node: mm, slot: 0 } });
+        edgec::ir::verify::verify(&g).unwrap();
+        let x: Vec<f32> = (0..3 * k).map(|i| i as f32 * 0.37 - 4.0).collect();
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![3, k], x))];
+        let want = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+        let mut q = g.clone();
+        PassManager::default_pipeline().run(&mut q, &mut |_, _, _| {}).unwrap();
+        let ops: Vec<&Op> = q.g.node_weights().map(|nd| &nd.op).collect();
+        assert!(ops.iter().any(|op| matches!(op, Op::MatMulNBits { act: None, .. })), "{case}: {ops:?}");
+        assert!(ops.iter().any(|op| matches!(op, Op::QuantizeLinear { .. })), "{case}: {ops:?}");
+        assert!(Interpreter::new(&q).unwrap().run(&feeds).unwrap() == want, "{case}");
+    }
+}
