@@ -718,7 +718,7 @@ def main():
         "bert_int8": (build_bert_int8(bert), lm_inputs(with_token_types=True), False),
         "qdq_mlp": (build_qdq_mlp(), {"x": mlp_x}, False),
         "qdq_static_mlp": (build_qdq_static_mlp(),
-                           {"x": np.random.default_rng(10).standard_normal((6, 24)).astype(np.float32)}, False),
+                           {"x": np.random.default_rng(10).standard_normal((4, 24)).astype(np.float32)}, False),
         "nbits_mlp": (build_nbits_mlp(),
                       {"x": np.random.default_rng(7).standard_normal((BATCH, 3, 72)).astype(np.float32)}, False),
     }
