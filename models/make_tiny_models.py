@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 OUT = Path(__file__).resolve().parent / "tiny"
 REPO = OUT.parent.parent
@@ -562,6 +562,46 @@ def build_qdq_mlp() -> onnx.ModelProto:
     )
 
 
+def build_qdq_static_mlp() -> onnx.ModelProto:
+    """An f32 MLP through onnxruntime's own quantize_static (QDQ format, uint8 activations with
+    zero points from min-max calibration, int8 per-channel weights): the QDQ graph that tool writes
+    (it drops the Relu, the uint8 zero point 0 after it clips), for the qdq-activations pass."""
+    b = Builder(opset=17, seed=8)
+    with b.scope("fc1"):
+        x = b.op("MatMul", "x", b.init("fc1.weight", b.randn(24, 40, std=0.2)))
+        x = b.op("Add", x, b.init("fc1.bias", b.randn(40, std=0.1)))
+    x = b.op("Relu", x)
+    with b.scope("fc2"):
+        x = b.op("MatMul", x, b.init("fc2.weight", b.randn(40, 16, std=0.15)))
+        b.nodes.append(helper.make_node("Add", [x, b.init("fc2.bias", b.randn(16, std=0.1))], ["y"], name="/fc2/Add"))
+    f32 = b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 16])],
+        "",
+    )
+    rng = np.random.default_rng(9)
+    batches = [{"x": rng.standard_normal((4, 24)).astype(np.float32)} for _ in range(8)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "mlp.onnx"), Path(tmp, "mlp_qdq.onnx")
+        onnx.save_model(f32, src)
+        logging.disable(logging.WARNING)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        logging.disable(logging.NOTSET)
+        model = onnx.load_model(dst)
+    model.doc_string = ("Tiny MLP after onnxruntime quantize_static(QDQ, per_channel=True, QUInt8 activations, "
+                        "QInt8 weights), min-max calibration on 32 random rows.")
+    return model
+
+
 def pack_nbits(w: np.ndarray, bits: int, block: int, asym: bool):
     """onnxruntime's MatMulNBits operands for a [K, N] weight, written here independently of edgec:
     B u8 [N, blocks, block*bits/8] (low nibble first), scales f32 [N*blocks], packed zero points."""
@@ -677,6 +717,8 @@ def main():
         "bert": (bert, lm_inputs(with_token_types=True), False),
         "bert_int8": (build_bert_int8(bert), lm_inputs(with_token_types=True), False),
         "qdq_mlp": (build_qdq_mlp(), {"x": mlp_x}, False),
+        "qdq_static_mlp": (build_qdq_static_mlp(),
+                           {"x": np.random.default_rng(10).standard_normal((4, 24)).astype(np.float32)}, False),
         "nbits_mlp": (build_nbits_mlp(),
                       {"x": np.random.default_rng(7).standard_normal((BATCH, 3, 72)).astype(np.float32)}, False),
     }

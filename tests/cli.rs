@@ -163,6 +163,20 @@ fn compile_and_artifact_errors_are_clear() {
             "expected a number of layers",
         ),
         (&["compile", m, "--quantize", "int4", "--auto-keep", "3=int5", "--calibrate", "README.md"], "int5"),
+        (&["compile", m, "--act-static", "minmax"], "--act-static needs --quantize with int8 activations"),
+        (
+            &["compile", m, "--quantize", "int8", "--act-static", "minmax", "--calibrate", "README.md"],
+            "--act-static needs int8 activations, which --quantize int8 does not have",
+        ),
+        (&["compile", m, "--quantize", "w8a8", "--act-static", "minmax"], "--act-static needs --calibrate"),
+        (
+            &["compile", m, "--quantize", "w4a8", "--act-static", "percentile:120", "--calibrate", "README.md"],
+            "the percentile must be a number in (0, 100]",
+        ),
+        (
+            &["compile", m, "--quantize", "w8a8", "--act-static", "mean", "--calibrate", "README.md"],
+            "unknown static activation method 'mean'",
+        ),
     ];
     let dir = std::env::temp_dir().join(format!("edgec-cli-err-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -196,19 +210,7 @@ fn compile_and_artifact_errors_are_clear() {
 #[test]
 fn keep_and_auto_keep_flags() {
     let dir = std::env::temp_dir().join(format!("edgec-cli-keep-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\":{i}")).collect();
-    let tokenizer = format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-        "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-        vocab.join(",")
-    );
-    let tok = dir.join("tokenizer.json");
-    std::fs::write(&tok, tokenizer).unwrap();
-    let text: Vec<String> = (0..400u64).map(|i| format!("w{}", i * 7919 % 128)).collect();
-    let calib = dir.join("calib.txt");
-    std::fs::write(&calib, text.join(" ")).unwrap();
+    let (tok, calib) = word_tokenizer(&dir);
     let m = "models/tiny/llama/model.onnx";
     let weights = |extra: &[&str]| -> (String, String) {
         let (art, report) = (dir.join("m.edgec"), dir.join("r.json"));
@@ -278,4 +280,64 @@ fn closed_stdout_is_not_a_panic() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked") && out.status.code() != Some(101), "{:?}: {err}", out.status);
+}
+
+/// A word-level tokenizer over the tiny Llama's 128-token vocabulary (standing in for a real one)
+/// and a calibration text in `dir`: (tokenizer.json, calib.txt).
+fn word_tokenizer(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\":{i}")).collect();
+    let tokenizer = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+        vocab.join(",")
+    );
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(&tok, tokenizer).unwrap();
+    let text: Vec<String> = (0..400u64).map(|i| format!("w{}", i * 7919 % 128)).collect();
+    let calib = dir.join("calib.txt");
+    std::fs::write(&calib, text.join(" ")).unwrap();
+    (tok, calib)
+}
+
+/// `--quantize w8a8 --act-static METHOD --calibrate FILE` on the tiny Llama: every linear layer
+/// gets a static scale, and the artifact's logits stay within 10 % (relative L2) of the dynamic
+/// one's (tests/quantize.rs bounds the error against f32 itself).
+#[test]
+fn act_static_flag() {
+    let dir = std::env::temp_dir().join(format!("edgec-cli-act-{}", std::process::id()));
+    let (tok, calib) = word_tokenizer(&dir);
+    let m = "models/tiny/llama";
+    let run = |extra: &[&str], name: &str| -> (String, edgec::ir::Tensor) {
+        let art = dir.join(format!("{name}.edgec"));
+        let mut a = vec!["compile", "models/tiny/llama/model.onnx", "--quantize", "w8a8", "--bound", "batch_size=2"];
+        a.extend(["--tokenizer", tok.to_str().unwrap(), "-o", art.to_str().unwrap()]);
+        a.extend(extra);
+        let (ok, out, err) = edgec(&a);
+        assert!(ok, "{extra:?}: {err}");
+        let outs = dir.join(name.replace(':', "-"));
+        let mut r = vec!["run".to_string(), art.to_str().unwrap().to_string()];
+        for i in ["input_ids", "attention_mask", "position_ids"] {
+            r.extend(["-i".to_string(), format!("{i}={m}/inputs/{i}.npy")]);
+        }
+        r.extend(["--output-dir".to_string(), outs.to_str().unwrap().to_string()]);
+        let (ok, _, err) = edgec(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{extra:?}: {err}");
+        (out, edgec::npy::read_npy(&outs.join("logits.npy")).unwrap())
+    };
+    let (_, dynamic) = run(&[], "dynamic");
+    let c = calib.to_str().unwrap();
+    for method in ["minmax", "minmax:asym", "percentile:99.9"] {
+        let args = ["--act-static", method, "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"];
+        let (out, logits) = run(&args, method);
+        assert!(out.contains("calibrate   64 tokens"), "{out}");
+        assert!(out.contains("act-static  15 layers with static activation scales"), "{out}");
+        let (a, b) = (logits.to_f64_vec(), dynamic.to_f64_vec());
+        let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let rel = (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt();
+        println!("--act-static {method}: logits {rel:.3e} from dynamic w8a8 (relative L2)");
+        assert!(rel < 0.1, "{method}: {rel}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

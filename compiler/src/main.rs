@@ -254,6 +254,12 @@ struct OptimizeArgs {
     /// The ranking goes to --report.
     #[arg(long = "auto-keep", value_name = "BUDGET[=PRECISION]")]
     auto_keep: Option<String>,
+    /// Static int8 activations for the layers with int8 activations (w8a8, w4a8, `:a8`): one scale
+    /// per layer input from the --calibrate run instead of one per row and block at run time.
+    /// `minmax` (max |x| / 127), `minmax:asym` (uint8, min..max with a zero point),
+    /// `percentile[:P]` (the P-th percentile of |x| / 127, default 99.99).
+    #[arg(long = "act-static", value_name = "METHOD")]
+    act_static: Option<String>,
     /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
@@ -264,6 +270,9 @@ impl OptimizeArgs {
     fn quantize_pass(&self) -> Result<Option<edgec::passes::quantize::Quantize>, String> {
         use edgec::passes::quantize::{Quantize, Rule, Scheme};
         let Some(q) = &self.quantize else {
+            if self.act_static.is_some() {
+                return Err("--act-static needs --quantize with int8 activations (w8a8, w4a8, SCHEME:a8)".into());
+            }
             return match (self.method.as_str(), &self.auto_keep, self.keep.is_empty()) {
                 (m, _, _) if m.starts_with("gptq") => Err("--method gptq needs --quantize".into()),
                 (_, Some(_), _) => Err("--auto-keep needs --quantize".into()),
@@ -272,6 +281,11 @@ impl OptimizeArgs {
             };
         };
         let scheme: Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
+        if self.act_static()?.is_some() && !scheme.a8 {
+            return Err(format!(
+                "--act-static needs int8 activations, which --quantize {q} does not have (w8a8, w4a8, SCHEME:a8)"
+            ));
+        }
         let mut pass = Quantize::new(scheme, self.keep_fp32.clone());
         for k in &self.keep {
             pass.rules.push(k.parse::<Rule>().map_err(|e| format!("--keep {e}"))?);
@@ -312,9 +326,15 @@ impl OptimizeArgs {
         }
     }
 
-    /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan).
+    fn act_static(&self) -> Result<Option<edgec::passes::quantize::ActStatic>, String> {
+        self.act_static.as_deref().map(|s| s.parse().map_err(|e| format!("--act-static {e}"))).transpose()
+    }
+
+    /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan, static
+    /// activation scales).
     fn needs_calibration(&self) -> bool {
-        self.quantize.is_some() && (self.method.starts_with("gptq") || self.auto_keep.is_some())
+        self.quantize.is_some()
+            && (self.method.starts_with("gptq") || self.auto_keep.is_some() || self.act_static.is_some())
     }
 }
 
@@ -330,11 +350,25 @@ fn calibrated_quantize(
     use edgec::passes::sensitivity;
     let auto_keep = optimize.auto_keep()?;
     let gptq = optimize.gptq()?;
-    let flag = if gptq.is_some() { "--method gptq" } else { "--auto-keep" };
+    let act_static = optimize.act_static()?;
+    let flag = match (gptq, act_static) {
+        (Some(_), _) => "--method gptq",
+        (_, Some(_)) => "--act-static",
+        _ => "--auto-keep",
+    };
     let seqs = calibration_sequences(args, tokenizer)?.ok_or_else(|| format!("{flag} needs --calibrate FILE"))?;
-    let opts = edgec::calib::Options { channel_stats: false, ..Default::default() };
+    let mut opts = edgec::calib::Options { channel_stats: act_static.is_some(), ..Default::default() };
+    if let Some(p) = act_static.and_then(|a| a.percentile()) {
+        opts.percentile = p;
+    }
     let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
     println!("calibrate   {} tokens, {} linear-layer inputs, {:.1} s", cal.tokens, cal.gram.len(), cal.seconds);
+    if let Some(a) = act_static {
+        pass.act_static = edgec::passes::quantize::static_scales(g, &cal, a);
+        let scales: Vec<f32> = pass.act_static.values().map(|q| q.scale).collect();
+        let (lo, hi) = scales.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+        println!("act-static  {} layers with static activation scales ({lo:.3e} .. {hi:.3e})", scales.len());
+    }
     let mut row = None;
     if let Some(opt) = gptq {
         let mut grams = std::collections::HashMap::new();

@@ -194,6 +194,8 @@ pub struct ChannelStats {
     pub max: Vec<f32>,
     /// The `Options::percentile` percentile of |x| per channel (nearest rank).
     pub abs_percentile: Vec<f32>,
+    /// The same percentile over every value of the tensor (per-tensor static quantization).
+    pub tensor_abs_percentile: f32,
     pub rows: usize,
 }
 
@@ -202,16 +204,22 @@ struct TopAbs {
     keep: usize,
     /// Per channel, ascending.
     top: Vec<Vec<f32>>,
+    /// The largest `keep_all` over all channels, ascending.
+    all: Vec<f32>,
+    keep_all: usize,
     min: Vec<f32>,
     max: Vec<f32>,
     rows: usize,
 }
 
 impl TopAbs {
-    fn new(k: usize, keep: usize) -> TopAbs {
+    /// `keep` values per channel, `keep_all` over the whole tensor.
+    fn new(k: usize, keep: usize, keep_all: usize) -> TopAbs {
         TopAbs {
             keep,
             top: vec![Vec::with_capacity(keep + 1); k],
+            all: Vec::with_capacity(keep_all + 1),
+            keep_all,
             min: vec![f32::INFINITY; k],
             max: vec![f32::NEG_INFINITY; k],
             rows: 0,
@@ -225,12 +233,13 @@ impl TopAbs {
                 self.min[c] = self.min[c].min(v);
                 self.max[c] = self.max[c].max(v);
                 let a = v.abs();
-                let t = &mut self.top[c];
-                if t.len() < self.keep || a > t[0] {
-                    let pos = t.partition_point(|&y| y < a);
-                    t.insert(pos, a);
-                    if t.len() > self.keep {
-                        t.remove(0);
+                for (t, keep) in [(&mut self.top[c], self.keep), (&mut self.all, self.keep_all)] {
+                    if t.len() < keep || a > t[0] {
+                        let pos = t.partition_point(|&y| y < a);
+                        t.insert(pos, a);
+                        if t.len() > keep {
+                            t.remove(0);
+                        }
                     }
                 }
             }
@@ -241,9 +250,12 @@ impl TopAbs {
     fn finish(self, percentile: f64) -> ChannelStats {
         // Nearest rank from the top: the value with `above` larger ones.
         let above = ((1.0 - percentile / 100.0) * self.rows as f64).floor() as usize;
-        let abs_percentile =
-            self.top.iter().map(|t| if t.is_empty() { 0.0 } else { t[t.len() - 1 - above.min(t.len() - 1)] }).collect();
-        ChannelStats { min: self.min, max: self.max, abs_percentile, rows: self.rows }
+        let nearest =
+            |t: &[f32], above: usize| if t.is_empty() { 0.0 } else { t[t.len() - 1 - above.min(t.len() - 1)] };
+        let abs_percentile = self.top.iter().map(|t| nearest(t, above)).collect();
+        let above_all = ((1.0 - percentile / 100.0) * (self.rows * self.min.len()) as f64).floor() as usize;
+        let tensor_abs_percentile = nearest(&self.all, above_all);
+        ChannelStats { min: self.min, max: self.max, abs_percentile, tensor_abs_percentile, rows: self.rows }
     }
 }
 
@@ -300,7 +312,8 @@ impl Calibration {
             h.add_rows(x);
             cal.gram.insert(v, h);
             if opts.channel_stats {
-                let mut t = TopAbs::new(k, keep);
+                let keep_all = ((1.0 - opts.percentile / 100.0) * (tokens * k) as f64).floor() as usize + 1;
+                let mut t = TopAbs::new(k, keep, keep_all);
                 t.add_rows(x);
                 tops.insert(v, t);
             }
@@ -420,9 +433,14 @@ mod tests {
 
     #[test]
     fn percentile_is_the_nearest_rank_of_abs() {
-        let mut t = TopAbs::new(1, 3);
+        let mut t = TopAbs::new(1, 3, 3);
         t.add_rows(&(1..=100).map(|v| -(v as f32)).collect::<Vec<_>>());
         let s = t.finish(98.0);
-        assert_eq!((s.min[0], s.max[0], s.abs_percentile[0]), (-100.0, -1.0, 98.0));
+        assert_eq!((s.min[0], s.max[0], s.abs_percentile[0], s.tensor_abs_percentile), (-100.0, -1.0, 98.0, 98.0));
+        // Over the tensor: 2 channels x 100 rows, the 98th percentile has 4 values above it.
+        let mut t = TopAbs::new(2, 3, 5);
+        t.add_rows(&(1..=200).map(|v| v as f32).collect::<Vec<_>>());
+        let s = t.finish(98.0);
+        assert_eq!((s.abs_percentile, s.tensor_abs_percentile), (vec![195.0, 196.0], 196.0));
     }
 }

@@ -6,7 +6,7 @@
 //! scale`) followed by its rows of 16 quantized values, so a kernel streams one panel front to
 //! back and dequantizes in registers (`NBitsPacking`).
 
-use crate::ir::nbits::NBitsLayout;
+use crate::ir::nbits::{ActQuant, NBitsLayout};
 
 /// Columns per packed weight panel: one 64-byte line of f32 per k step.
 pub const PANEL_COLS: usize = 16;
@@ -45,6 +45,10 @@ pub struct NBitsPacking {
     /// k in the low nibble, k + 4 in the high one), so one 4-byte group of activations multiplies
     /// 4 columns at once.
     pub int_dot: bool,
+    /// Static activation scale and zero point (else rounded per row and block at run time). In
+    /// the integer-dot form a nonzero activation zero point gives every record 16 more i32,
+    /// `zero_a * sum over the block of (q - zero_w)` per column, subtracted from the dot products.
+    pub act: Option<ActQuant>,
 }
 
 /// Whether a MatMulNBits with int8 activations gets integer dot products (else its activations are
@@ -77,7 +81,15 @@ impl NBitsPacking {
         PANEL_COLS * self.layout.bits / 8
     }
     pub fn header_bytes(&self) -> usize {
-        PANEL_COLS * 4 * if self.asym { 2 } else { 1 }
+        PANEL_COLS * 4 * (1 + self.asym as usize + self.act_correction() as usize)
+    }
+    /// Records carry the activation zero point's correction (see `act`).
+    pub fn act_correction(&self) -> bool {
+        self.int_dot && self.act.is_some_and(|a| a.stored_zero() != 0)
+    }
+    /// Offset of the correction in a record.
+    pub fn act_correction_offset(&self) -> usize {
+        PANEL_COLS * 4 * (1 + self.asym as usize)
     }
     /// The zero point of a symmetric weight's stored values in the integer-dot form.
     pub fn implied_zero(&self) -> i32 {
@@ -128,6 +140,13 @@ impl NBitsPacking {
                         out[o..o + 4].copy_from_slice(&m.to_le_bytes());
                     }
                     let rows = l.block_size.min(l.k - blk * l.block_size);
+                    if self.act_correction() {
+                        let za = self.act.map_or(0, |a| a.stored_zero());
+                        let sum: i32 =
+                            (0..rows).map(|j| l.q(b, blk * l.block_size + j, col) as i32 - zero as i32).sum();
+                        let o = rec + self.act_correction_offset() + 4 * c;
+                        out[o..o + 4].copy_from_slice(&(za * sum).to_le_bytes());
+                    }
                     for j in 0..rows {
                         let q = l.q(b, blk * l.block_size + j, col);
                         if self.int_dot {

@@ -37,7 +37,8 @@ pub enum Kernel {
         reverse: bool,
     },
     MatMul(Box<MatMulKernel>),
-    /// Rows of A rounded to int8 per block into scratch (MatMulNBits accuracy_level 4).
+    /// Rows of A rounded to int8 per block into scratch (MatMulNBits accuracy_level 4, or with a
+    /// static activation scale).
     QuantizeRows {
         a: Loc,
         rows: Dim,
@@ -951,7 +952,7 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         |loc, dtype, row: &Dim| Operand { loc, dtype, batch_strides: vec![], strides: [row.clone(), Dim::fixed(1)] };
     let mut kernels = Vec::new();
     let mut a_loc = cx.loc(a);
-    if let Op::MatMulNBits { accuracy_level: 4, .. } = node.op {
+    if node.op.int8_activations() {
         // Int8 activations: rounded once per call, before the column tasks start.
         let scratch = Loc::Arena(cx.scratch.ok_or_else(|| unsupported(node, "no activation scratch planned"))?);
         kernels.push(Kernel::QuantizeRows { a: a_loc, rows: rows.clone(), scratch, pk });

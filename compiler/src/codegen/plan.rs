@@ -71,7 +71,7 @@ type NBitsOperands = (NBitsPacking, Vec<u8>, Vec<f32>, Option<Vec<u8>>);
 fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOperands>> {
     let users = g.users_of(v);
     let Some(&(u, 1)) = users.first() else { return Ok(None) };
-    let Op::MatMulNBits { k, n, bits, block_size, accuracy_level } = g.node(u).op else { return Ok(None) };
+    let Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act } = g.node(u).op else { return Ok(None) };
     let node = g.node(u);
     if users.iter().any(|&(w, slot)| slot != 1 || g.node(w).op != node.op) {
         return Ok(None);
@@ -93,8 +93,8 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let scales: Vec<f32> = scales.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let zp = bytes(3)?;
     layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
-    let int_dot = accuracy_level == 4 && super::layout::int_dot_ok(bits, block_size, simd);
-    Ok(Some((NBitsPacking { layout, asym: zp.is_some(), int_dot }, b, scales, zp)))
+    let int_dot = (accuracy_level == 4 || act.is_some()) && super::layout::int_dot_ok(bits, block_size, simd);
+    Ok(Some((NBitsPacking { layout, asym: zp.is_some(), int_dot, act }, b, scales, zp)))
 }
 
 /// A constant read only as the scales or zero points of MatMulNBits nodes whose B is constant:
@@ -239,7 +239,8 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
             }
         }
         let mut sb = scratch_bytes(&node.op);
-        if let Op::MatMulNBits { k, bits, block_size, accuracy_level: 4, .. } = node.op {
+        if let (Op::MatMulNBits { k, bits, block_size, .. }, true) = (&node.op, node.op.int8_activations()) {
+            let (k, bits, block_size) = (*k, *bits, *block_size);
             // Room for the int8 activations, one row per row of A.
             let a = g.inputs_of(n)[0].ok_or_else(|| Error::Invalid(format!("node `{}` has no A", node.name)))?;
             let rows = size_of(a)? / (4 * k.max(1) as u64);

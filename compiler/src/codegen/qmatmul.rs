@@ -206,6 +206,15 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
                     None => dots[cg as usize],
                 }
             };
+            // A static activation zero point: sum (w - z) (x - za) = ... - za * sum (w - z), the
+            // last term per column from the record.
+            let d = if pk.act_correction() {
+                let c =
+                    kb.fb.ins().load(types::I32X4, mem(), rec, (pk.act_correction_offset() + 16 * cg as usize) as i32);
+                kb.fb.ins().isub(d, c)
+            } else {
+                d
+            };
             let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
             let scale = kb.fb.ins().fmul(s, sx);
             out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[cg as usize]));
@@ -328,7 +337,9 @@ fn dot4(kb: &mut Kb, w: Value, x16: Value) -> Value {
 }
 
 /// Rounds each row of A to int8 per block of K into scratch (MatMulNBits accuracy_level 4):
-/// scale = max |x| / 127 and q = round_half_even(x * 127 / max |x|), as the interpreter does.
+/// scale = max |x| / 127 and q = round_half_even(x * 127 / max |x|), as the interpreter does; with
+/// a static scale s and zero point z (`NBitsPacking::act`, stored as int8): q = clamp(round_half_even(x
+/// / s) + z, -128, 127), ONNX QuantizeLinear's arithmetic, and every block's scale is s.
 /// Integer-dot form: the int8 row (blocks zero-padded), then per block its scale and sum(q).
 /// Otherwise the rounded values as f32, for the float kernel.
 pub fn emit_quantize_rows(kb: &mut Kb, a: Loc, rows: &Dim, scratch: Loc, pk: &NBitsPacking) {
@@ -374,7 +385,7 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
         })
     };
     let (mut j, mut zf) = (z, Fm::new(kb, types::F32).c(0.0));
-    if vec4 {
+    if vec4 && pk.act.is_none() {
         let (end, m4) = abs_max(kb, z, types::F32X4);
         j = end;
         for lane in 0..4u8 {
@@ -382,16 +393,22 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
             zf = Fm::new(kb, types::F32).max(zf, x);
         }
     }
-    let (_, tail) = abs_max(kb, j, types::F32);
-    let amax = [Fm::new(kb, types::F32).max(zf, tail[0])];
-    let mut fm = Fm::new(kb, types::F32);
-    let c127 = fm.c(127.0);
-    let scale = fm.div(amax[0], c127);
-    let inv = fm.div(c127, amax[0]);
-    let zero_f = fm.c(0.0);
-    let is_zero = fm.cmp(cranelift_codegen::ir::condcodes::FloatCC::Equal, amax[0], zero_f);
-    let inv = kb.fb.ins().select(is_zero, zero_f, inv);
-    let scale = kb.fb.ins().select(is_zero, zero_f, scale);
+    // Dynamic: (scale, 127 / max |x|) to multiply by; static: (s, s) to divide by.
+    let (scale, inv) = if let Some(a) = pk.act {
+        let s = Fm::new(kb, types::F32).c(a.scale as f64);
+        (s, s)
+    } else {
+        let (_, tail) = abs_max(kb, j, types::F32);
+        let amax = [Fm::new(kb, types::F32).max(zf, tail[0])];
+        let mut fm = Fm::new(kb, types::F32);
+        let c127 = fm.c(127.0);
+        let scale = fm.div(amax[0], c127);
+        let inv = fm.div(c127, amax[0]);
+        let zero_f = fm.c(0.0);
+        let is_zero = fm.cmp(cranelift_codegen::ir::condcodes::FloatCC::Equal, amax[0], zero_f);
+        let inv = kb.fb.ins().select(is_zero, zero_f, inv);
+        (kb.fb.ins().select(is_zero, zero_f, scale), inv)
+    };
     let mut zi = kb.fb.ins().iconst(types::I32, 0);
     let mut j = z;
     if vec4 {
@@ -401,11 +418,9 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
             let o = kb.fb.ins().ishl_imm_s(jj, 2);
             let p = kb.fb.ins().iadd(src, o);
             let x = kb.fb.ins().load(types::F32X4, mem(), p, 0);
-            let mut fm = Fm::new(kb, types::F32X4);
-            let y = fm.mul(x, inv4);
-            let r = fm.round(y);
+            let r = to_grid(kb, types::F32X4, x, inv4, pk);
             let qi = kb.fb.ins().fcvt_to_sint_sat(types::I32X4, r);
-            // |q| <= 127: narrowing to bytes is exact; the 4 bytes go out as one word.
+            // q in -128..=127: narrowing to bytes is exact; the 4 bytes go out as one word.
             let h = kb.fb.ins().snarrow(qi, qi);
             let b = kb.fb.ins().snarrow(h, h);
             let w = kb.fb.ins().bitcast(types::I32X4, vec_flags(), b);
@@ -424,16 +439,17 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
         let o = kb.fb.ins().ishl_imm_s(jj, 2);
         let p = kb.fb.ins().iadd(src, o);
         let x = kb.fb.ins().load(types::F32, mem(), p, 0);
-        let mut fm = Fm::new(kb, types::F32);
-        let y = fm.mul(x, inv);
-        let r = fm.round(y);
+        let r = to_grid(kb, types::F32, x, inv, pk);
         if pk.int_dot {
             let qi = kb.fb.ins().fcvt_to_sint_sat(types::I32, r);
             let d = kb.fb.ins().iadd(dst, jj);
             kb.fb.ins().istore8(mem(), qi, d, 0);
             vec![kb.fb.ins().iadd(acc[0], qi)]
         } else {
-            let v = Fm::new(kb, types::F32).mul(r, scale);
+            let mut fm = Fm::new(kb, types::F32);
+            let za = fm.c(pk.act.map_or(0, |a| a.stored_zero()) as f64);
+            let r = fm.sub(r, za);
+            let v = fm.mul(r, scale);
             let d = kb.fb.ins().iadd(dst, o);
             kb.fb.ins().store(mem(), v, d, 0);
             acc.to_vec()
@@ -454,6 +470,23 @@ fn quantize_block(kb: &mut Kb, pk: &NBitsPacking, st: &[Value], len: usize, bloc
     let dst = kb.fb.ins().iadd_imm_s(dst, block as i64);
     let sp = kb.fb.ins().iadd_imm_s(sp, 8);
     vec![src, dst, sp]
+}
+
+/// `x` on the int8 grid (f32 of an integer): round(x * inv), or with a static scale
+/// (`inv` = s) clamp(round(x / s) + zero, -128, 127).
+fn to_grid(kb: &mut Kb, ty: cranelift_codegen::ir::Type, x: Value, inv: Value, pk: &NBitsPacking) -> Value {
+    let mut fm = Fm::new(kb, ty);
+    let Some(a) = pk.act else {
+        let y = fm.mul(x, inv);
+        return fm.round(y);
+    };
+    let y = fm.div(x, inv);
+    let r = fm.round(y);
+    let z = fm.c(a.stored_zero() as f64);
+    let r = fm.add(r, z);
+    let (lo, hi) = (fm.c(-128.0), fm.c(127.0));
+    let r = fm.max(r, lo);
+    fm.min(r, hi)
 }
 
 /// One block of `len` k steps: loads the block's scales (and offsets) for the tile's columns,

@@ -112,10 +112,13 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
         Op::RmsNorm { axis, epsilon } => one(normalize::rms_norm(arg(0)?, arg(1)?, *axis, *epsilon)?),
         Op::Attention { scale } => one(attention::attention(arg(0)?, arg(1)?, arg(2)?, opt(3), *scale)?),
-        Op::MatMulNBits { k, n, bits, block_size, accuracy_level } => {
+        Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act } => {
             let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
-            let a =
-                if *accuracy_level == 4 { quant::round_rows_to_int8(arg(0)?, *block_size)? } else { arg(0)?.clone() };
+            let a = match act {
+                Some(q) => quant::round_static(arg(0)?, q)?,
+                None if *accuracy_level == 4 => quant::round_rows_to_int8(arg(0)?, *block_size)?,
+                None => arg(0)?.clone(),
+            };
             one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
         }
     }

@@ -169,6 +169,15 @@ pub fn round_rows_to_int8(a: &Tensor, block: usize) -> Result<Tensor, String> {
     Ok(Tensor::from_vec(a.shape.clone(), out))
 }
 
+/// A through `DequantizeLinear(QuantizeLinear(A, scale, zero), scale, zero)` with the static
+/// per-tensor parameters of a MatMulNBits (`ActQuant`): the ONNX ops themselves.
+pub fn round_static(a: &Tensor, q: &crate::ir::nbits::ActQuant) -> Result<Tensor, String> {
+    let s = Tensor::scalar(q.scale);
+    let z = Tensor::scalar(q.zero as i64).cast(q.dtype);
+    let x = quantize_linear(a, &s, Some(&z), 1, 0, None)?;
+    dequantize_linear(&x, &s, Some(&z), 1, 0)
+}
+
 /// (scale, 1 / scale) of one block of activations; zero blocks get (0, 0).
 pub fn int8_scale(block: &[f32]) -> (f32, f32) {
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -82,3 +82,41 @@ pub fn set(bytes: &mut [u8], base: usize, index: usize, bits: usize, v: u8) {
         *b = (*b & !(0xf << sh)) | ((v & 0xf) << sh);
     }
 }
+
+/// Static activation quantization of a MatMulNBits: A is replaced by
+/// `DequantizeLinear(QuantizeLinear(A, scale, zero), scale, zero)` (one scale for the tensor,
+/// `dtype` int8 or uint8, round half to even, saturating) before the product, so kernels can take
+/// integer dot products with a scale fixed at compile time. Written by `qdq-activations` (QDQ
+/// pairs) and by `--quantize ... --act-static` (scales from calibration).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActQuant {
+    pub scale: f32,
+    /// In `dtype`'s range.
+    pub zero: i32,
+    pub dtype: crate::ir::DType,
+}
+
+impl ActQuant {
+    pub fn new(scale: f32, zero: i32, dtype: crate::ir::DType) -> Result<ActQuant, String> {
+        let (lo, hi) = match dtype {
+            crate::ir::DType::I8 => (-128, 127),
+            crate::ir::DType::U8 => (0, 255),
+            d => return Err(format!("static activation quantization to {d} is not supported (int8, uint8)")),
+        };
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(format!("static activation scale {scale} must be positive and finite"));
+        }
+        if !(lo..=hi).contains(&zero) {
+            return Err(format!("static activation zero point {zero} is out of {dtype}'s range"));
+        }
+        Ok(ActQuant { scale, zero, dtype })
+    }
+    /// The zero point of the activations as kernels store them, int8 (uint8 values minus 128).
+    pub fn stored_zero(&self) -> i32 {
+        if self.dtype == crate::ir::DType::U8 {
+            self.zero - 128
+        } else {
+            self.zero
+        }
+    }
+}

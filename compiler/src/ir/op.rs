@@ -143,12 +143,15 @@ pub enum Op {
     /// also accepts `block_size = K` (one block per column: per-channel) for any K.
     /// `accuracy_level` 4 (onnxruntime's int8 compute type) first rounds A to int8 with one scale
     /// per row and block (max |x| / 127), so kernels can use integer dot products.
+    /// `act` (edgec's own extension) instead rounds A with one static scale and zero point
+    /// (`nbits::ActQuant`: ONNX QuantizeLinear then DequantizeLinear), whatever `accuracy_level`.
     MatMulNBits {
         k: usize,
         n: usize,
         bits: usize,
         block_size: usize,
         accuracy_level: i64,
+        act: Option<super::nbits::ActQuant>,
     },
 }
 
@@ -451,7 +454,7 @@ impl Op {
                 }
                 a
             }
-            MatMulNBits { k, n, bits, block_size, accuracy_level } => {
+            MatMulNBits { k, n, bits, block_size, accuracy_level, act } => {
                 let mut a = vec![
                     format!("K={k}"),
                     format!("N={n}"),
@@ -461,10 +464,20 @@ impl Op {
                 if *accuracy_level != 0 {
                     a.push(format!("accuracy_level={accuracy_level}"));
                 }
+                if let Some(q) = act {
+                    a.push(format!("act_scale={}", q.scale));
+                    a.push(format!("act_zero={}", q.zero));
+                    a.push(format!("act_dtype={}", q.dtype));
+                }
                 a
             }
             _ => vec![],
         }
+    }
+
+    /// A MatMulNBits whose activations are rounded to int8 (per row and block, or statically).
+    pub fn int8_activations(&self) -> bool {
+        matches!(self, Op::MatMulNBits { accuracy_level: 4, .. } | Op::MatMulNBits { act: Some(_), .. })
     }
 
     /// How many inputs the op takes: (required, maximum).

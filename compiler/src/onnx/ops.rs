@@ -369,5 +369,5 @@ pub fn matmul_nbits(node: &NodeProto) -> Result<Converted, ConvertError> {
     if node.input.len() > 4 && node.input[4..].iter().any(|s| !s.is_empty()) {
         return Err(ConvertError::Unsupported("MatMulNBits with g_idx or bias inputs".into()));
     }
-    Ok(Converted::Op(Op::MatMulNBits { k, n, bits, block_size, accuracy_level }))
+    Ok(Converted::Op(Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act: None }))
 }

@@ -14,6 +14,7 @@ pub mod gptq;
 pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
+pub mod qdq_activations;
 pub mod qdq_weights;
 pub mod quantize;
 pub mod sensitivity;
@@ -56,6 +57,7 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "fuse-rms-norm" => Box::new(fuse_rms_norm::FuseRmsNorm),
         "fuse-attention" => Box::new(fuse_attention::FuseAttention),
         "qdq-weights" => Box::new(qdq_weights::QdqWeights),
+        "qdq-activations" => Box::new(qdq_activations::QdqActivations),
         _ => return None,
     })
 }
@@ -63,6 +65,7 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
 pub const ALL_PASSES: &[&str] = &[
     "shape-inference",
     "qdq-weights",
+    "qdq-activations",
     "const-fold",
     "dce",
     "cse",
@@ -76,8 +79,16 @@ pub const ALL_PASSES: &[&str] = &[
 /// the default pipeline does not start with another full shape-inference run.
 /// The fusions run on the cleaned-up graph (LayerNorm before RMSNorm: a LayerNorm contains an
 /// RMSNorm of `x - mean`) and remove what they replaced themselves.
-pub const DEFAULT_PIPELINE: &[&str] =
-    &["qdq-weights", "const-fold", "cse", "dce", "fuse-layer-norm", "fuse-rms-norm", "fuse-attention"];
+pub const DEFAULT_PIPELINE: &[&str] = &[
+    "qdq-weights",
+    "qdq-activations",
+    "const-fold",
+    "cse",
+    "dce",
+    "fuse-layer-norm",
+    "fuse-rms-norm",
+    "fuse-attention",
+];
 
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,

@@ -104,7 +104,8 @@ impl Pass for QdqWeights {
             for (u, _) in users {
                 let node = g.node(u).clone();
                 let a = g.inputs_of(u)[0];
-                let op = Op::MatMulNBits { k: l.k, n: l.n, bits: 8, block_size: l.block_size, accuracy_level: 0 };
+                let op =
+                    Op::MatMulNBits { k: l.k, n: l.n, bits: 8, block_size: l.block_size, accuracy_level: 0, act: None };
                 let m = g.add_node(op, node.name.clone(), &[a, Some(b), Some(sc), zp], node.outputs.clone());
                 g.replace_uses(ValueRef { node: u, slot: 0 }, ValueRef { node: m, slot: 0 });
                 changed += 1;

@@ -8,7 +8,7 @@
 
 use super::{Pass, PassStats};
 use crate::error::{Error, Result};
-use crate::ir::nbits::{self, NBitsLayout};
+use crate::ir::nbits::{self, ActQuant, NBitsLayout};
 use crate::ir::{DType, Dim, Graph, Op, Tensor, TensorType, Value, ValueRef};
 
 /// How weights are rounded: bits, block size along K, symmetric or with zero points.
@@ -86,6 +86,73 @@ impl std::fmt::Display for Scheme {
         }
         Ok(())
     }
+}
+
+/// `--act-static`: a layer's static activation scale from its calibration statistics (one scale
+/// per tensor; the input of layers that share it, q/k/v or gate/up, gets one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActStatic {
+    /// The calibration range: int8 with max |x| / 127, or (`asym`) uint8 spanning min..max with a
+    /// zero point.
+    MinMax { asym: bool },
+    /// int8 with the P-th percentile of |x| over the tensor / 127 (values beyond it saturate).
+    Percentile(f64),
+}
+
+impl std::str::FromStr for ActStatic {
+    type Err = String;
+    /// `minmax`, `minmax:asym`, `percentile` (99.99) or `percentile:P`.
+    fn from_str(s: &str) -> std::result::Result<ActStatic, String> {
+        match s.split_once(':') {
+            None if s == "minmax" => Ok(ActStatic::MinMax { asym: false }),
+            Some(("minmax", "asym")) => Ok(ActStatic::MinMax { asym: true }),
+            None if s == "percentile" => Ok(ActStatic::Percentile(99.99)),
+            Some(("percentile", p)) => match p.parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(ActStatic::Percentile(p)),
+                _ => Err(format!("'{s}': the percentile must be a number in (0, 100], e.g. percentile:99.9")),
+            },
+            _ => Err(format!("unknown static activation method '{s}' (minmax, minmax:asym, percentile, percentile:P)")),
+        }
+    }
+}
+
+impl ActStatic {
+    /// The percentile calibration has to record.
+    pub fn percentile(&self) -> Option<f64> {
+        match self {
+            ActStatic::Percentile(p) => Some(*p),
+            ActStatic::MinMax { .. } => None,
+        }
+    }
+
+    /// The activation quantization of a layer whose input has statistics `s` (`None` when its
+    /// range is empty: the layer keeps rounding per row at run time).
+    pub fn params(&self, s: &crate::calib::ChannelStats) -> Option<ActQuant> {
+        let lo = s.min.iter().copied().fold(0f32, f32::min);
+        let hi = s.max.iter().copied().fold(0f32, f32::max);
+        match self {
+            ActStatic::MinMax { asym: false } => ActQuant::new(hi.max(-lo) / 127.0, 0, DType::I8).ok(),
+            ActStatic::MinMax { asym: true } => {
+                let scale = (hi - lo) / 255.0;
+                let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as i32;
+                ActQuant::new(scale, zero, DType::U8).ok()
+            }
+            ActStatic::Percentile(_) => ActQuant::new(s.tensor_abs_percentile / 127.0, 0, DType::I8).ok(),
+        }
+    }
+}
+
+/// The static activation quantization of every linear layer of `g` that ran in the calibration,
+/// by node name (for `Quantize::act_static`).
+pub fn static_scales(
+    g: &Graph,
+    cal: &crate::calib::Calibration,
+    method: ActStatic,
+) -> std::collections::HashMap<String, ActQuant> {
+    crate::calib::linear_layers(g)
+        .into_iter()
+        .filter_map(|l| Some((g.node(l.node).name.clone(), method.params(cal.stats_for(g, l.node)?)?)))
+        .collect()
 }
 
 /// Scale and zero point of one block, and the rounding of a value with them.
@@ -328,13 +395,16 @@ pub struct Quantize {
     /// layer's scheme.
     #[allow(clippy::type_complexity)]
     pub rounder: Option<Box<dyn Fn(&str, &[f32], usize, usize, Scheme) -> Result<Option<Quantized>> + Send + Sync>>,
+    /// Static activation scales (`--act-static`, from calibration) by MatMul node name: layers whose
+    /// scheme has int8 activations (`:a8`) use them instead of rounding per row at run time.
+    pub act_static: std::collections::HashMap<String, ActQuant>,
 }
 
 impl Quantize {
     /// `keep`: node or weight name patterns left in f32.
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
         let rules = keep.into_iter().map(|pattern| Rule { pattern, exact: false, precision: None }).collect();
-        Quantize { scheme, rules, search: false, rounder: None }
+        Quantize { scheme, rules, search: false, rounder: None, act_static: Default::default() }
     }
 
     /// The weight `w` (K x N) of MatMul `name` rounded to `scheme`: by the rounder (GPTQ) when it
@@ -396,7 +466,8 @@ impl Pass for Quantize {
                         g.add_const(format!("{wname}.zero_points"), &Tensor::from_vec(vec![nn * l.zp_cols()], z))
                     });
                     let accuracy_level = if scheme.a8 { 4 } else { 0 };
-                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level };
+                    let act = if scheme.a8 { self.act_static.get(&node.name).copied() } else { None };
+                    let op = Op::MatMulNBits { k, n: nn, bits: l.bits, block_size: l.block_size, accuracy_level, act };
                     let out = node.outputs[0].clone();
                     let m = g.add_node(op, node.name.clone(), &[Some(a), Some(bq), Some(sc), zp], vec![out]);
                     g.replace_uses(ValueRef { node: n, slot: 0 }, ValueRef { node: m, slot: 0 });
@@ -498,6 +569,13 @@ mod tests {
         );
         assert_eq!("w4a8".parse::<Scheme>().unwrap(), Scheme { bits: 4, group: Some(32), asym: false, a8: true });
         assert!("int3".parse::<Scheme>().is_err());
+        assert_eq!("minmax".parse::<ActStatic>().unwrap(), ActStatic::MinMax { asym: false });
+        assert_eq!("minmax:asym".parse::<ActStatic>().unwrap(), ActStatic::MinMax { asym: true });
+        assert_eq!("percentile".parse::<ActStatic>().unwrap(), ActStatic::Percentile(99.99));
+        assert_eq!("percentile:99.9".parse::<ActStatic>().unwrap(), ActStatic::Percentile(99.9));
+        for bad in ["percentile:0", "percentile:101", "percentile:x", "percentile:NaN", "max", "minmax:sym"] {
+            assert!(bad.parse::<ActStatic>().is_err(), "{bad}");
+        }
         assert!("int4:g7".parse::<Scheme>().is_err());
     }
 
