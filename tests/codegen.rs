@@ -521,6 +521,19 @@ fn kv_cache_through_the_c_api() {
         assert!(!model.is_null(), "{}", msg(&err));
         let cache = edgec_kv_cache_new(model, err.as_mut_ptr(), err.len());
         assert!(!cache.is_null(), "{}", msg(&err));
+        let step = |ins: &mut [EdgecTensor], outs: &mut [EdgecTensor], err: &mut [c_char]| {
+            let (ni, no) = (ins.len(), outs.len());
+            edgec_model_run_cached(
+                model,
+                cache,
+                ins.as_mut_ptr(),
+                ni,
+                outs.as_mut_ptr(),
+                no,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
         let mut len = 0;
         for ids in [&[3u32, 14, 15, 92][..], &[65], &[35, 8]] {
             let feeds = step_feeds(ids, len);
@@ -538,16 +551,7 @@ fn kv_cache_through_the_c_api() {
                     byte_len: b.len(),
                 })
                 .collect();
-            let rc = edgec_model_run_cached(
-                model,
-                cache,
-                ins.as_mut_ptr(),
-                ins.len(),
-                outs.as_mut_ptr(),
-                outs.len(),
-                err.as_mut_ptr(),
-                err.len(),
-            );
+            let rc = step(&mut ins, &mut outs, &mut err);
             assert_eq!(rc, 0, "{}", msg(&err));
             for (o, w) in want.iter().enumerate() {
                 if let Some(w) = w {
@@ -573,16 +577,7 @@ fn kv_cache_through_the_c_api() {
                 byte_len: small.len(),
             })
             .collect();
-        let rc = edgec_model_run_cached(
-            model,
-            cache,
-            ins.as_mut_ptr(),
-            ins.len(),
-            outs.as_mut_ptr(),
-            outs.len(),
-            err.as_mut_ptr(),
-            err.len(),
-        );
+        let rc = step(&mut ins, &mut outs, &mut err);
         assert!(
             rc == -1 && msg(&err).contains("the buffer has 8 (the step was taken: the cache holds 8 positions)"),
             "{}",
