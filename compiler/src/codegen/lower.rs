@@ -444,10 +444,29 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let zero = if odt.is_float() { Expr::F(0.0, odt) } else { Expr::I(0, odt) };
             mb.finish(out_view(0), Expr::Select(Box::new(cond), Box::new(x), Box::new(zero)))
         }
-        Op::MatMul | Op::MatMulInteger => return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false)?]),
+        Op::MatMul | Op::MatMulInteger => {
+            return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false, false)?]);
+        }
         Op::MatMulNBits { .. } => return lower_matmul_nbits(cx, node, &ins, out0),
+        Op::MatMulAct { act, glu, nbits } => {
+            let mut ks = if nbits.is_some() {
+                lower_matmul_nbits(cx, node, &ins, out0)?
+            } else {
+                if cx.dtype(ins[0].unwrap()) != DType::F32 || cx.dtype(ins[1].unwrap()) != DType::F32 {
+                    return Err(unsupported(node, "MatMulAct needs f32 operands"));
+                }
+                vec![lower_matmul(cx, node, &ins, out0, false, false, *glu)?]
+            };
+            let bias = node.op.matmul_act_bias_slot().and_then(input).map(|b| cx.loc(b));
+            let epi = super::matmul::Epilogue { act: (*act != crate::ir::Act::None).then_some(*act), bias, glu: *glu };
+            match ks.last_mut() {
+                Some(Kernel::MatMul(mm)) => mm.epi = epi,
+                _ => return Err(unsupported(node, "no matmul kernel to fuse into")),
+            }
+            return Ok(ks);
+        }
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
-            let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b)?];
+            let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b, false)?];
             let c = input(2);
             if *alpha != 1.0 || c.is_some() {
                 let mut m = MapBuilder::new(cx, oshape.clone());
@@ -847,6 +866,7 @@ fn lower_matmul(
     out: ValueRef,
     trans_a: bool,
     trans_b: bool,
+    glu: bool,
 ) -> Result<Kernel> {
     let (a, b) = (ins[0].unwrap(), ins[1].unwrap());
     let (mut sa, mut sb) = (cx.shape(a), cx.shape(b));
@@ -870,6 +890,12 @@ fn lower_matmul(
         (sb[rb - 2].clone(), db[rb - 1].clone(), db[rb - 2].clone())
     } else {
         (sb[rb - 1].clone(), db[rb - 2].clone(), db[rb - 1].clone())
+    };
+    // SwiGLU: B holds 2N columns (gate, up), the output N.
+    let n = match (glu, n.as_fixed()) {
+        (false, _) => n,
+        (true, Some(w)) if w % 2 == 0 => Dim::fixed(w / 2),
+        _ => return Err(unsupported(node, "glu needs a fixed, even number of weight columns")),
     };
     // Batch axes: numpy broadcasting of the leading axes.
     let nb = ra.max(rb) - 2;
@@ -922,6 +948,7 @@ fn lower_matmul(
         },
         b_packed: cx.packed.contains(&b),
         b_nbits: None,
+        epi: Default::default(),
         out: Operand {
             loc: cx.loc(out),
             dtype: odt,
@@ -951,7 +978,9 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         |loc, dtype, row: &Dim| Operand { loc, dtype, batch_strides: vec![], strides: [row.clone(), Dim::fixed(1)] };
     let mut kernels = Vec::new();
     let mut a_loc = cx.loc(a);
-    if let Op::MatMulNBits { accuracy_level: 4, .. } = node.op {
+    if matches!(node.op, Op::MatMulNBits { accuracy_level: 4, .. })
+        || matches!(node.op, Op::MatMulAct { nbits: Some(crate::ir::NBitsAttrs { accuracy_level: 4, .. }), .. })
+    {
         // Int8 activations: rounded once per call, before the column tasks start.
         let scratch = Loc::Arena(cx.scratch.ok_or_else(|| unsupported(node, "no activation scratch planned"))?);
         kernels.push(Kernel::QuantizeRows { a: a_loc, rows: rows.clone(), scratch, pk });
@@ -969,6 +998,7 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         b_zero: None,
         b_packed: false,
         b_nbits: Some(pk),
+        epi: Default::default(),
     })));
     Ok(kernels)
 }

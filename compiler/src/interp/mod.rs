@@ -11,7 +11,7 @@ mod broadcast;
 pub mod elementwise;
 mod gather;
 pub mod linalg;
-mod math;
+pub mod math;
 pub mod normalize;
 mod quant;
 mod reduce;
@@ -117,6 +117,22 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
             let a =
                 if *accuracy_level == 4 { quant::round_rows_to_int8(arg(0)?, *block_size)? } else { arg(0)?.clone() };
             one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
+        }
+        Op::MatMulAct { act, glu, nbits } => {
+            let y = match nbits {
+                Some(q) => {
+                    let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), q.k, q.n, q.bits, q.block_size)?;
+                    let a = if q.accuracy_level == 4 {
+                        quant::round_rows_to_int8(arg(0)?, q.block_size)?
+                    } else {
+                        arg(0)?.clone()
+                    };
+                    linalg::matmul(&a, &Tensor::from_vec(vec![q.k, q.n], w))?
+                }
+                None => linalg::matmul(arg(0)?, arg(1)?)?,
+            };
+            let bias = opt(op.matmul_act_bias_slot().unwrap());
+            one(linalg::matmul_epilogue(&y, bias, *act, *glu)?)
         }
     }
 }

@@ -150,6 +150,84 @@ pub enum Op {
         block_size: usize,
         accuracy_level: i64,
     },
+    /// A matmul with its epilogue, the fused form of `act(x @ W + bias)` (`fuse-matmul-epilogue`)
+    /// and of the SwiGLU product `silu(x @ Wg) * (x @ Wu)` (`fuse-swiglu`, `glu`). W is a constant
+    /// K x Nw f32 matrix (inputs A, W, optional bias [Nw]) or, with `nbits`, a MatMulNBits weight
+    /// (inputs A, B, scales, optional zero points, optional bias, laid out as MatMulNBits').
+    /// With `glu`, W holds the gate columns then the up columns (Nw = 2N) and the output is
+    /// `act(A @ W[:, :N]) * (A @ W[:, N:])`, [..., N]; otherwise `act(A @ W + bias)`, [..., Nw].
+    MatMulAct {
+        act: Act,
+        glu: bool,
+        nbits: Option<NBitsAttrs>,
+    },
+}
+
+/// The MatMulNBits attributes of a fused matmul's quantized weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NBitsAttrs {
+    pub k: usize,
+    pub n: usize,
+    pub bits: usize,
+    pub block_size: usize,
+    pub accuracy_level: i64,
+}
+
+/// The activation a fused matmul applies to each output element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    Relu,
+    /// `0.5 x (1 + erf(x / sqrt 2))`.
+    Gelu,
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` (GPT-2's gelu_new).
+    GeluTanh,
+    Sigmoid,
+    /// `x * sigmoid(x)`.
+    Silu,
+    Tanh,
+}
+
+impl Act {
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::None => "none",
+            Act::Relu => "relu",
+            Act::Gelu => "gelu",
+            Act::GeluTanh => "gelu_tanh",
+            Act::Sigmoid => "sigmoid",
+            Act::Silu => "silu",
+            Act::Tanh => "tanh",
+        }
+    }
+
+    /// The activation in f64 (the interpreter's reference).
+    pub fn apply(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => x,
+            Act::Relu => x.max(0.0),
+            Act::Gelu => 0.5 * x * (1.0 + crate::interp::math::erf(x / std::f64::consts::SQRT_2)),
+            Act::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Act::Sigmoid => sig(x),
+            Act::Silu => x * sig(x),
+            Act::Tanh => x.tanh(),
+        }
+    }
+}
+
+impl Op {
+    /// The input slot of a fused matmul's bias.
+    pub fn matmul_act_bias_slot(&self) -> Option<usize> {
+        match self {
+            Op::MatMulAct { nbits: Some(_), .. } => Some(4),
+            Op::MatMulAct { nbits: None, .. } => Some(2),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -339,6 +417,7 @@ impl Op {
             RmsNorm { .. } => "RMSNormalization",
             Attention { .. } => "Attention",
             MatMulNBits { .. } => "MatMulNBits",
+            MatMulAct { .. } => "MatMulAct",
         }
     }
 
@@ -463,6 +542,24 @@ impl Op {
                 }
                 a
             }
+            MatMulAct { act, glu, nbits } => {
+                let mut a = vec![format!("act={}", act.name())];
+                if *glu {
+                    a.push("glu=true".into());
+                }
+                if let Some(q) = nbits {
+                    a.extend([
+                        format!("K={}", q.k),
+                        format!("N={}", q.n),
+                        format!("bits={}", q.bits),
+                        format!("block_size={}", q.block_size),
+                    ]);
+                    if q.accuracy_level != 0 {
+                        a.push(format!("accuracy_level={}", q.accuracy_level));
+                    }
+                }
+                a
+            }
             _ => vec![],
         }
     }
@@ -510,6 +607,8 @@ impl Op {
             RmsNorm { .. } => (2, 2),
             Attention { .. } => (3, 4),
             MatMulNBits { .. } => (3, 4),
+            MatMulAct { nbits: None, .. } => (2, 3),
+            MatMulAct { nbits: Some(_), .. } => (3, 5),
         }
     }
 }
