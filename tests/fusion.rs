@@ -396,7 +396,11 @@ fn fused_ops_run_natively() {
 
 /// The pipeline before weight quantization, and the matmul fusions that follow it.
 const PRE_QUANTIZE: &str = "qdq-weights,const-fold,cse,dce,fuse-layer-norm,fuse-rms-norm,fuse-attention";
-const MATMUL_FUSIONS: &str = "fuse-swiglu,fuse-matmul-epilogue,fuse-qkv";
+const MATMUL_FUSIONS: &str = "fuse-swiglu,fuse-matmul-epilogue,fuse-qkv,fuse-elementwise";
+/// The default pipeline without the elementwise fusion (which would take what the near misses
+/// leave unfused).
+const NO_ELEMENTWISE: &str =
+    "qdq-weights,const-fold,cse,dce,fuse-layer-norm,fuse-rms-norm,fuse-attention,fuse-swiglu,fuse-matmul-epilogue,fuse-qkv";
 
 fn weight(name: &str, k: usize, n: usize, seed: u64) -> TensorProto {
     let w: Vec<f32> = noise(k * n, seed).iter().map(|v| v * 0.3).collect();
@@ -591,23 +595,23 @@ fn matmul_fusions_fuse_and_match() {
 #[test]
 fn matmul_near_misses_stay_unfused() {
     // The pre-activation value is also an output: bias fused, activation left as written.
-    let fused = with_passes(&epilogue_graph("gelu", 24, 40, Some("h")), "default");
+    let fused = with_passes(&epilogue_graph("gelu", 24, 40, Some("h")), NO_ELEMENTWISE);
     assert_eq!(fused_matmuls(&fused), vec!["act=none".to_string()]);
     assert_eq!(count(&fused, "Erf"), 1);
     // The sigmoid of a SiLU has another reader.
-    let fused = with_passes(&epilogue_graph("silu", 24, 40, Some("s")), "default");
+    let fused = with_passes(&epilogue_graph("silu", 24, 40, Some("s")), NO_ELEMENTWISE);
     assert_eq!(fused_matmuls(&fused), vec!["act=none".to_string()]);
     // The matmul product itself is an output: the bias Add stays.
-    let fused = with_passes(&epilogue_graph("relu", 24, 40, Some("p")), "default");
+    let fused = with_passes(&epilogue_graph("relu", 24, 40, Some("p")), NO_ELEMENTWISE);
     assert!(fused_matmuls(&fused).is_empty() && count(&fused, "Add") == 1);
     // SwiGLU whose gate product is also read elsewhere: no gated matmul (gate and up are still
     // merged as two projections of one input).
-    let fused = with_passes(&swiglu_graph(24, 40, Some("g")), "default");
+    let fused = with_passes(&swiglu_graph(24, 40, Some("g")), NO_ELEMENTWISE);
     assert!(fused_matmuls(&fused).iter().all(|a| !a.contains("glu")), "{:?}", fused_matmuls(&fused));
     assert_eq!(count(&fused, "Sigmoid"), 1);
     // v's weight is a graph input: only q and k merge.
     let g = qkv_graph(24, 40, 8, true);
-    let fused = with_passes(&g, "default");
+    let fused = with_passes(&g, NO_ELEMENTWISE);
     let text = edgec::ir::text::render(&fused);
     assert_eq!(count(&fused, "MatMul"), 2, "{text}");
     assert!(text.contains("f32[24,48]"), "{text}");
@@ -644,6 +648,7 @@ fn matmul_fusions_run_natively() {
     cases.push(("swiglu".into(), with_passes(&swiglu_graph(24, 40, None), "default"), x_feed(5, 24)));
     cases.push(("swiglu parallel".into(), with_passes(&swiglu_graph(64, 72, None), "default"), x_feed(40, 64)));
     cases.push(("qkv".into(), with_passes(&qkv_graph(24, 40, 8, false), "default"), x_feed(1, 24)));
+    cases.push(("elementwise".into(), with_passes(&elementwise_graph(false), "default"), elementwise_feeds()));
     for scheme in ["int8", "int4", "w4a8", "w8a8", "int4:g16:asym"] {
         cases.push((format!("swiglu {scheme}"), quantized(&swiglu_graph(64, 40, None), scheme).1, x_feed(5, 64)));
         cases.push((
@@ -661,7 +666,8 @@ fn matmul_fusions_run_natively() {
     let mut jobs_by_arch: Vec<(CrossArch, Vec<common::qemu::Job>, Vec<Vec<Tensor>>)> =
         CrossArch::CROSS.iter().map(|&a| (a, Vec::new(), Vec::new())).collect();
     for (name, g, feeds) in &cases {
-        assert!(!fused_matmuls(g).is_empty() || count(g, "Split") > 0, "{name}: nothing fused");
+        let fused = fused_matmuls(g).len() + count(g, "Split") + count(g, "Elementwise");
+        assert!(fused > 0, "{name}: nothing fused");
         let want = run(g, feeds);
         let c = compile(g, &common::native::test_options("host")).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
@@ -690,4 +696,49 @@ fn matmul_fusions_run_natively() {
             }
         }
     }
+}
+
+/// `sigmoid(x * a + b) * exp(-x) - x / c` over x [2, seq, 12], with a [12] and b, c scalars
+/// broadcast; `extra_out` also makes `x * a + b` a graph output.
+fn elementwise_graph(extra_out: bool) -> Graph {
+    let nodes = vec![
+        node("Mul", &["x", "a"], &["xa"]),
+        node("Add", &["xa", "b"], &["h"]),
+        node("Sigmoid", &["h"], &["s"]),
+        node("Neg", &["x"], &["nx"]),
+        node("Exp", &["nx"], &["e"]),
+        node("Mul", &["s", "e"], &["se"]),
+        node("Div", &["x", "c"], &["xc"]),
+        node("Sub", &["se", "xc"], &["y"]),
+    ];
+    let mut outs = vec!["y"];
+    if extra_out {
+        outs.push("h");
+    }
+    let init = vec![common::f32_initializer("a", &[12], &noise(12, 13)), scalar_init("b", 0.25)];
+    load(nodes, &[("x", 1, &["2", "seq", "12"]), ("c", 1, &[])], &outs, init)
+}
+
+fn elementwise_feeds() -> Feeds {
+    vec![
+        ("x".to_string(), Tensor::from_vec(vec![2, 7, 12], noise(168, 14))),
+        ("c".to_string(), Tensor::from_vec(vec![], vec![1.5f32])),
+    ]
+}
+
+#[test]
+fn elementwise_chains_fuse_and_match() {
+    let g = elementwise_graph(false);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!((fused.op_count(), count(&fused, "Elementwise")), (1, 1), "{text}");
+    assert!(text.contains("expr=Sub(Mul(Sigmoid(Add(Mul(i0,i1),i2)),Exp(Neg(i0))),Div(i0,i3))"), "{text}");
+    let feeds = elementwise_feeds();
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "elementwise");
+    // `h` is also an output: the tree splits there (Mul+Add, and the rest reading h).
+    let g = elementwise_graph(true);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(count(&fused, "Elementwise"), 2, "{text}");
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "elementwise split");
 }

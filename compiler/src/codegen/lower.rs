@@ -237,6 +237,29 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let y = mb.operand(input(1).unwrap());
             mb.finish(out_view(0), Expr::bin(*b, x, y))
         }
+        Op::Elementwise { steps } => {
+            // The whole tree as one expression: one loop, intermediates in registers.
+            let mut ins_e = Vec::with_capacity(node.num_inputs);
+            for i in 0..node.num_inputs {
+                ins_e.push(mb.operand(input(i).ok_or_else(|| unsupported(node, "missing input"))?));
+            }
+            let mut es: Vec<Expr> = Vec::with_capacity(steps.len());
+            for st in steps {
+                let a = |k: usize| match st.args.get(k) {
+                    Some(crate::ir::ElemArg::In(i)) => ins_e.get(*i).cloned(),
+                    Some(crate::ir::ElemArg::Step(j)) => es.get(*j).cloned(),
+                    None => None,
+                };
+                let e = match &st.op {
+                    Op::Unary(u) => a(0).map(|x| Expr::un(u.clone(), x)),
+                    Op::Binary(b) => a(0).zip(a(1)).map(|(x, y)| Expr::bin(*b, x, y)),
+                    _ => None,
+                };
+                es.push(e.ok_or_else(|| unsupported(node, "malformed elementwise step"))?);
+            }
+            let e = es.pop().ok_or_else(|| unsupported(node, "no steps"))?;
+            mb.finish(out_view(0), e)
+        }
         Op::Variadic(v) => {
             let mut it = (0..node.num_inputs).filter_map(input);
             let first = mb.operand(it.next().ok_or_else(|| unsupported(node, "no inputs"))?);

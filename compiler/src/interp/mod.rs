@@ -118,6 +118,24 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
                 if *accuracy_level == 4 { quant::round_rows_to_int8(arg(0)?, *block_size)? } else { arg(0)?.clone() };
             one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
         }
+        Op::Elementwise { steps } => {
+            let mut vals: Vec<Tensor> = Vec::with_capacity(steps.len());
+            for st in steps {
+                let get = |a: &crate::ir::ElemArg, vals: &[Tensor]| -> Result<Tensor, String> {
+                    match *a {
+                        crate::ir::ElemArg::In(i) => Ok(arg(i)?.clone()),
+                        crate::ir::ElemArg::Step(j) => vals.get(j).cloned().ok_or_else(|| "bad step".into()),
+                    }
+                };
+                let r = match (&st.op, &st.args[..]) {
+                    (Op::Unary(u), [x]) => elementwise::unary(u, &get(x, &vals)?)?,
+                    (Op::Binary(b), [x, y]) => elementwise::binary(*b, &get(x, &vals)?, &get(y, &vals)?)?,
+                    (o, _) => return Err(format!("Elementwise step {} is not unary or binary", o.name())),
+                };
+                vals.push(r);
+            }
+            one(vals.pop().ok_or("Elementwise with no steps")?)
+        }
         Op::MatMulAct { act, glu, nbits } => {
             let y = match nbits {
                 Some(q) => {

@@ -161,6 +161,41 @@ pub enum Op {
         glu: bool,
         nbits: Option<NBitsAttrs>,
     },
+    /// A tree of f32 elementwise ops computed in one loop (`fuse-elementwise`): step i applies
+    /// its op (Unary, or Binary Add/Sub/Mul/Div) to node inputs and earlier steps; the output is
+    /// the last step, shaped like the broadcast of the inputs.
+    Elementwise {
+        steps: Vec<ElemStep>,
+    },
+}
+
+/// One op of a fused elementwise tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ElemStep {
+    pub op: Op,
+    pub args: Vec<ElemArg>,
+}
+
+/// An operand of an `ElemStep`: node input i, or the result of step i.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ElemArg {
+    In(usize),
+    Step(usize),
+}
+
+impl ElemStep {
+    /// The tree rooted at step `i` as text, e.g. `Add(Mul(i0,i1),i2)`.
+    pub fn render(steps: &[ElemStep], i: usize) -> String {
+        let args: Vec<String> = steps[i]
+            .args
+            .iter()
+            .map(|a| match a {
+                ElemArg::In(k) => format!("i{k}"),
+                ElemArg::Step(j) => ElemStep::render(steps, *j),
+            })
+            .collect();
+        format!("{}({})", steps[i].op.name(), args.join(","))
+    }
 }
 
 /// The MatMulNBits attributes of a fused matmul's quantized weight.
@@ -418,6 +453,7 @@ impl Op {
             Attention { .. } => "Attention",
             MatMulNBits { .. } => "MatMulNBits",
             MatMulAct { .. } => "MatMulAct",
+            Elementwise { .. } => "Elementwise",
         }
     }
 
@@ -542,6 +578,7 @@ impl Op {
                 }
                 a
             }
+            Elementwise { steps } => vec![format!("expr={}", ElemStep::render(steps, steps.len().saturating_sub(1)))],
             MatMulAct { act, glu, nbits } => {
                 let mut a = vec![format!("act={}", act.name())];
                 if *glu {
@@ -609,6 +646,7 @@ impl Op {
             MatMulNBits { .. } => (3, 4),
             MatMulAct { nbits: None, .. } => (2, 3),
             MatMulAct { nbits: Some(_), .. } => (3, 5),
+            Elementwise { .. } => (1, usize::MAX),
         }
     }
 }

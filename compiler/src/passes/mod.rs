@@ -8,6 +8,7 @@ pub mod const_fold;
 pub mod cse;
 pub mod dce;
 pub mod fuse_attention;
+pub mod fuse_elementwise;
 pub mod fuse_layer_norm;
 pub mod fuse_matmul_epilogue;
 pub mod fuse_qkv;
@@ -61,6 +62,7 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "fuse-swiglu" => Box::new(fuse_swiglu::FuseSwiGlu),
         "fuse-matmul-epilogue" => Box::new(fuse_matmul_epilogue::FuseMatMulEpilogue),
         "fuse-qkv" => Box::new(fuse_qkv::FuseQkv),
+        "fuse-elementwise" => Box::new(fuse_elementwise::FuseElementwise),
         "qdq-weights" => Box::new(qdq_weights::QdqWeights),
         _ => return None,
     })
@@ -78,6 +80,7 @@ pub const ALL_PASSES: &[&str] = &[
     "fuse-swiglu",
     "fuse-matmul-epilogue",
     "fuse-qkv",
+    "fuse-elementwise",
 ];
 
 /// The pipeline `edgec` runs by default.
@@ -86,7 +89,8 @@ pub const ALL_PASSES: &[&str] = &[
 /// The fusions run on the cleaned-up graph (LayerNorm before RMSNorm: a LayerNorm contains an
 /// RMSNorm of `x - mean`) and remove what they replaced themselves. SwiGLU before the epilogue
 /// fusion (its gate would otherwise become a MatMul with a SiLU epilogue) and both before the
-/// q/k/v merge (which would otherwise merge gate and up).
+/// q/k/v merge (which would otherwise merge gate and up); elementwise chains last (they would
+/// otherwise take the activations the matmul epilogues absorb).
 pub const DEFAULT_PIPELINE: &[&str] = &[
     "qdq-weights",
     "const-fold",
@@ -98,12 +102,13 @@ pub const DEFAULT_PIPELINE: &[&str] = &[
     "fuse-swiglu",
     "fuse-matmul-epilogue",
     "fuse-qkv",
+    "fuse-elementwise",
 ];
 
-/// The fusions that rewrite matmuls. Weight quantization (`--quantize`, its calibration and its
-/// per-layer rules, which name MatMul nodes and weights) runs before them: they then fuse the
-/// quantized MatMulNBits.
-pub const MATMUL_FUSIONS: &[&str] = &["fuse-swiglu", "fuse-matmul-epilogue", "fuse-qkv"];
+/// The fusions that rewrite matmuls, and the elementwise one that must follow them. Weight
+/// quantization (`--quantize`, its calibration and its per-layer rules, which name MatMul nodes
+/// and weights) runs before them: they then fuse the quantized MatMulNBits.
+pub const MATMUL_FUSIONS: &[&str] = &["fuse-swiglu", "fuse-matmul-epilogue", "fuse-qkv", "fuse-elementwise"];
 
 /// A pipeline's pass names split into those before weight quantization and the matmul fusions
 /// that run after it.

@@ -327,7 +327,7 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
             let bool_out = b.is_comparison() || b.is_logical();
             vec![t(if bool_out { Bool } else { d0 }, broadcast_inputs(cx)?)]
         }
-        Op::Variadic(_) | Op::Clip => vec![t(d0, broadcast_inputs(cx)?)],
+        Op::Variadic(_) | Op::Clip | Op::Elementwise { .. } => vec![t(d0, broadcast_inputs(cx)?)],
         Op::Where => vec![t(cx.dtype(1), broadcast_inputs(cx)?)],
         Op::Cast { to } => vec![t(*to, cx.same(0))],
         Op::CastLike => vec![t(cx.dtype(1), cx.same(0))],
