@@ -16,7 +16,13 @@ const ATOL: f64 = 1e-5;
 
 fn load(dir: &std::path::Path) -> Graph {
     let mut g = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap();
-    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    // The matmul fusions run after quantization (`variants`), as in `edgec compile`.
+    PassManager::default_around_quantize().0.run(&mut g, &mut |_, _, _| {}).unwrap();
+    g
+}
+
+fn fuse_matmuls(mut g: Graph) -> Graph {
+    PassManager::default_around_quantize().1.run(&mut g, &mut |_, _, _| {}).unwrap();
     g
 }
 
@@ -27,13 +33,13 @@ fn load(dir: &std::path::Path) -> Graph {
 /// rounding boundary may round the other way in one of the two, which later layers carry on: those
 /// variants are held to |diff| <= 0.05 (the kernels themselves are checked exactly in quantize.rs).
 fn variants(name: &str, g: Graph) -> Vec<(String, Graph)> {
-    let mut out = vec![(name.to_string(), g.clone())];
+    let mut out = vec![(name.to_string(), fuse_matmuls(g.clone()))];
     for scheme in ["int8", "int4", "int4:g48:asym", "w8a8", "w4a8", "w4a8:g48:asym"] {
         let mut q = g.clone();
         let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
         let stats = edgec::passes::Pass::run(&pass, &mut q).unwrap();
         if stats.changed > 0 {
-            out.push((format!("{name} {scheme}"), q));
+            out.push((format!("{name} {scheme}"), fuse_matmuls(q)));
         }
     }
     out
@@ -125,7 +131,7 @@ fn tiny_models_under_qemu() {
 #[test]
 fn emitted_objects_link_and_run() {
     let dir = common::repo_root().join("models/tiny/llama");
-    let g = load(&dir);
+    let g = fuse_matmuls(load(&dir));
     let feeds = common::read_npy_dir(&dir.join("inputs"));
     let inputs = ordered_inputs(&g, &feeds);
     let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
@@ -318,7 +324,7 @@ fn parallel_matmul_matches_interpreter() {
 fn greedy_generation_matches_the_interpreter() {
     use edgec_runtime::lm::{Sampling, Session};
     let dir = common::repo_root().join("models/tiny/llama");
-    let g = load(&dir);
+    let g = fuse_matmuls(load(&dir));
     let c = compile(&g, &opts("host")).unwrap();
     let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
     let mut session = Session::new(&model).unwrap();

@@ -391,3 +391,354 @@ fn fused_ops_run_natively() {
         }
     }
 }
+
+// ---- matmul fusions: epilogue (bias + activation), SwiGLU, merged q/k/v ----
+
+/// The pipeline before weight quantization, and the matmul fusions that follow it.
+const PRE_QUANTIZE: &str = "qdq-weights,const-fold,cse,dce,fuse-layer-norm,fuse-rms-norm,fuse-attention";
+const MATMUL_FUSIONS: &str = "fuse-swiglu,fuse-matmul-epilogue,fuse-qkv,fuse-elementwise";
+/// The default pipeline without the elementwise fusion (which would take what the near misses
+/// leave unfused).
+const NO_ELEMENTWISE: &str =
+    "qdq-weights,const-fold,cse,dce,fuse-layer-norm,fuse-rms-norm,fuse-attention,fuse-swiglu,fuse-matmul-epilogue,fuse-qkv";
+
+fn weight(name: &str, k: usize, n: usize, seed: u64) -> TensorProto {
+    let w: Vec<f32> = noise(k * n, seed).iter().map(|v| v * 0.3).collect();
+    common::f32_initializer(name, &[k as i64, n as i64], &w)
+}
+
+/// The ops that compute `act` from `h` into `y`, as exporters write them.
+fn activation_nodes(act: &str) -> Vec<NodeProto> {
+    match act {
+        "relu" | "sigmoid" | "tanh" => {
+            let op = match act {
+                "relu" => "Relu",
+                "sigmoid" => "Sigmoid",
+                _ => "Tanh",
+            };
+            vec![node(op, &["h"], &["y"])]
+        }
+        "silu" => vec![node("Sigmoid", &["h"], &["s"]), node("Mul", &["s", "h"], &["y"])],
+        // BERT: x * 0.5 * (1 + erf(x / sqrt 2)).
+        "gelu" => vec![
+            node("Div", &["h", "sqrt2"], &["z"]),
+            node("Erf", &["z"], &["e"]),
+            node("Add", &["e", "one"], &["e1"]),
+            node("Mul", &["h", "e1"], &["m"]),
+            node("Mul", &["m", "half"], &["y"]),
+        ],
+        // GPT-2's gelu_new with Pow(x, 3).
+        "gelu_tanh" => vec![
+            node("Pow", &["h", "three"], &["c"]),
+            node("Mul", &["k044", "c"], &["c2"]),
+            node("Add", &["h", "c2"], &["in"]),
+            node("Mul", &["kc", "in"], &["t0"]),
+            node("Tanh", &["t0"], &["t"]),
+            node("Add", &["one", "t"], &["t1"]),
+            node("Mul", &["half", "h"], &["hh"]),
+            node("Mul", &["hh", "t1"], &["y"]),
+        ],
+        // The same with x * x * x.
+        "gelu_tanh_mul" => vec![
+            node("Mul", &["h", "h"], &["h2"]),
+            node("Mul", &["h2", "h"], &["c"]),
+            node("Mul", &["c", "k044"], &["c2"]),
+            node("Add", &["c2", "h"], &["in"]),
+            node("Mul", &["in", "kc"], &["t0"]),
+            node("Tanh", &["t0"], &["t"]),
+            node("Add", &["t", "one"], &["t1"]),
+            node("Mul", &["h", "half"], &["hh"]),
+            node("Mul", &["t1", "hh"], &["y"]),
+        ],
+        _ => panic!("no activation {act}"),
+    }
+}
+
+fn act_constants() -> Vec<TensorProto> {
+    vec![
+        scalar_init("sqrt2", std::f32::consts::SQRT_2),
+        scalar_init("one", 1.0),
+        scalar_init("half", 0.5),
+        scalar_init("three", 3.0),
+        scalar_init("k044", 0.044715),
+        scalar_init("kc", (2.0f32 / std::f32::consts::PI).sqrt()),
+    ]
+}
+
+/// `act(x @ W + b)` with x [2, seq, k], W [k, n]; `extra_out` also makes an intermediate a graph
+/// output (a near miss).
+fn epilogue_graph(act: &str, k: usize, n: usize, extra_out: Option<&str>) -> Graph {
+    let mut nodes = vec![node("MatMul", &["x", "w"], &["p"]), node("Add", &["p", "b"], &["h"])];
+    nodes.extend(activation_nodes(act));
+    let mut init = vec![weight("w", k, n, 3), common::f32_initializer("b", &[n as i64], &noise(n, 4))];
+    init.extend(act_constants());
+    let ks = k.to_string();
+    let mut outs = vec!["y"];
+    outs.extend(extra_out);
+    load(nodes, &[("x", 1, &["2", "seq", &ks])], &outs, init)
+}
+
+/// SmolLM2's MLP: down(silu(x @ Wg) * (x @ Wu)).
+fn swiglu_graph(k: usize, n: usize, extra_out: Option<&str>) -> Graph {
+    let nodes = vec![
+        node("MatMul", &["x", "wg"], &["g"]),
+        node("Sigmoid", &["g"], &["s"]),
+        node("Mul", &["g", "s"], &["silu"]),
+        node("MatMul", &["x", "wu"], &["u"]),
+        node("Mul", &["silu", "u"], &["m"]),
+        node("MatMul", &["m", "wd"], &["y"]),
+    ];
+    let ks = k.to_string();
+    let mut outs = vec!["y"];
+    outs.extend(extra_out);
+    let init = vec![weight("wg", k, n, 5), weight("wu", k, n, 6), weight("wd", n, k, 7)];
+    load(nodes, &[("x", 1, &["2", "seq", &ks])], &outs, init)
+}
+
+/// q/k/v projections of one input, each read by a Neg; `v_input` makes v's weight a graph input.
+fn qkv_graph(k: usize, nq: usize, nkv: usize, v_input: bool) -> Graph {
+    let nodes = vec![
+        node("MatMul", &["x", "wq"], &["q"]),
+        node("MatMul", &["x", "wk"], &["kk"]),
+        node("MatMul", &["x", "wv"], &["v"]),
+        node("Neg", &["q"], &["oq"]),
+        node("Neg", &["kk"], &["ok"]),
+        node("Neg", &["v"], &["ov"]),
+    ];
+    let ks = k.to_string();
+    let nv = nkv.to_string();
+    let mut init = vec![weight("wq", k, nq, 8), weight("wk", k, nkv, 9)];
+    let x_dims = ["2", "seq", ks.as_str()];
+    let mut inputs: Vec<(&str, i32, &[&str])> = vec![("x", 1, &x_dims)];
+    let wv_dims = [ks.as_str(), nv.as_str()];
+    if v_input {
+        inputs.push(("wv", 1, &wv_dims));
+    } else {
+        init.push(weight("wv", k, nkv, 10));
+    }
+    load(nodes, &inputs, &["oq", "ok", "ov"], init)
+}
+
+fn x_feed(seq: usize, k: usize) -> Feeds {
+    vec![("x".to_string(), Tensor::from_vec(vec![2, seq, k], noise(2 * seq * k, 11)))]
+}
+
+/// The MatMulAct nodes' attribute strings.
+fn fused_matmuls(g: &Graph) -> Vec<String> {
+    g.g.node_weights().filter(|n| n.op.name() == "MatMulAct").map(|n| n.op.attrs().join(" ")).collect()
+}
+
+/// `g` quantized with `scheme` the way `edgec compile --quantize` does it: (unfused, fused).
+fn quantized(g: &Graph, scheme: &str) -> (Graph, Graph) {
+    let mut q = with_passes(g, PRE_QUANTIZE);
+    let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
+    edgec::passes::Pass::run(&pass, &mut q).unwrap();
+    let fused = with_passes(&q, MATMUL_FUSIONS);
+    (q, fused)
+}
+
+#[test]
+fn matmul_fusions_fuse_and_match() {
+    for (act, want) in [
+        ("relu", "act=relu"),
+        ("sigmoid", "act=sigmoid"),
+        ("tanh", "act=tanh"),
+        ("silu", "act=silu"),
+        ("gelu", "act=gelu"),
+        ("gelu_tanh", "act=gelu_tanh"),
+        ("gelu_tanh_mul", "act=gelu_tanh"),
+    ] {
+        let g = epilogue_graph(act, 24, 40, None);
+        let fused = with_passes(&g, "default");
+        let text = edgec::ir::text::render(&fused);
+        assert_eq!(fused_matmuls(&fused), vec![want.to_string()], "{act}:\n{text}");
+        assert_eq!(fused.op_count(), 1, "{act}: one op:\n{text}");
+        let feeds = x_feed(5, 24);
+        assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, act);
+    }
+    // SwiGLU: one gated matmul (weights [24, 80]) and down_proj.
+    let g = swiglu_graph(24, 40, None);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(fused_matmuls(&fused), vec!["act=silu glu=true".to_string()], "{text}");
+    assert_eq!(fused.op_count(), 2, "{text}");
+    assert!(text.contains("f32[24,80]"), "{text}");
+    let feeds = x_feed(5, 24);
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "swiglu");
+    // q/k/v: one matmul over [24, 56] and a Split.
+    let g = qkv_graph(24, 40, 8, false);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(count(&fused, "MatMul"), 1, "{text}");
+    assert_eq!(count(&fused, "Split"), 1, "{text}");
+    assert!(text.contains("f32[24,56]"), "{text}");
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "qkv");
+    // Quantized weights: the same fusions on MatMulNBits, per-column records concatenated.
+    for scheme in ["int8", "int4", "w4a8", "int4:g16:asym"] {
+        let (q, fused) = quantized(&swiglu_graph(32, 40, None), scheme);
+        let attrs = fused_matmuls(&fused);
+        assert!(attrs.len() == 1 && attrs[0].contains("glu=true") && attrs[0].contains("N=80"), "{scheme}: {attrs:?}");
+        let feeds = x_feed(5, 32);
+        assert_close(&run(&fused, &feeds), &run(&q, &feeds), RTOL, ATOL, &format!("swiglu {scheme}"));
+        let (q, fused) = quantized(&epilogue_graph("gelu", 32, 40, None), scheme);
+        assert_eq!(fused_matmuls(&fused).len(), 1, "{scheme}");
+        assert!(fused_matmuls(&fused)[0].starts_with("act=gelu K=32 N=40"), "{scheme}: {:?}", fused_matmuls(&fused));
+        assert_close(&run(&fused, &feeds), &run(&q, &feeds), RTOL, ATOL, &format!("gelu {scheme}"));
+        let (q, fused) = quantized(&qkv_graph(32, 40, 8, false), scheme);
+        assert_eq!((count(&fused, "MatMulNBits"), count(&fused, "Split")), (1, 1), "{scheme}");
+        assert_close(&run(&fused, &feeds), &run(&q, &feeds), RTOL, ATOL, &format!("qkv {scheme}"));
+    }
+}
+
+/// Matmul patterns whose intermediates have other readers (or weights that are not constant)
+/// keep those parts unfused.
+#[test]
+fn matmul_near_misses_stay_unfused() {
+    // The pre-activation value is also an output: bias fused, activation left as written.
+    let fused = with_passes(&epilogue_graph("gelu", 24, 40, Some("h")), NO_ELEMENTWISE);
+    assert_eq!(fused_matmuls(&fused), vec!["act=none".to_string()]);
+    assert_eq!(count(&fused, "Erf"), 1);
+    // The sigmoid of a SiLU has another reader.
+    let fused = with_passes(&epilogue_graph("silu", 24, 40, Some("s")), NO_ELEMENTWISE);
+    assert_eq!(fused_matmuls(&fused), vec!["act=none".to_string()]);
+    // The matmul product itself is an output: the bias Add stays.
+    let fused = with_passes(&epilogue_graph("relu", 24, 40, Some("p")), NO_ELEMENTWISE);
+    assert!(fused_matmuls(&fused).is_empty() && count(&fused, "Add") == 1);
+    // SwiGLU whose gate product is also read elsewhere: no gated matmul (gate and up are still
+    // merged as two projections of one input).
+    let fused = with_passes(&swiglu_graph(24, 40, Some("g")), NO_ELEMENTWISE);
+    assert!(fused_matmuls(&fused).iter().all(|a| !a.contains("glu")), "{:?}", fused_matmuls(&fused));
+    assert_eq!(count(&fused, "Sigmoid"), 1);
+    // v's weight is a graph input: only q and k merge.
+    let g = qkv_graph(24, 40, 8, true);
+    let fused = with_passes(&g, NO_ELEMENTWISE);
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(count(&fused, "MatMul"), 2, "{text}");
+    assert!(text.contains("f32[24,48]"), "{text}");
+    let mut feeds = x_feed(5, 24);
+    feeds.push(("wv".to_string(), Tensor::from_vec(vec![24, 8], noise(192, 12))));
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "qkv near miss");
+    // Different quantization schemes do not share a weight.
+    let mut q = with_passes(&qkv_graph(32, 40, 8, false), PRE_QUANTIZE);
+    let mut pass = edgec::passes::quantize::Quantize::new("int4".parse().unwrap(), vec![]);
+    pass.rules.push(edgec::passes::quantize::Rule {
+        pattern: "wv".into(),
+        exact: false,
+        precision: Some("int8".parse().unwrap()),
+    });
+    edgec::passes::Pass::run(&pass, &mut q).unwrap();
+    let fused = with_passes(&q, MATMUL_FUSIONS);
+    assert_eq!(count(&fused, "MatMulNBits"), 2, "{}", edgec::ir::text::render(&fused));
+}
+
+/// The fused matmuls natively (host at 1-3 threads, aarch64 and riscv64 under qemu) against the
+/// interpreter: every activation, SwiGLU with N not a multiple of 16, merged q/k/v, each in f32
+/// and with quantized weights (weight-only and int8 activations), sizes above the parallel
+/// threshold.
+#[test]
+fn matmul_fusions_run_natively() {
+    let mut cases: Vec<(String, Graph, Feeds)> = Vec::new();
+    for act in ["relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"] {
+        cases.push((
+            format!("epilogue {act}"),
+            with_passes(&epilogue_graph(act, 24, 40, None), "default"),
+            x_feed(5, 24),
+        ));
+    }
+    cases.push(("swiglu".into(), with_passes(&swiglu_graph(24, 40, None), "default"), x_feed(5, 24)));
+    cases.push(("swiglu parallel".into(), with_passes(&swiglu_graph(64, 72, None), "default"), x_feed(40, 64)));
+    cases.push(("qkv".into(), with_passes(&qkv_graph(24, 40, 8, false), "default"), x_feed(1, 24)));
+    cases.push(("elementwise".into(), with_passes(&elementwise_graph(false), "default"), elementwise_feeds()));
+    for scheme in ["int8", "int4", "w4a8", "w8a8", "int4:g16:asym"] {
+        cases.push((format!("swiglu {scheme}"), quantized(&swiglu_graph(64, 40, None), scheme).1, x_feed(5, 64)));
+        cases.push((
+            format!("swiglu parallel {scheme}"),
+            quantized(&swiglu_graph(64, 72, None), scheme).1,
+            x_feed(40, 64),
+        ));
+        cases.push((
+            format!("gelu {scheme}"),
+            quantized(&epilogue_graph("gelu_tanh", 64, 40, None), scheme).1,
+            x_feed(5, 64),
+        ));
+        cases.push((format!("qkv {scheme}"), quantized(&qkv_graph(64, 40, 8, false), scheme).1, x_feed(1, 64)));
+    }
+    let mut jobs_by_arch: Vec<(CrossArch, Vec<common::qemu::Job>, Vec<Vec<Tensor>>)> =
+        CrossArch::CROSS.iter().map(|&a| (a, Vec::new(), Vec::new())).collect();
+    for (name, g, feeds) in &cases {
+        let fused = fused_matmuls(g).len() + count(g, "Split") + count(g, "Elementwise");
+        assert!(fused > 0, "{name}: nothing fused");
+        let want = run(g, feeds);
+        let c = compile(g, &common::native::test_options("host")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+        for threads in [1, 2, 3] {
+            model.set_threads(threads);
+            let got = run_model(&model, feeds).unwrap();
+            assert_close(&got, &want, NATIVE_RTOL, NATIVE_ATOL, &format!("{name} host, {threads} threads"));
+        }
+        let inputs: Vec<Tensor> = common::native::input_names(g)
+            .iter()
+            .map(|n| feeds.iter().find(|(f, _)| f == n).unwrap().1.clone())
+            .collect();
+        let want: Vec<Tensor> = want.into_iter().map(|(_, t)| t).collect();
+        for (arch, jobs, wants) in &mut jobs_by_arch {
+            jobs.push(common::native::cross_job(name, g, &inputs, &want, arch.name()).unwrap());
+            wants.push(want.clone());
+        }
+    }
+    for (arch, jobs, wants) in jobs_by_arch {
+        let outs = run_jobs(arch, &jobs, None).unwrap_or_else(|e| panic!("{}: {e}", arch.name()));
+        for ((job, raw), want) in jobs.iter().zip(outs).zip(&wants) {
+            let got = common::native::decode_outputs(&raw, want).unwrap();
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                common::compare(g, w, NATIVE_RTOL, NATIVE_ATOL)
+                    .unwrap_or_else(|e| panic!("{} on {} output {i}: {e}", job.name, arch.name()));
+            }
+        }
+    }
+}
+
+/// `sigmoid(x * a + b) * exp(-x) - x / c` over x [2, seq, 12], with a [12] and b, c scalars
+/// broadcast; `extra_out` also makes `x * a + b` a graph output.
+fn elementwise_graph(extra_out: bool) -> Graph {
+    let nodes = vec![
+        node("Mul", &["x", "a"], &["xa"]),
+        node("Add", &["xa", "b"], &["h"]),
+        node("Sigmoid", &["h"], &["s"]),
+        node("Neg", &["x"], &["nx"]),
+        node("Exp", &["nx"], &["e"]),
+        node("Mul", &["s", "e"], &["se"]),
+        node("Div", &["x", "c"], &["xc"]),
+        node("Sub", &["se", "xc"], &["y"]),
+    ];
+    let mut outs = vec!["y"];
+    if extra_out {
+        outs.push("h");
+    }
+    let init = vec![common::f32_initializer("a", &[12], &noise(12, 13)), scalar_init("b", 0.25)];
+    load(nodes, &[("x", 1, &["2", "seq", "12"]), ("c", 1, &[])], &outs, init)
+}
+
+fn elementwise_feeds() -> Feeds {
+    vec![
+        ("x".to_string(), Tensor::from_vec(vec![2, 7, 12], noise(168, 14))),
+        ("c".to_string(), Tensor::from_vec(vec![], vec![1.5f32])),
+    ]
+}
+
+#[test]
+fn elementwise_chains_fuse_and_match() {
+    let g = elementwise_graph(false);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!((fused.op_count(), count(&fused, "Elementwise")), (1, 1), "{text}");
+    assert!(text.contains("expr=Sub(Mul(Sigmoid(Add(Mul(i0,i1),i2)),Exp(Neg(i0))),Div(i0,i3))"), "{text}");
+    let feeds = elementwise_feeds();
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "elementwise");
+    // `h` is also an output: the tree splits there (Mul+Add, and the rest reading h).
+    let g = elementwise_graph(true);
+    let fused = with_passes(&g, "default");
+    let text = edgec::ir::text::render(&fused);
+    assert_eq!(count(&fused, "Elementwise"), 2, "{text}");
+    assert_close(&run(&fused, &feeds), &run(&g, &feeds), RTOL, ATOL, "elementwise split");
+}

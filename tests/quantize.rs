@@ -12,7 +12,8 @@ use edgec::passes::{pass_by_name, Pass, PassManager};
 fn tiny_llama() -> (Graph, Vec<(String, Tensor)>) {
     let dir = common::repo_root().join("models/tiny/llama");
     let mut g = edgec::onnx::load_model(&dir.join("model.onnx")).unwrap();
-    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    // Quantization runs before the matmul fusions (as in `edgec compile`).
+    PassManager::default_around_quantize().0.run(&mut g, &mut |_, _, _| {}).unwrap();
     (g, common::read_npy_dir(&dir.join("inputs")))
 }
 

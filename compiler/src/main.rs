@@ -511,11 +511,14 @@ fn compile(
     // Base pipeline, then pruning (it needs plain MatMuls), then the optimisation passes.
     // Pruning works on the unfused graph (it follows q/k/v through the attention ops), so with
     // --prune the fusion passes move after it.
+    // The matmul fusions run after quantization (which names and rewrites plain MatMuls).
     let names = pipeline(passes).map_err(|e| e.to_string())?.names();
+    let (names, late) = edgec::passes::split_at_quantize(&names);
     let (pre, post): (Vec<&str>, Vec<&str>) =
         names.iter().partition(|n| prune.prune.is_none() || !n.starts_with("fuse-"));
     let pm = pipeline(&pre.join(",")).map_err(|e| e.to_string())?;
     let mut opt_pm = pipeline(&post.join(",")).map_err(|e| e.to_string())?;
+    let late_pm = pipeline(&late.join(",")).map_err(|e| e.to_string())?;
     let quantize = optimize.quantize_pass()?;
     let mut rows = vec![format!(
         r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
@@ -548,8 +551,9 @@ fn compile(
         opt_pm.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
     }
     opt_pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
+    late_pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
     if let Some(r) = prune_report {
-        rows.insert(rows.len() - opt_pm.names().len(), r.to_json());
+        rows.insert(rows.len() - opt_pm.names().len() - late_pm.names().len(), r.to_json());
     }
     if let Some(r) = sensitivity_row {
         let at = rows.iter().position(|r| r.contains(r#""pass":"quantize""#)).unwrap_or(rows.len());

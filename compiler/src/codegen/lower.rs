@@ -238,6 +238,29 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let y = mb.operand(input(1).unwrap());
             mb.finish(out_view(0), Expr::bin(*b, x, y))
         }
+        Op::Elementwise { steps } => {
+            // The whole tree as one expression: one loop, intermediates in registers.
+            let mut ins_e = Vec::with_capacity(node.num_inputs);
+            for i in 0..node.num_inputs {
+                ins_e.push(mb.operand(input(i).ok_or_else(|| unsupported(node, "missing input"))?));
+            }
+            let mut es: Vec<Expr> = Vec::with_capacity(steps.len());
+            for st in steps {
+                let a = |k: usize| match st.args.get(k) {
+                    Some(crate::ir::ElemArg::In(i)) => ins_e.get(*i).cloned(),
+                    Some(crate::ir::ElemArg::Step(j)) => es.get(*j).cloned(),
+                    None => None,
+                };
+                let e = match &st.op {
+                    Op::Unary(u) => a(0).map(|x| Expr::un(u.clone(), x)),
+                    Op::Binary(b) => a(0).zip(a(1)).map(|(x, y)| Expr::bin(*b, x, y)),
+                    _ => None,
+                };
+                es.push(e.ok_or_else(|| unsupported(node, "malformed elementwise step"))?);
+            }
+            let e = es.pop().ok_or_else(|| unsupported(node, "no steps"))?;
+            mb.finish(out_view(0), e)
+        }
         Op::Variadic(v) => {
             let mut it = (0..node.num_inputs).filter_map(input);
             let first = mb.operand(it.next().ok_or_else(|| unsupported(node, "no inputs"))?);
@@ -445,10 +468,29 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let zero = if odt.is_float() { Expr::F(0.0, odt) } else { Expr::I(0, odt) };
             mb.finish(out_view(0), Expr::Select(Box::new(cond), Box::new(x), Box::new(zero)))
         }
-        Op::MatMul | Op::MatMulInteger => return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false)?]),
+        Op::MatMul | Op::MatMulInteger => {
+            return Ok(vec![lower_matmul(cx, node, &ins, out0, false, false, false)?]);
+        }
         Op::MatMulNBits { .. } => return lower_matmul_nbits(cx, node, &ins, out0),
+        Op::MatMulAct { act, glu, nbits } => {
+            let mut ks = if nbits.is_some() {
+                lower_matmul_nbits(cx, node, &ins, out0)?
+            } else {
+                if cx.dtype(ins[0].unwrap()) != DType::F32 || cx.dtype(ins[1].unwrap()) != DType::F32 {
+                    return Err(unsupported(node, "MatMulAct needs f32 operands"));
+                }
+                vec![lower_matmul(cx, node, &ins, out0, false, false, *glu)?]
+            };
+            let bias = node.op.matmul_act_bias_slot().and_then(input).map(|b| cx.loc(b));
+            let epi = super::matmul::Epilogue { act: (*act != crate::ir::Act::None).then_some(*act), bias, glu: *glu };
+            match ks.last_mut() {
+                Some(Kernel::MatMul(mm)) => mm.epi = epi,
+                _ => return Err(unsupported(node, "no matmul kernel to fuse into")),
+            }
+            return Ok(ks);
+        }
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
-            let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b)?];
+            let mut ks = vec![lower_matmul(cx, node, &ins, out0, *trans_a, *trans_b, false)?];
             let c = input(2);
             if *alpha != 1.0 || c.is_some() {
                 let mut m = MapBuilder::new(cx, oshape.clone());
@@ -848,6 +890,7 @@ fn lower_matmul(
     out: ValueRef,
     trans_a: bool,
     trans_b: bool,
+    glu: bool,
 ) -> Result<Kernel> {
     let (a, b) = (ins[0].unwrap(), ins[1].unwrap());
     let (mut sa, mut sb) = (cx.shape(a), cx.shape(b));
@@ -871,6 +914,12 @@ fn lower_matmul(
         (sb[rb - 2].clone(), db[rb - 1].clone(), db[rb - 2].clone())
     } else {
         (sb[rb - 1].clone(), db[rb - 2].clone(), db[rb - 1].clone())
+    };
+    // SwiGLU: B holds 2N columns (gate, up), the output N.
+    let n = match (glu, n.as_fixed()) {
+        (false, _) => n,
+        (true, Some(w)) if w % 2 == 0 => Dim::fixed(w / 2),
+        _ => return Err(unsupported(node, "glu needs a fixed, even number of weight columns")),
     };
     // Batch axes: numpy broadcasting of the leading axes.
     let nb = ra.max(rb) - 2;
@@ -923,6 +972,7 @@ fn lower_matmul(
         },
         b_packed: cx.packed.contains(&b),
         b_nbits: None,
+        epi: Default::default(),
         out: Operand {
             loc: cx.loc(out),
             dtype: odt,
@@ -970,6 +1020,7 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         b_zero: None,
         b_packed: false,
         b_nbits: Some(pk),
+        epi: Default::default(),
     })));
     Ok(kernels)
 }

@@ -11,7 +11,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
 use super::emit::{mem, Kb, Loc};
 use super::map::{cast, compute_type, load_elem, store_elem};
 use super::math::Fm;
-use crate::ir::{DType, Dim};
+use crate::ir::{Act, DType, Dim};
 
 #[derive(Clone, Debug)]
 pub struct Operand {
@@ -39,6 +39,115 @@ pub struct MatMulKernel {
     pub b_packed: bool,
     /// B is a quantized weight in packed form (MatMulNBits): `qmatmul` emits the kernel.
     pub b_nbits: Option<super::layout::NBitsPacking>,
+    /// What happens to each output tile before it is stored (fused `MatMulAct`).
+    pub epi: Epilogue,
+}
+
+/// A fused matmul's epilogue, applied to the accumulators while they are still in registers.
+#[derive(Clone, Debug, Default)]
+pub struct Epilogue {
+    pub act: Option<Act>,
+    /// f32 per output column.
+    pub bias: Option<Loc>,
+    /// SwiGLU: B holds the gate columns, then (from the next whole panel when packed) the up
+    /// columns; each output tile is computed twice, `act(gate)` stored first and the up tile
+    /// multiplied into it (the tile's lines are still in L1), so the [rows, 2N] product never
+    /// exists.
+    pub glu: bool,
+}
+
+/// Which half of a tile pass this is: a plain matmul (bias, activation), or the two halves of
+/// a SwiGLU output tile.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Stage {
+    Plain,
+    Gate,
+    Up,
+}
+
+impl Epilogue {
+    pub fn stages(&self) -> &'static [Stage] {
+        if self.glu {
+            &[Stage::Gate, Stage::Up]
+        } else {
+            &[Stage::Plain]
+        }
+    }
+}
+
+/// The activation on an f32 or f32x4 value.
+pub fn apply_act(kb: &mut Kb, act: Act, x: Value, ty: Type) -> Value {
+    let mut fm = Fm::new(kb, ty);
+    match act {
+        Act::None => x,
+        Act::Relu => {
+            let z = fm.c(0.0);
+            fm.max(x, z)
+        }
+        Act::Sigmoid => fm.sigmoid(x),
+        Act::Tanh => fm.tanh(x),
+        Act::Silu => {
+            let s = fm.sigmoid(x);
+            fm.mul(x, s)
+        }
+        Act::Gelu => {
+            let c = fm.c(std::f64::consts::FRAC_1_SQRT_2);
+            let t = fm.mul(x, c);
+            let e = fm.erf(t);
+            let one = fm.c(1.0);
+            let e1 = fm.add(e, one);
+            let h = fm.c(0.5);
+            let hx = fm.mul(x, h);
+            fm.mul(hx, e1)
+        }
+        Act::GeluTanh => {
+            let x2 = fm.mul(x, x);
+            let x3 = fm.mul(x2, x);
+            let c3 = fm.c(0.044715);
+            let inner = fm.fma(x3, c3, x);
+            let c = fm.c((2.0 / std::f64::consts::PI).sqrt());
+            let t = fm.mul(inner, c);
+            let th = fm.tanh(t);
+            let one = fm.c(1.0);
+            let t1 = fm.add(th, one);
+            let h = fm.c(0.5);
+            let hx = fm.mul(x, h);
+            fm.mul(hx, t1)
+        }
+    }
+}
+
+/// The value to store for an output element (or f32x4 of elements) `v` at column `col`, the
+/// output address `addr + off`: bias and activation, or the SwiGLU halves.
+#[allow(clippy::too_many_arguments)]
+pub fn finish(
+    kb: &mut Kb,
+    epi: &Epilogue,
+    stage: Stage,
+    v: Value,
+    ty: Type,
+    col: Value,
+    addr: Value,
+    off: i32,
+) -> Value {
+    match stage {
+        Stage::Up => {
+            let g = kb.fb.ins().load(ty, mem(), addr, off);
+            Fm::new(kb, ty).mul(g, v)
+        }
+        Stage::Gate => epi.act.map_or(v, |a| apply_act(kb, a, v, ty)),
+        Stage::Plain => {
+            let mut v = v;
+            if let Some(b) = epi.bias {
+                let base = kb.base(b);
+                let o = kb.fb.ins().ishl_imm_s(col, 2);
+                let p = kb.fb.ins().iadd(base, o);
+                let bv = kb.fb.ins().load(ty, mem(), p, 0);
+                v = Fm::new(kb, ty).add(v, bv);
+            }
+            epi.act.map_or(v, |a| apply_act(kb, a, v, ty))
+        }
+    }
 }
 
 /// Rows per register tile and f32x4 vectors per row.
@@ -54,6 +163,8 @@ struct Ptrs {
     k: Value,
     azp: Option<(Value, Value)>,
     bzp: Option<(Value, Value)>,
+    /// Bytes from a gate column of B to its up column (SwiGLU).
+    up_off: Value,
 }
 
 /// Columns per parallel unit: `parallel_for` hands out ranges of these panels.
@@ -119,6 +230,17 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
     let azp = zp(kb, &mm.a_zero);
     let bzp = zp(kb, &mm.b_zero);
     let zero = kb.iconst(0);
+    let up_off = if mm.b_packed {
+        // The up half starts at the next whole panel (plan packs the halves separately).
+        let nn = n_all_cols(kb, mm);
+        let panels = kb.fb.ins().iadd_imm_s(nn, 15);
+        let panels = kb.fb.ins().ushr_imm_s(panels, 4);
+        let pb = kb.fb.ins().imul_imm_s(k, 64);
+        kb.fb.ins().imul(panels, pb)
+    } else {
+        let nn = n_all_cols(kb, mm);
+        kb.fb.ins().imul(nn, s[3])
+    };
     let vector = kb.target.simd()
         && mm.a.dtype == DType::F32
         && mm.b.dtype == DType::F32
@@ -127,7 +249,7 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
     let sizes = [mm.a.dtype.size(), mm.b.dtype.size(), mm.out.dtype.size()];
     kb.loop_nest(&batch, &strides, vec![zero; 3], &mut Vec::new(), &mut |kb, offs, _| {
         let p: Vec<Value> = (0..3).map(|i| kb.elem_addr(bases[i], offs[i], sizes[i])).collect();
-        let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp };
+        let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp, up_off };
         // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
         // while every row block of A streams past it.
         let mut start = n_lo;
@@ -139,10 +261,10 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
                 let end = kb.for_steps(zero, m, MR as i64, |kb, i| {
                     for t in 0..PANEL / NV {
                         let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * NV) as i64);
-                        tile(kb, mm, &ptrs, i, jt, MR, NV, true);
+                        tiles(kb, mm, &ptrs, i, jt, MR, NV, true);
                     }
                 });
-                kb.for_range(end, m, 1, |kb, i| tile(kb, mm, &ptrs, i, j, 1, PANEL, true));
+                kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, &ptrs, i, j, 1, PANEL, true));
             });
             start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, NV, true));
             start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 1, true));
@@ -159,8 +281,21 @@ const PANEL: usize = 4;
 /// Every row of the column panel starting at `j`: blocks of `MR` rows, then single rows.
 fn row_blocks(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, j: Value, m: Value, width: usize, vector: bool) {
     let zero = kb.iconst(0);
-    let end = kb.for_steps(zero, m, MR as i64, |kb, i| tile(kb, mm, p, i, j, MR, width, vector));
-    kb.for_range(end, m, 1, |kb, i| tile(kb, mm, p, i, j, 1, width, vector));
+    let end = kb.for_steps(zero, m, MR as i64, |kb, i| tiles(kb, mm, p, i, j, MR, width, vector));
+    kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, p, i, j, 1, width, vector));
+}
+
+/// The output tile at (i, j): one tile pass, or a SwiGLU tile's gate and up passes back to back.
+#[allow(clippy::too_many_arguments)]
+fn tiles(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usize, width: usize, vector: bool) {
+    for &st in mm.epi.stages() {
+        tile(kb, mm, p, i, j, rows, width, vector, st);
+    }
+}
+
+/// The output's column count as a run-time value.
+fn n_all_cols(kb: &mut Kb, mm: &MatMulKernel) -> Value {
+    kb.dim(&mm.n)
 }
 
 /// What one k step of a tile needs besides the pointers.
@@ -239,7 +374,17 @@ fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) 
 
 /// One register tile: `rows` x `width` where width counts f32x4 vectors (`vector`) or scalars.
 #[allow(clippy::too_many_arguments)]
-fn tile(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usize, width: usize, vector: bool) {
+fn tile(
+    kb: &mut Kb,
+    mm: &MatMulKernel,
+    p: &Ptrs,
+    i: Value,
+    j: Value,
+    rows: usize,
+    width: usize,
+    vector: bool,
+    stage: Stage,
+) {
     let integer = mm.a_zero.is_some() || mm.b_zero.is_some() || !mm.out.dtype.is_float();
     let acc_ty: Type = if vector { types::F32X4 } else { compute_type(mm.out.dtype) };
     let zero_acc = if acc_ty.is_int() { kb.fb.ins().iconst(acc_ty, 0) } else { Fm::new(kb, acc_ty).c(0.0) };
@@ -265,6 +410,7 @@ fn tile(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usiz
         let jb = kb.fb.ins().imul(j, p.s[3]);
         kb.fb.ins().iadd(p.b, jb)
     };
+    let b_col = if stage == Stage::Up { kb.fb.ins().iadd(b_col, p.up_off) } else { b_col };
     let zero = kb.iconst(0);
     // Zero points (MatMulInteger): per row of A / per column of B, or scalar (stride 0).
     let a_zps: Vec<Option<Value>> = (0..rows)
@@ -319,13 +465,22 @@ fn tile(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, i: Value, j: Value, rows: usiz
         let row = kb.fb.ins().iadd(p.out, off);
         let jo = kb.fb.ins().imul(j, p.s[5]);
         let row = kb.fb.ins().iadd(row, jo);
+        let fused = mm.epi.act.is_some() || mm.epi.bias.is_some() || mm.epi.glu;
         for c in 0..width {
-            let v = accs[r * width + c];
+            let mut v = accs[r * width + c];
             if vector {
+                if fused {
+                    let col = kb.fb.ins().iadd_imm_s(j, (c * 4) as i64);
+                    v = finish(kb, &mm.epi, stage, v, types::F32X4, col, row, (c * 16) as i32);
+                }
                 kb.fb.ins().store(mem(), v, row, (c * 16) as i32);
             } else {
                 let off = kb.fb.ins().imul_imm_s(p.s[5], c as i64);
                 let addr = kb.fb.ins().iadd(row, off);
+                if fused {
+                    let col = kb.fb.ins().iadd_imm_s(j, c as i64);
+                    v = finish(kb, &mm.epi, stage, v, types::F32, col, addr, 0);
+                }
                 store_elem(kb, mm.out.dtype, v, addr, 0);
             }
         }

@@ -51,7 +51,7 @@ fn packable(g: &Graph, v: ValueRef) -> Option<bool> {
     let mut trans = None;
     for (u, slot) in g.users_of(v) {
         let t = match (&g.node(u).op, slot) {
-            (Op::MatMul, 1) => false,
+            (Op::MatMul, 1) | (Op::MatMulAct { nbits: None, glu: false, .. }, 1) => false,
             (Op::Gemm { trans_b, .. }, 1) => *trans_b,
             _ => return None,
         };
@@ -63,15 +63,16 @@ fn packable(g: &Graph, v: ValueRef) -> Option<bool> {
     trans
 }
 
-/// The constant operands of the MatMulNBits node reading constant `v` as its B: (packing, B,
-/// scales, zero points).
-type NBitsOperands = (NBitsPacking, Vec<u8>, Vec<f32>, Option<Vec<u8>>);
+/// The packing of the MatMulNBits (or fused MatMulAct) node reading constant `v` as its B, and
+/// the packed bytes.
+type NBitsOperands = (NBitsPacking, Vec<u8>);
 
 /// `simd`: the target has vectors (integer dot products for int8 activations).
 fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOperands>> {
     let users = g.users_of(v);
     let Some(&(u, 1)) = users.first() else { return Ok(None) };
-    let Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act } = g.node(u).op else { return Ok(None) };
+    let Some((attrs, glu)) = g.node(u).op.nbits() else { return Ok(None) };
+    let crate::ir::NBitsAttrs { k, n, bits, block_size, accuracy_level, act } = attrs;
     let node = g.node(u);
     if users.iter().any(|&(w, slot)| slot != 1 || g.node(w).op != node.op) {
         return Ok(None);
@@ -94,7 +95,22 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let zp = bytes(3)?;
     layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
     let int_dot = (accuracy_level == 4 || act.is_some()) && super::layout::int_dot_ok(bits, block_size, simd);
-    Ok(Some((NBitsPacking { layout, asym: zp.is_some(), int_dot, act }, b, scales, zp)))
+    let pk = NBitsPacking { layout, asym: zp.is_some(), int_dot, act };
+    if !glu {
+        return Ok(Some((pk, pk.pack(&b, &scales, zp.as_deref()))));
+    }
+    // SwiGLU: the gate and up halves packed one after the other, each in whole panels, so the
+    // kernel finds a gate panel's up panel at a fixed offset. B, scales and zero points are all
+    // per column: a half is a contiguous range of each.
+    if n % 2 != 0 {
+        return Err(err("glu needs an even N"));
+    }
+    let half = crate::ir::nbits::NBitsLayout::new(k, n / 2, bits, block_size).map_err(|e| err(&e))?;
+    let hp = NBitsPacking { layout: half, ..pk };
+    let (bl, sl, zl) = (half.b_len(), half.n * half.blocks(), half.n * half.zp_cols());
+    let mut bytes = hp.pack(&b[..bl], &scales[..sl], zp.as_ref().map(|z| &z[..zl]));
+    bytes.extend(hp.pack(&b[bl..], &scales[sl..], zp.as_ref().map(|z| &z[zl..])));
+    Ok(Some((hp, bytes)))
 }
 
 /// A constant read only as the scales or zero points of MatMulNBits nodes whose B is constant:
@@ -103,10 +119,22 @@ fn nbits_absorbed(g: &Graph, v: ValueRef) -> bool {
     let users = g.users_of(v);
     !users.is_empty()
         && users.iter().all(|&(u, slot)| {
-            matches!(g.node(u).op, Op::MatMulNBits { .. })
+            g.node(u).op.nbits().is_some()
                 && (slot == 2 || slot == 3)
                 && g.inputs_of(u)[1].is_some_and(|b| g.const_of(b).is_some())
         })
+}
+
+/// A constant f32 [K, 2N] read only as the weight of SwiGLU MatMulActs.
+fn glu_weight(g: &Graph, v: ValueRef) -> bool {
+    let ty = g.ty(v);
+    let users = g.users_of(v);
+    ty.dtype == crate::ir::DType::F32
+        && ty.rank() == Some(2)
+        && !users.is_empty()
+        && users
+            .iter()
+            .all(|&(u, slot)| slot == 1 && matches!(g.node(u).op, Op::MatMulAct { nbits: None, glu: true, .. }))
 }
 
 /// Ops whose output has the input's bytes in the same order: they can alias the input.
@@ -202,12 +230,21 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                 weights.resize(weights.len().next_multiple_of(ALIGN as usize), 0);
                 let v = ValueRef { node: n, slot: 0 };
                 locs.insert(v, Loc::Weight(weights.len() as u64));
-                if let Some((pk, b, scales, zp)) = nbits_operands(g, v, pack)? {
-                    weights.extend_from_slice(&pk.pack(&b, &scales, zp.as_deref()));
+                if let Some((pk, bytes)) = nbits_operands(g, v, pack)? {
+                    weights.extend_from_slice(&bytes);
                     nbits.insert(v, pk);
                     continue;
                 }
                 if nbits_absorbed(g, v) {
+                    continue;
+                }
+                if pack && glu_weight(g, v) {
+                    // SwiGLU f32 weight [K, 2N]: gate and up halves packed separately.
+                    let (r, cols) = (c.shape[0], c.shape[1]);
+                    let half = cols / 2;
+                    weights.extend_from_slice(&pack_panels(&c.bytes, r, half, cols, 1));
+                    weights.extend_from_slice(&pack_panels(&c.bytes[half * 4..], r, half, cols, 1));
+                    packed.insert(v);
                     continue;
                 }
                 match packable(g, v).filter(|_| pack) {
@@ -239,8 +276,9 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
             }
         }
         let mut sb = scratch_bytes(&node.op);
-        if let (Op::MatMulNBits { k, bits, block_size, .. }, true) = (&node.op, node.op.int8_activations()) {
-            let (k, bits, block_size) = (*k, *bits, *block_size);
+        if let (Some((crate::ir::NBitsAttrs { k, bits, block_size, .. }, _)), true) =
+            (node.op.nbits(), node.op.int8_activations())
+        {
             // Room for the int8 activations, one row per row of A.
             let a = g.inputs_of(n)[0].ok_or_else(|| Error::Invalid(format!("node `{}` has no A", node.name)))?;
             let rows = size_of(a)? / (4 * k.max(1) as u64);

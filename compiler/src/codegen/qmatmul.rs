@@ -13,7 +13,7 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use super::emit::{mem, Kb, Loc};
 use super::layout::{NBitsPacking, PANEL_COLS};
 use super::math::Fm;
-use super::matmul::{column_range, MatMulKernel};
+use super::matmul::{column_range, finish, Epilogue, MatMulKernel, Stage};
 use crate::ir::Dim;
 
 struct Q<'m> {
@@ -25,6 +25,7 @@ struct Q<'m> {
     n: Value,
     k: usize,
     split_fma: bool,
+    epi: &'m Epilogue,
 }
 
 pub fn emit(kb: &mut Kb, mm: &MatMulKernel, pk: &NBitsPacking, units: Option<(Value, Value)>) {
@@ -36,6 +37,7 @@ pub fn emit(kb: &mut Kb, mm: &MatMulKernel, pk: &NBitsPacking, units: Option<(Va
         n: kb.iconst(pk.layout.n as i64),
         k: pk.layout.k,
         split_fma: kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx"),
+        epi: &mm.epi,
     };
     let m = kb.dim(&mm.m);
     let (lo, hi) = column_range(kb, mm, units);
@@ -51,25 +53,47 @@ fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
     let idx = kb.fb.ins().ushr_imm_s(j, 4);
     let off = kb.fb.ins().imul_imm_s(idx, q.pk.panel_bytes() as i64);
     let pp = kb.fb.ins().iadd(q.b, off);
+    // SwiGLU: the up half's panels follow the gate half's (packed separately by the planner).
+    let up = (q.pk.panels() * q.pk.panel_bytes()) as i64;
+    let pp_of = |kb: &mut Kb, st: Stage| if st == Stage::Up { kb.fb.ins().iadd_imm_s(pp, up) } else { pp };
+    let stages = q.epi.stages();
     let zero = kb.iconst(0);
     if q.pk.int_dot {
-        kb.for_range(zero, m, 1, |kb, i| int_tile(kb, q, pp, i, j, full));
+        kb.for_range(zero, m, 1, |kb, i| {
+            for &st in stages {
+                let p = pp_of(kb, st);
+                int_tile(kb, q, p, i, j, full, st);
+            }
+        });
         return;
     }
     if !kb.target.simd() {
-        kb.for_range(zero, m, 1, |kb, i| scalar_tile(kb, q, pp, i, j, full));
+        kb.for_range(zero, m, 1, |kb, i| {
+            for &st in stages {
+                let p = pp_of(kb, st);
+                scalar_tile(kb, q, p, i, j, full, st);
+            }
+        });
         return;
     }
     let end = kb.for_steps(zero, m, 4, |kb, i| {
-        tile(kb, q, pp, i, j, 4, &[0], full);
-        tile(kb, q, pp, i, j, 4, &[1], full);
+        for &st in stages {
+            let p = pp_of(kb, st);
+            tile(kb, q, p, i, j, 4, &[0], full, st);
+            tile(kb, q, p, i, j, 4, &[1], full, st);
+        }
     });
-    kb.for_range(end, m, 1, |kb, i| tile(kb, q, pp, i, j, 1, &[0, 1], full));
+    kb.for_range(end, m, 1, |kb, i| {
+        for &st in stages {
+            let p = pp_of(kb, st);
+            tile(kb, q, p, i, j, 1, &[0, 1], full, st);
+        }
+    });
 }
 
 /// A tile of `rows` rows and the 8-column `halves` of the panel at `pp` (column `j`).
 #[allow(clippy::too_many_arguments)]
-fn tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, halves: &[usize], full: bool) {
+fn tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, halves: &[usize], full: bool, st: Stage) {
     let pk = q.pk;
     let row_bytes = (q.k * 4) as i64;
     let a_off = kb.fb.ins().imul_imm_s(i, row_bytes);
@@ -82,50 +106,64 @@ fn tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, halves: 
     let (full_blocks, tail) = (q.k / bs, q.k % bs);
     let zero = kb.iconst(0);
     let nb = kb.iconst(full_blocks as i64);
-    let (_, mut st) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
+    let (_, mut acc) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
         let mut out = block(kb, q, st, rows, halves, bs);
         let rec = out[nacc + 1];
         out[nacc + 1] = kb.fb.ins().iadd_imm_s(rec, pk.record_bytes() as i64);
         out
     });
     if tail > 0 {
-        st = block(kb, q, &st, rows, halves, tail);
+        acc = block(kb, q, &acc, rows, halves, tail);
     }
     for r in 0..rows {
         let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
         for (hi, &h) in halves.iter().enumerate() {
             for v in 0..2 {
-                store_vec(kb, q, ir, j, h * 8 + v * 4, st[(r * halves.len() + hi) * 2 + v], full);
+                store_vec(kb, q, ir, j, h * 8 + v * 4, acc[(r * halves.len() + hi) * 2 + v], full, st);
             }
         }
     }
 }
 
-/// Stores the f32x4 of columns j + col .. j + col + 4 of row `i`, skipping columns past N unless
-/// the panel is `full`.
-fn store_vec(kb: &mut Kb, q: &Q, i: Value, j: Value, col: usize, acc: Value, full: bool) {
+/// Stores the f32x4 of columns j + col .. j + col + 4 of row `i` after the epilogue, skipping
+/// columns past N unless the panel is `full`.
+#[allow(clippy::too_many_arguments)]
+fn store_vec(kb: &mut Kb, q: &Q, i: Value, j: Value, col: usize, acc: Value, full: bool, st: Stage) {
     let off = kb.fb.ins().imul_imm_s(i, (q.pk.layout.n * 4) as i64);
     let row = kb.fb.ins().iadd(q.out, off);
     let jo = kb.fb.ins().ishl_imm_s(j, 2);
     let row = kb.fb.ins().iadd(row, jo);
     if full {
-        kb.fb.ins().store(mem(), acc, row, (col * 4) as i32);
+        let c = kb.fb.ins().iadd_imm_s(j, col as i64);
+        let v = epilogue(kb, q, st, acc, types::F32X4, c, row, (col * 4) as i32);
+        kb.fb.ins().store(mem(), v, row, (col * 4) as i32);
         return;
     }
+    // Lane by lane: the bias and the gate values past N must not be read.
     for lane in 0..4 {
         let c = kb.fb.ins().iadd_imm_s(j, (col + lane) as i64);
         let inside = kb.fb.ins().icmp(IntCC::SignedLessThan, c, q.n);
         let x = kb.fb.ins().extractlane(acc, lane as u8);
         kb.if_then(inside, |kb| {
+            let x = epilogue(kb, q, st, x, types::F32, c, row, ((col + lane) * 4) as i32);
             kb.fb.ins().store(mem(), x, row, ((col + lane) * 4) as i32);
         });
     }
 }
 
+/// The fused epilogue, when there is one.
+#[allow(clippy::too_many_arguments)]
+fn epilogue(kb: &mut Kb, q: &Q, st: Stage, v: Value, ty: types::Type, col: Value, addr: Value, off: i32) -> Value {
+    if q.epi.act.is_none() && q.epi.bias.is_none() && !q.epi.glu {
+        return v;
+    }
+    finish(kb, q.epi, st, v, ty, col, addr, off)
+}
+
 /// The integer-dot tile: one row of int8 activations (scratch) by the panel's 16 columns. Per block,
 /// four i32x4 accumulators (lanes = columns) collect exact dot products of 4 (int8) or 8 (int4)
 /// k steps per 64-byte chunk; then acc += (dot - zero * sum(q)) * (scale * act_scale).
-fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
+fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool, st: Stage) {
     let pk = q.pk;
     let bs = pk.layout.block_size;
     let x_off = kb.fb.ins().imul_imm_s(i, pk.act_row_bytes() as i64);
@@ -225,7 +263,7 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
         out
     });
     for (cg, &acc) in fin[..4].iter().enumerate() {
-        store_vec(kb, q, i, j, cg * 4, acc, full);
+        store_vec(kb, q, i, j, cg * 4, acc, full, st);
     }
 }
 
@@ -586,7 +624,7 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
 }
 
 /// Targets without vectors: one row by the panel's 16 columns in scalar registers.
-fn scalar_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
+fn scalar_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool, stage: Stage) {
     let pk = q.pk;
     let a_off = kb.fb.ins().imul_imm_s(i, (q.k * 4) as i64);
     let a_ptr = kb.fb.ins().iadd(q.a, a_off);
@@ -658,12 +696,14 @@ fn scalar_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool) {
     let jo = kb.fb.ins().ishl_imm_s(j, 2);
     let row = kb.fb.ins().iadd(row, jo);
     for (c, &v) in acc.iter().enumerate() {
+        let col = kb.fb.ins().iadd_imm_s(j, c as i64);
         if full {
+            let v = epilogue(kb, q, stage, v, types::F32, col, row, (c * 4) as i32);
             kb.fb.ins().store(mem(), v, row, (c * 4) as i32);
         } else {
-            let col = kb.fb.ins().iadd_imm_s(j, c as i64);
             let inside = kb.fb.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, col, q.n);
             kb.if_then(inside, |kb| {
+                let v = epilogue(kb, q, stage, v, types::F32, col, row, (c * 4) as i32);
                 kb.fb.ins().store(mem(), v, row, (c * 4) as i32);
             });
         }

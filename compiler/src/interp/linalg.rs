@@ -172,3 +172,26 @@ pub fn matmul_integer(a: &Tensor, b: &Tensor, a_zp: Option<&Tensor>, b_zp: Optio
     let (shape, v) = batched(&av, &a.shape, &bv, &b.shape)?;
     Ok(Tensor::from_vec(shape, v))
 }
+
+/// A fused matmul's epilogue on the product `y` [..., Nw] (f32): `act(y + bias)`, or with `glu`
+/// `act(y[..., :N]) * y[..., N:]` (N = Nw / 2), each element in f64 and rounded once.
+pub fn matmul_epilogue(y: &Tensor, bias: Option<&Tensor>, act: crate::ir::Act, glu: bool) -> Result<Tensor, String> {
+    let v = y.as_slice::<f32>()?;
+    let nw = *y.shape.last().ok_or("MatMulAct output has rank 0")?;
+    let b: Option<&[f32]> = bias.map(|b| b.as_slice::<f32>()).transpose()?;
+    if b.is_some_and(|b| b.len() != nw) {
+        return Err(format!("MatMulAct bias has {} values for {nw} columns", b.unwrap().len()));
+    }
+    let n = if glu { nw / 2 } else { nw };
+    let mut out = Vec::with_capacity(v.len() / nw.max(1) * n);
+    for row in v.chunks_exact(nw.max(1)) {
+        for j in 0..n {
+            let x = row[j] as f64 + b.map_or(0.0, |b| b[j] as f64);
+            let r = if glu { act.apply(x) * row[n + j] as f64 } else { act.apply(x) };
+            out.push(r as f32);
+        }
+    }
+    let mut shape = y.shape.clone();
+    *shape.last_mut().unwrap() = n;
+    Ok(Tensor::from_vec(shape, out))
+}

@@ -11,7 +11,7 @@ mod broadcast;
 pub mod elementwise;
 mod gather;
 pub mod linalg;
-mod math;
+pub mod math;
 pub mod normalize;
 mod quant;
 mod reduce;
@@ -112,16 +112,55 @@ pub fn eval_op(op: &Op, inputs: &[Option<&Tensor>], n_outputs: usize) -> Result<
         Op::DynamicQuantizeLinear => quant::dynamic_quantize_linear(arg(0)?),
         Op::RmsNorm { axis, epsilon } => one(normalize::rms_norm(arg(0)?, arg(1)?, *axis, *epsilon)?),
         Op::Attention { scale } => one(attention::attention(arg(0)?, arg(1)?, arg(2)?, opt(3), *scale)?),
-        Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act } => {
-            let w = quant::dequantize_nbits(arg(1)?, arg(2)?, opt(3), *k, *n, *bits, *block_size)?;
-            let a = match act {
-                Some(q) => quant::round_static(arg(0)?, q)?,
-                None if *accuracy_level == 4 => quant::round_rows_to_int8(arg(0)?, *block_size)?,
-                None => arg(0)?.clone(),
+        Op::MatMulNBits { .. } => {
+            let (q, _) = op.nbits().expect("MatMulNBits has nbits attributes");
+            one(matmul_nbits(&q, arg(0)?, arg(1)?, arg(2)?, opt(3))?)
+        }
+        Op::Elementwise { steps } => {
+            let mut vals: Vec<Tensor> = Vec::with_capacity(steps.len());
+            for st in steps {
+                let get = |a: &crate::ir::ElemArg, vals: &[Tensor]| -> Result<Tensor, String> {
+                    match *a {
+                        crate::ir::ElemArg::In(i) => Ok(arg(i)?.clone()),
+                        crate::ir::ElemArg::Step(j) => vals.get(j).cloned().ok_or_else(|| "bad step".into()),
+                    }
+                };
+                let r = match (&st.op, &st.args[..]) {
+                    (Op::Unary(u), [x]) => elementwise::unary(u, &get(x, &vals)?)?,
+                    (Op::Binary(b), [x, y]) => elementwise::binary(*b, &get(x, &vals)?, &get(y, &vals)?)?,
+                    (o, _) => return Err(format!("Elementwise step {} is not unary or binary", o.name())),
+                };
+                vals.push(r);
+            }
+            one(vals.pop().ok_or("Elementwise with no steps")?)
+        }
+        Op::MatMulAct { act, glu, nbits } => {
+            let y = match nbits {
+                Some(q) => matmul_nbits(q, arg(0)?, arg(1)?, arg(2)?, opt(3))?,
+                None => linalg::matmul(arg(0)?, arg(1)?)?,
             };
-            one(linalg::matmul(&a, &Tensor::from_vec(vec![*k, *n], w))?)
+            let bias = opt(op.matmul_act_bias_slot().unwrap());
+            one(linalg::matmul_epilogue(&y, bias, *act, *glu)?)
         }
     }
+}
+
+/// MatMulNBits (plain or fused): A rounded as the kernels round it (static scale, or int8 per
+/// row and block with accuracy level 4), times the dequantized weight.
+fn matmul_nbits(
+    q: &crate::ir::NBitsAttrs,
+    a: &Tensor,
+    b: &Tensor,
+    scales: &Tensor,
+    zero_points: Option<&Tensor>,
+) -> Result<Tensor, String> {
+    let w = quant::dequantize_nbits(b, scales, zero_points, q.k, q.n, q.bits, q.block_size)?;
+    let a = match &q.act {
+        Some(s) => quant::round_static(a, s)?,
+        None if q.accuracy_level == 4 => quant::round_rows_to_int8(a, q.block_size)?,
+        None => a.clone(),
+    };
+    linalg::matmul(&a, &Tensor::from_vec(vec![q.k, q.n], w))
 }
 
 /// Runs a graph on concrete inputs.

@@ -18,7 +18,7 @@ pub mod verify;
 pub use consts::{ConstStore, Constant};
 pub use dim::Dim;
 pub use dtype::DType;
-pub use op::{BinaryOp, ConstId, Op, ReduceKind, UnaryOp, VariadicOp};
+pub use op::{Act, BinaryOp, ConstId, ElemArg, ElemStep, NBitsAttrs, Op, ReduceKind, UnaryOp, VariadicOp};
 pub use tensor::{Data, Elem, Tensor};
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};

@@ -153,6 +153,156 @@ pub enum Op {
         accuracy_level: i64,
         act: Option<super::nbits::ActQuant>,
     },
+    /// A matmul with its epilogue, the fused form of `act(x @ W + bias)` (`fuse-matmul-epilogue`)
+    /// and of the SwiGLU product `silu(x @ Wg) * (x @ Wu)` (`fuse-swiglu`, `glu`). W is a constant
+    /// K x Nw f32 matrix (inputs A, W, optional bias [Nw]) or, with `nbits`, a MatMulNBits weight
+    /// (inputs A, B, scales, optional zero points, optional bias, laid out as MatMulNBits').
+    /// With `glu`, W holds the gate columns then the up columns (Nw = 2N) and the output is
+    /// `act(A @ W[:, :N]) * (A @ W[:, N:])`, [..., N]; otherwise `act(A @ W + bias)`, [..., Nw].
+    MatMulAct {
+        act: Act,
+        glu: bool,
+        nbits: Option<NBitsAttrs>,
+    },
+    /// A tree of f32 elementwise ops computed in one loop (`fuse-elementwise`): step i applies
+    /// its op (Unary, or Binary Add/Sub/Mul/Div) to node inputs and earlier steps; the output is
+    /// the last step, shaped like the broadcast of the inputs.
+    Elementwise {
+        steps: Vec<ElemStep>,
+    },
+}
+
+/// One op of a fused elementwise tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ElemStep {
+    pub op: Op,
+    pub args: Vec<ElemArg>,
+}
+
+/// An operand of an `ElemStep`: node input i, or the result of step i.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ElemArg {
+    In(usize),
+    Step(usize),
+}
+
+impl ElemStep {
+    /// The tree rooted at step `i` as text, e.g. `Add(Mul(i0,i1),i2)`.
+    pub fn render(steps: &[ElemStep], i: usize) -> String {
+        let args: Vec<String> = steps[i]
+            .args
+            .iter()
+            .map(|a| match a {
+                ElemArg::In(k) => format!("i{k}"),
+                ElemArg::Step(j) => ElemStep::render(steps, *j),
+            })
+            .collect();
+        format!("{}({})", steps[i].op.name(), args.join(","))
+    }
+}
+
+/// The MatMulNBits attributes of a fused matmul's quantized weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NBitsAttrs {
+    pub k: usize,
+    pub n: usize,
+    pub bits: usize,
+    pub block_size: usize,
+    pub accuracy_level: i64,
+    /// A static activation scale (MatMulNBits' `act`).
+    pub act: Option<super::nbits::ActQuant>,
+}
+
+/// The activation a fused matmul applies to each output element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    Relu,
+    /// `0.5 x (1 + erf(x / sqrt 2))`.
+    Gelu,
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` (GPT-2's gelu_new).
+    GeluTanh,
+    Sigmoid,
+    /// `x * sigmoid(x)`.
+    Silu,
+    Tanh,
+}
+
+impl Act {
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::None => "none",
+            Act::Relu => "relu",
+            Act::Gelu => "gelu",
+            Act::GeluTanh => "gelu_tanh",
+            Act::Sigmoid => "sigmoid",
+            Act::Silu => "silu",
+            Act::Tanh => "tanh",
+        }
+    }
+
+    /// The activation in f64 (the interpreter's reference).
+    pub fn apply(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => x,
+            Act::Relu => x.max(0.0),
+            Act::Gelu => 0.5 * x * (1.0 + crate::interp::math::erf(x / std::f64::consts::SQRT_2)),
+            Act::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Act::Sigmoid => sig(x),
+            Act::Silu => x * sig(x),
+            Act::Tanh => x.tanh(),
+        }
+    }
+}
+
+impl NBitsAttrs {
+    /// The text form's `key=value` list (accuracy level and static scale only when set).
+    pub fn attrs(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("K={}", self.k),
+            format!("N={}", self.n),
+            format!("bits={}", self.bits),
+            format!("block_size={}", self.block_size),
+        ];
+        if self.accuracy_level != 0 {
+            a.push(format!("accuracy_level={}", self.accuracy_level));
+        }
+        if let Some(q) = &self.act {
+            a.extend([
+                format!("act_scale={}", q.scale),
+                format!("act_zero={}", q.zero),
+                format!("act_dtype={}", q.dtype),
+            ]);
+        }
+        a
+    }
+}
+
+impl Op {
+    /// The quantized-weight attributes of MatMulNBits or a fused MatMulAct over one, and whether
+    /// it is a SwiGLU (`glu`) one.
+    pub fn nbits(&self) -> Option<(NBitsAttrs, bool)> {
+        match *self {
+            Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act } => {
+                Some((NBitsAttrs { k, n, bits, block_size, accuracy_level, act }, false))
+            }
+            Op::MatMulAct { nbits: Some(q), glu, .. } => Some((q, glu)),
+            _ => None,
+        }
+    }
+
+    /// The input slot of a fused matmul's bias.
+    pub fn matmul_act_bias_slot(&self) -> Option<usize> {
+        match self {
+            Op::MatMulAct { nbits: Some(_), .. } => Some(4),
+            Op::MatMulAct { nbits: None, .. } => Some(2),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -342,6 +492,8 @@ impl Op {
             RmsNorm { .. } => "RMSNormalization",
             Attention { .. } => "Attention",
             MatMulNBits { .. } => "MatMulNBits",
+            MatMulAct { .. } => "MatMulAct",
+            Elementwise { .. } => "Elementwise",
         }
     }
 
@@ -454,20 +606,15 @@ impl Op {
                 }
                 a
             }
-            MatMulNBits { k, n, bits, block_size, accuracy_level, act } => {
-                let mut a = vec![
-                    format!("K={k}"),
-                    format!("N={n}"),
-                    format!("bits={bits}"),
-                    format!("block_size={block_size}"),
-                ];
-                if *accuracy_level != 0 {
-                    a.push(format!("accuracy_level={accuracy_level}"));
+            MatMulNBits { .. } => self.nbits().map(|(q, _)| q.attrs()).unwrap_or_default(),
+            Elementwise { steps } => vec![format!("expr={}", ElemStep::render(steps, steps.len().saturating_sub(1)))],
+            MatMulAct { act, glu, nbits } => {
+                let mut a = vec![format!("act={}", act.name())];
+                if *glu {
+                    a.push("glu=true".into());
                 }
-                if let Some(q) = act {
-                    a.push(format!("act_scale={}", q.scale));
-                    a.push(format!("act_zero={}", q.zero));
-                    a.push(format!("act_dtype={}", q.dtype));
+                if let Some(q) = nbits {
+                    a.extend(q.attrs());
                 }
                 a
             }
@@ -477,7 +624,15 @@ impl Op {
 
     /// A MatMulNBits whose activations are rounded to int8 (per row and block, or statically).
     pub fn int8_activations(&self) -> bool {
-        matches!(self, Op::MatMulNBits { accuracy_level: 4, .. } | Op::MatMulNBits { act: Some(_), .. })
+        matches!(
+            self,
+            Op::MatMulNBits { accuracy_level: 4, .. }
+                | Op::MatMulNBits { act: Some(_), .. }
+                | Op::MatMulAct {
+                    nbits: Some(NBitsAttrs { accuracy_level: 4, .. } | NBitsAttrs { act: Some(_), .. }),
+                    ..
+                }
+        )
     }
 
     /// How many inputs the op takes: (required, maximum).
@@ -523,6 +678,9 @@ impl Op {
             RmsNorm { .. } => (2, 2),
             Attention { .. } => (3, 4),
             MatMulNBits { .. } => (3, 4),
+            MatMulAct { nbits: None, .. } => (2, 3),
+            MatMulAct { nbits: Some(_), .. } => (3, 5),
+            Elementwise { .. } => (1, usize::MAX),
         }
     }
 }

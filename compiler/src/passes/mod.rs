@@ -8,8 +8,12 @@ pub mod const_fold;
 pub mod cse;
 pub mod dce;
 pub mod fuse_attention;
+pub mod fuse_elementwise;
 pub mod fuse_layer_norm;
+pub mod fuse_matmul_epilogue;
+pub mod fuse_qkv;
 pub mod fuse_rms_norm;
+pub mod fuse_swiglu;
 pub mod gptq;
 pub mod pattern;
 pub mod prune;
@@ -56,6 +60,10 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "fuse-layer-norm" => Box::new(fuse_layer_norm::FuseLayerNorm),
         "fuse-rms-norm" => Box::new(fuse_rms_norm::FuseRmsNorm),
         "fuse-attention" => Box::new(fuse_attention::FuseAttention),
+        "fuse-swiglu" => Box::new(fuse_swiglu::FuseSwiGlu),
+        "fuse-matmul-epilogue" => Box::new(fuse_matmul_epilogue::FuseMatMulEpilogue),
+        "fuse-qkv" => Box::new(fuse_qkv::FuseQkv),
+        "fuse-elementwise" => Box::new(fuse_elementwise::FuseElementwise),
         "qdq-weights" => Box::new(qdq_weights::QdqWeights),
         "qdq-activations" => Box::new(qdq_activations::QdqActivations),
         _ => return None,
@@ -72,13 +80,20 @@ pub const ALL_PASSES: &[&str] = &[
     "fuse-layer-norm",
     "fuse-rms-norm",
     "fuse-attention",
+    "fuse-swiglu",
+    "fuse-matmul-epilogue",
+    "fuse-qkv",
+    "fuse-elementwise",
 ];
 
 /// The pipeline `edgec` runs by default.
 /// Import already ran shape inference, and const-fold re-infers what it needs, so
 /// the default pipeline does not start with another full shape-inference run.
 /// The fusions run on the cleaned-up graph (LayerNorm before RMSNorm: a LayerNorm contains an
-/// RMSNorm of `x - mean`) and remove what they replaced themselves.
+/// RMSNorm of `x - mean`) and remove what they replaced themselves. SwiGLU before the epilogue
+/// fusion (its gate would otherwise become a MatMul with a SiLU epilogue) and both before the
+/// q/k/v merge (which would otherwise merge gate and up); elementwise chains last (they would
+/// otherwise take the activations the matmul epilogues absorb).
 pub const DEFAULT_PIPELINE: &[&str] = &[
     "qdq-weights",
     "qdq-activations",
@@ -88,7 +103,22 @@ pub const DEFAULT_PIPELINE: &[&str] = &[
     "fuse-layer-norm",
     "fuse-rms-norm",
     "fuse-attention",
+    "fuse-swiglu",
+    "fuse-matmul-epilogue",
+    "fuse-qkv",
+    "fuse-elementwise",
 ];
+
+/// The fusions that rewrite matmuls, and the elementwise one that must follow them. Weight
+/// quantization (`--quantize`, its calibration and its per-layer rules, which name MatMul nodes
+/// and weights) runs before them: they then fuse the quantized MatMulNBits.
+pub const MATMUL_FUSIONS: &[&str] = &["fuse-swiglu", "fuse-matmul-epilogue", "fuse-qkv", "fuse-elementwise"];
+
+/// A pipeline's pass names split into those before weight quantization and the matmul fusions
+/// that run after it.
+pub fn split_at_quantize<'a>(names: &[&'a str]) -> (Vec<&'a str>, Vec<&'a str>) {
+    names.iter().partition(|n| !MATMUL_FUSIONS.contains(n))
+}
 
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
@@ -113,6 +143,13 @@ impl PassManager {
 
     pub fn default_pipeline() -> PassManager {
         PassManager::parse("default").expect("the default pipeline parses")
+    }
+
+    /// The default pipeline split where `--quantize` goes: the passes before weight quantization,
+    /// and the matmul fusions after it.
+    pub fn default_around_quantize() -> (PassManager, PassManager) {
+        let (pre, post) = split_at_quantize(DEFAULT_PIPELINE);
+        (PassManager::parse(&pre.join(",")).expect("parses"), PassManager::parse(&post.join(",")).expect("parses"))
     }
 
     /// Appends a configured pass (one that `pass_by_name` cannot build, e.g. `quantize`).

@@ -193,3 +193,144 @@ pub fn channel_operand(
         (skip_identity(g, a, true)? == v && per_last_axis(g, w, x) && g.ty(w).dtype == g.ty(x).dtype).then_some(w)
     })
 }
+
+/// A matmul with a constant weight that the matmul fusions can extend or merge: `MatMul(A, W)`
+/// (f32, W [K, N], A of rank >= 2), `MatMulNBits` with constant B / scales / zero points, or a
+/// non-gated `MatMulAct` of either.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub node: petgraph::stable_graph::NodeIndex,
+    pub a: ValueRef,
+    /// The weight operands: [W] (f32) or [B, scales, zero points] (quantized).
+    pub w: Vec<Option<ValueRef>>,
+    pub nbits: Option<crate::ir::NBitsAttrs>,
+    pub k: usize,
+    pub n: usize,
+    pub act: crate::ir::Act,
+    pub bias: Option<ValueRef>,
+}
+
+/// `v` is the output of a matmul with constant weights (see `Linear`).
+pub fn linear(g: &Graph, v: ValueRef) -> Option<Linear> {
+    if v.slot != 0 {
+        return None;
+    }
+    let node = v.node;
+    let i = ins(g, v);
+    let a = i.first().copied().flatten()?;
+    if !is_f32(g, a) || !is_f32(g, v) || g.ty(a).rank()? < 2 {
+        return None;
+    }
+    let constant = |x: &Option<ValueRef>| x.is_none_or(|x| g.const_of(x).is_some());
+    let (nbits, act, bias, glu) = match op(g, v) {
+        Op::MatMul => (None, crate::ir::Act::None, None, false),
+        o @ Op::MatMulNBits { .. } => (o.nbits().map(|(q, _)| q), crate::ir::Act::None, None, false),
+        o @ Op::MatMulAct { act, glu, nbits } => {
+            (*nbits, *act, i.get(o.matmul_act_bias_slot()?).copied().flatten(), *glu)
+        }
+        _ => return None,
+    };
+    if glu {
+        return None;
+    }
+    let w: Vec<Option<ValueRef>> = match nbits {
+        Some(_) => (1..4).map(|s| i.get(s).copied().flatten()).collect(),
+        None => vec![Some(*i.get(1)?.as_ref()?)],
+    };
+    if w[0].is_none() || !w.iter().all(constant) || !constant(&bias) {
+        return None;
+    }
+    let (k, n) = match nbits {
+        Some(q) => (q.k, q.n),
+        None => match g.const_of(w[0]?)?.shape.as_slice() {
+            [k, n] if is_f32(g, w[0]?) => (*k, *n),
+            _ => return None,
+        },
+    };
+    Some(Linear { node, a, w, nbits, k, n, act, bias })
+}
+
+/// The matmul fusions' node inputs for weight operands `w` and a bias.
+pub fn act_inputs(a: ValueRef, w: &[Option<ValueRef>], nbits: bool, bias: Option<ValueRef>) -> Vec<Option<ValueRef>> {
+    let mut v = vec![Some(a)];
+    v.extend_from_slice(w);
+    if nbits {
+        v.resize(4, None);
+    }
+    v.push(bias);
+    v
+}
+
+/// Whether two linears' weights can be concatenated along N: the same input and K, both f32 or
+/// both quantized the same way (bits, block size, accuracy level, zero points or not, static
+/// activation scale).
+pub fn same_scheme(a: &Linear, b: &Linear) -> bool {
+    a.a == b.a
+        && a.k == b.k
+        && match (a.nbits, b.nbits) {
+            (None, None) => true,
+            (Some(x), Some(y)) => {
+                (x.bits, x.block_size, x.accuracy_level) == (y.bits, y.block_size, y.accuracy_level)
+                    && x.act == y.act
+                    && a.w[2].is_some() == b.w[2].is_some()
+            }
+            _ => false,
+        }
+}
+
+/// The weights of `ls` (same scheme) concatenated along N as new constants named after `name`:
+/// f32 W side by side; for quantized weights B, scales and zero points are per output column, so
+/// each is the columns' records one after the other.
+pub fn concat_weights(g: &mut Graph, ls: &[Linear], name: &str) -> Vec<Option<ValueRef>> {
+    let tensor = |g: &Graph, v: ValueRef| g.const_of(v).expect("constant weight").to_tensor();
+    let n: usize = ls.iter().map(|l| l.n).sum();
+    if ls[0].nbits.is_none() {
+        let k = ls[0].k;
+        let mut out = vec![0f32; k * n];
+        let mut col = 0;
+        for l in ls {
+            let t = tensor(g, l.w[0].unwrap());
+            let w = t.as_slice::<f32>().expect("f32 weight");
+            for r in 0..k {
+                out[r * n + col..r * n + col + l.n].copy_from_slice(&w[r * l.n..(r + 1) * l.n]);
+            }
+            col += l.n;
+        }
+        return vec![Some(g.add_const(format!("{name}.weight"), &crate::ir::Tensor::from_vec(vec![k, n], out)))];
+    }
+    let mut res = Vec::new();
+    for (slot, suffix) in [(0, "B"), (1, "scales"), (2, "zero_points")] {
+        let Some(first) = ls[0].w[slot] else {
+            res.push(None);
+            continue;
+        };
+        let t0 = tensor(g, first);
+        // Concatenated along the first (column) axis; any further axes are per column.
+        let mut shape = t0.shape.clone();
+        shape[0] = 0;
+        let v = if t0.dtype() == DType::F32 {
+            let mut all = Vec::new();
+            for l in ls {
+                let t = tensor(g, l.w[slot].unwrap());
+                shape[0] += t.shape[0];
+                all.extend_from_slice(t.as_slice::<f32>().expect("f32 scales"));
+            }
+            g.add_const(format!("{name}.{suffix}"), &crate::ir::Tensor::from_vec(shape, all))
+        } else {
+            let mut all = Vec::new();
+            for l in ls {
+                let t = tensor(g, l.w[slot].unwrap());
+                shape[0] += t.shape[0];
+                all.extend_from_slice(t.as_slice::<u8>().expect("u8 weight"));
+            }
+            g.add_const(format!("{name}.{suffix}"), &crate::ir::Tensor::from_vec(shape, all))
+        };
+        res.push(Some(v));
+    }
+    res
+}
+
+/// The NBits attributes of the concatenation of `ls` (None for f32).
+pub fn concat_nbits(ls: &[Linear]) -> Option<crate::ir::NBitsAttrs> {
+    ls[0].nbits.map(|q| crate::ir::NBitsAttrs { n: ls.iter().map(|l| l.n).sum(), ..q })
+}

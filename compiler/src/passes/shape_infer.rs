@@ -327,7 +327,7 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
             let bool_out = b.is_comparison() || b.is_logical();
             vec![t(if bool_out { Bool } else { d0 }, broadcast_inputs(cx)?)]
         }
-        Op::Variadic(_) | Op::Clip => vec![t(d0, broadcast_inputs(cx)?)],
+        Op::Variadic(_) | Op::Clip | Op::Elementwise { .. } => vec![t(d0, broadcast_inputs(cx)?)],
         Op::Where => vec![t(cx.dtype(1), broadcast_inputs(cx)?)],
         Op::Cast { to } => vec![t(*to, cx.same(0))],
         Op::CastLike => vec![t(cx.dtype(1), cx.same(0))],
@@ -342,6 +342,29 @@ fn infer_node(cx: &Cx) -> Result<Vec<TensorType>> {
                 Ok(a[..a.len() - 1].iter().cloned().chain([Dim::fixed(*n as i64)]).collect())
             });
             vec![t(F32, out.transpose()?)]
+        }
+        Op::MatMulAct { glu, nbits, .. } => {
+            // The weight's K x Nw from the attributes (quantized) or W's shape.
+            let kn = match nbits {
+                Some(q) => Some((q.k as i64, q.n as i64)),
+                None => match cx.shape(1) {
+                    Some([k, n]) => k.as_fixed().zip(n.as_fixed()),
+                    _ => return Err(cx.err("MatMulAct needs a 2-D weight of known shape")),
+                },
+            };
+            let out = match (cx.shape(0), kn) {
+                (Some(a), Some((k, n))) => {
+                    let Some(last) = a.last() else { return Err(cx.err("MatMulAct input A must have rank >= 1")) };
+                    unify(cx, last, &Dim::fixed(k), "A's last dimension is not K")?;
+                    if *glu && n % 2 != 0 {
+                        return Err(cx.err("MatMulAct glu needs an even number of weight columns"));
+                    }
+                    let n = if *glu { n / 2 } else { n };
+                    Some(a[..a.len() - 1].iter().cloned().chain([Dim::fixed(n)]).collect())
+                }
+                _ => None,
+            };
+            vec![t(F32, out)]
         }
         Op::Gemm { trans_a, trans_b, .. } => vec![t(d0, gemm(cx, *trans_a, *trans_b)?)],
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
