@@ -15,9 +15,9 @@
 //! Only f32 graphs are fused (what the native kernel implements). A mask applied before a scale
 //! would be scaled too; that order is left alone.
 
-use super::pattern::{arg, both_orders, op, scalar, shape, single_use, skip_identity};
+use super::pattern::{arg, both_orders, fuse_nodes, op, scalar, shape, single_use, skip_identity};
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ir::{BinaryOp, DType, Dim, Graph, Op, Tensor, TensorType, Value, ValueRef};
 use std::collections::HashMap;
 
@@ -349,22 +349,16 @@ impl Pass for FuseAttention {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
-        let mut changed = 0;
         let mut cache = MaskCache::default();
-        for n in order {
-            if !g.g.contains_node(n) || g.g[n].op != Op::MatMul {
-                continue;
+        fuse_nodes(g, false, |g, n| {
+            if g.g[n].op != Op::MatMul {
+                return Ok(false);
             }
             let out = ValueRef { node: n, slot: 0 };
-            let Some(f) = find(g, out) else { continue };
+            let Some(f) = find(g, out) else { return Ok(false) };
             let fused = rewrite(g, f, &mut cache);
             g.replace_uses(out, fused);
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            Ok(true)
+        })
     }
 }

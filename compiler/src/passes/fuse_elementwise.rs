@@ -7,10 +7,10 @@ use std::collections::{HashMap, HashSet};
 
 use petgraph::stable_graph::NodeIndex;
 
-use super::pattern::{ins, is_f32, op, single_use};
+use super::pattern::{fuse_nodes, ins, is_f32, node_like, op, single_use};
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
-use crate::ir::{BinaryOp, ElemArg, ElemStep, Graph, Op, UnaryOp, Value, ValueRef};
+use crate::error::Result;
+use crate::ir::{BinaryOp, ElemArg, ElemStep, Graph, Op, UnaryOp, ValueRef};
 
 pub struct FuseElementwise;
 
@@ -65,36 +65,24 @@ impl Pass for FuseElementwise {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
         let mut absorbed: HashSet<NodeIndex> = HashSet::new();
-        let mut changed = 0;
         // Readers before producers: a root takes the largest tree that ends in it.
-        for &n in order.iter().rev() {
+        fuse_nodes(g, true, |g, n| {
             let root = ValueRef { node: n, slot: 0 };
-            if absorbed.contains(&n) || !g.g.contains_node(n) || !fusible(g, root) || g.ty(root).shape.is_none() {
-                continue;
+            if absorbed.contains(&n) || !fusible(g, root) || g.ty(root).shape.is_none() {
+                return Ok(false);
             }
             let mut t = Tree { steps: Vec::new(), leaves: Vec::new(), nodes: Vec::new() };
             grow(g, root, root, &mut t, &mut HashMap::new());
             if t.steps.len() < 2 {
-                continue;
+                return Ok(false);
             }
             absorbed.extend(t.nodes.iter().copied());
-            let value = g.value(root).clone();
             let name = g.g[n].name.clone();
             let inputs: Vec<Option<ValueRef>> = t.leaves.iter().map(|&l| Some(l)).collect();
-            let fused = g.add_node(
-                Op::Elementwise { steps: t.steps },
-                name,
-                &inputs,
-                vec![Value { name: value.name, ty: value.ty }],
-            );
-            g.replace_uses(root, ValueRef { node: fused, slot: 0 });
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            let fused = node_like(g, root, Op::Elementwise { steps: t.steps }, name, &inputs);
+            g.replace_uses(root, fused);
+            Ok(true)
+        })
     }
 }

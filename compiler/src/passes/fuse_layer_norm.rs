@@ -4,11 +4,12 @@
 //! optional; a missing gamma becomes a vector of ones.
 
 use super::pattern::{
-    channel_operand, mean_last_axis, over_std, single_use, skip_identity, sole_consumer, square_of, unit_scale,
+    channel_operand, fuse_nodes, mean_last_axis, node_like, over_std, single_use, skip_identity, sole_consumer,
+    square_of, unit_scale,
 };
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
-use crate::ir::{BinaryOp, Graph, Op, Value, ValueRef};
+use crate::error::Result;
+use crate::ir::{BinaryOp, Graph, Op, ValueRef};
 
 pub struct FuseLayerNorm;
 
@@ -65,35 +66,24 @@ impl Pass for FuseLayerNorm {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
-        let mut changed = 0;
-        for n in order {
-            if !g.g.contains_node(n) || !matches!(g.g[n].op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)) {
-                continue;
+        fuse_nodes(g, false, |g, n| {
+            if !matches!(g.g[n].op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)) {
+                return Ok(false);
             }
-            let Some(f) = find(g, ValueRef { node: n, slot: 0 }) else { continue };
+            let Some(f) = find(g, ValueRef { node: n, slot: 0 }) else { return Ok(false) };
             let gamma = match f.gamma {
                 Some(w) => w,
                 None => {
                     let name = format!("{}_ones", g.g[n].name);
-                    let Some(ones) = unit_scale(g, f.x, name) else { continue };
+                    let Some(ones) = unit_scale(g, f.x, name) else { return Ok(false) };
                     ones
                 }
             };
-            let out = g.value(f.out).clone();
             let name = g.g[f.out.node].name.clone();
-            let fused = g.add_node(
-                Op::LayerNorm { axis: -1, epsilon: f.eps as f32 },
-                name,
-                &[Some(f.x), Some(gamma), f.beta],
-                vec![Value { name: out.name, ty: out.ty }],
-            );
-            g.replace_uses(f.out, ValueRef { node: fused, slot: 0 });
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            let op = Op::LayerNorm { axis: -1, epsilon: f.eps as f32 };
+            let fused = node_like(g, f.out, op, name, &[Some(f.x), Some(gamma), f.beta]);
+            g.replace_uses(f.out, fused);
+            Ok(true)
+        })
     }
 }

@@ -7,10 +7,10 @@
 
 use petgraph::stable_graph::NodeIndex;
 
-use super::pattern::{act_inputs, arg, linear, op, scalar, single_use, Linear};
+use super::pattern::{act_inputs, arg, fuse_nodes, linear, node_like, op, scalar, single_use, Linear};
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
-use crate::ir::{Act, BinaryOp, Graph, Op, Tensor, UnaryOp, Value, ValueRef};
+use crate::error::Result;
+use crate::ir::{Act, BinaryOp, Graph, Op, Tensor, UnaryOp, ValueRef};
 
 pub struct FuseMatMulEpilogue;
 
@@ -249,29 +249,24 @@ impl Pass for FuseMatMulEpilogue {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
-        let mut changed = 0;
-        for node in order {
-            if !g.g.contains_node(node) {
-                continue;
-            }
+        fuse_nodes(g, false, |g, node| {
             let y = ValueRef { node, slot: 0 };
             let (l, gemm_bias) = match &g.g[node].op {
                 Op::MatMul | Op::MatMulNBits { .. } => match linear(g, y) {
                     Some(l) => (l, None),
-                    None => continue,
+                    None => return Ok(false),
                 },
                 Op::Gemm { .. } => {
                     // Only a Gemm whose weight is constant; a bare one is fused for its bias.
                     if g.inputs_of(node).get(1).copied().flatten().is_none_or(|w| g.const_of(w).is_none()) {
-                        continue;
+                        return Ok(false);
                     }
                     match gemm_linear(g, node) {
                         Some(x) => x,
-                        None => continue,
+                        None => return Ok(false),
                     }
                 }
-                _ => continue,
+                _ => return Ok(false),
             };
             let (bias, mut out) = match gemm_bias {
                 Some(b) => (Some(b), y),
@@ -299,35 +294,22 @@ impl Pass for FuseMatMulEpilogue {
             };
             // A bare MatMul gains nothing.
             if bias.is_none() && act == Act::None && !matches!(g.g[node].op, Op::Gemm { .. }) {
-                continue;
+                return Ok(false);
             }
-            let value = g.value(out).clone();
             let name = g.g[node].name.clone();
             let inputs = act_inputs(l.a, &l.w, l.nbits.is_some(), bias);
-            let fused = g.add_node(
-                Op::MatMulAct { act, glu: false, nbits: l.nbits },
-                name,
-                &inputs,
-                vec![Value { name: value.name, ty: value.ty }],
-            );
-            let fused_out = ValueRef { node: fused, slot: 0 };
+            let fused_out = node_like(g, out, Op::MatMulAct { act, glu: false, nbits: l.nbits }, name, &inputs);
             match reshape {
                 None => g.replace_uses(out, fused_out),
                 Some((r, root)) => {
                     // act(reshape(y)) = reshape(act(y)): a new Reshape of the fused output.
-                    let rv = g.value(root).clone();
                     let rn = g.g[r.node].clone();
                     let shape = g.inputs_of(r.node).get(1).copied().flatten();
-                    let nr =
-                        g.add_node(rn.op, rn.name, &[Some(fused_out), shape], vec![Value { name: rv.name, ty: rv.ty }]);
-                    g.replace_uses(root, ValueRef { node: nr, slot: 0 });
+                    let nr = node_like(g, root, rn.op, rn.name, &[Some(fused_out), shape]);
+                    g.replace_uses(root, nr);
                 }
             }
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            Ok(true)
+        })
     }
 }

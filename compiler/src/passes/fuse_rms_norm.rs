@@ -4,10 +4,13 @@
 //! `RMSNormalization` op, which native code runs as one row kernel (one read pass for the sum of
 //! squares, one for the output) instead of seven elementwise/reduce kernels and their buffers.
 
-use super::pattern::{channel_operand, mean_last_axis, over_std, skip_identity, sole_consumer, square_of, unit_scale};
+use super::pattern::{
+    channel_operand, fuse_nodes, mean_last_axis, node_like, over_std, skip_identity, sole_consumer, square_of,
+    unit_scale,
+};
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
-use crate::ir::{BinaryOp, Graph, Op, Value, ValueRef};
+use crate::error::Result;
+use crate::ir::{BinaryOp, Graph, Op, ValueRef};
 
 pub struct FuseRmsNorm;
 
@@ -43,36 +46,25 @@ impl Pass for FuseRmsNorm {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
-        let mut changed = 0;
-        for n in order {
-            if !g.g.contains_node(n) || !matches!(g.g[n].op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)) {
-                continue;
+        fuse_nodes(g, false, |g, n| {
+            if !matches!(g.g[n].op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)) {
+                return Ok(false);
             }
-            let Some(f) = find(g, ValueRef { node: n, slot: 0 }) else { continue };
+            let Some(f) = find(g, ValueRef { node: n, slot: 0 }) else { return Ok(false) };
             let weight = match f.weight {
                 Some(w) => w,
                 // No weight: a scale of ones (needs a fixed channel count).
                 None => {
                     let name = format!("{}_ones", g.g[n].name);
-                    let Some(ones) = unit_scale(g, f.x, name) else { continue };
+                    let Some(ones) = unit_scale(g, f.x, name) else { return Ok(false) };
                     ones
                 }
             };
-            let out = g.value(f.out).clone();
             let name = g.g[f.out.node].name.clone();
-            let fused = g.add_node(
-                Op::RmsNorm { axis: -1, epsilon: f.eps as f32 },
-                name,
-                &[Some(f.x), Some(weight)],
-                vec![Value { name: out.name, ty: out.ty }],
-            );
-            g.replace_uses(f.out, ValueRef { node: fused, slot: 0 });
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            let op = Op::RmsNorm { axis: -1, epsilon: f.eps as f32 };
+            let fused = node_like(g, f.out, op, name, &[Some(f.x), Some(weight)]);
+            g.replace_uses(f.out, fused);
+            Ok(true)
+        })
     }
 }

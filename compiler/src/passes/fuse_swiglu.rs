@@ -6,10 +6,12 @@
 //! tile's gate and up columns back to back and stores `silu(gate) * up`: one matmul launch, and
 //! neither the two [rows, N] products nor the silu are ever written out. down_proj stays separate.
 
-use super::pattern::{act_inputs, arg, concat_nbits, concat_weights, linear, op, same_scheme, single_use, Linear};
+use super::pattern::{
+    act_inputs, arg, concat_nbits, concat_weights, fuse_nodes, linear, node_like, op, same_scheme, single_use, Linear,
+};
 use super::{Pass, PassStats};
-use crate::error::{Error, Result};
-use crate::ir::{Act, BinaryOp, Graph, Op, UnaryOp, Value, ValueRef};
+use crate::error::Result;
+use crate::ir::{Act, BinaryOp, Graph, Op, UnaryOp, ValueRef};
 
 pub struct FuseSwiGlu;
 
@@ -51,30 +53,16 @@ impl Pass for FuseSwiGlu {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats> {
-        let order = g.topo_order().map_err(Error::Invalid)?;
-        let mut changed = 0;
-        for node in order {
-            if !g.g.contains_node(node) {
-                continue;
-            }
+        fuse_nodes(g, false, |g, node| {
             let root = ValueRef { node, slot: 0 };
-            let Some((gate, up)) = find(g, root) else { continue };
+            let Some((gate, up)) = find(g, root) else { return Ok(false) };
             let name = g.g[node].name.clone();
             let w = concat_weights(g, &[gate.clone(), up.clone()], &format!("{}+up", g.g[gate.node].name));
             let nbits = concat_nbits(&[gate.clone(), up]);
-            let value = g.value(root).clone();
-            let fused = g.add_node(
-                Op::MatMulAct { act: Act::Silu, glu: true, nbits },
-                name,
-                &act_inputs(gate.a, &w, nbits.is_some(), None),
-                vec![Value { name: value.name, ty: value.ty }],
-            );
-            g.replace_uses(root, ValueRef { node: fused, slot: 0 });
-            changed += 1;
-        }
-        if changed > 0 {
-            super::dce::Dce.run(g)?;
-        }
-        Ok(PassStats { changed })
+            let op = Op::MatMulAct { act: Act::Silu, glu: true, nbits };
+            let fused = node_like(g, root, op, name, &act_inputs(gate.a, &w, nbits.is_some(), None));
+            g.replace_uses(root, fused);
+            Ok(true)
+        })
     }
 }

@@ -334,3 +334,35 @@ pub fn concat_weights(g: &mut Graph, ls: &[Linear], name: &str) -> Vec<Option<Va
 pub fn concat_nbits(ls: &[Linear]) -> Option<crate::ir::NBitsAttrs> {
     ls[0].nbits.map(|q| crate::ir::NBitsAttrs { n: ls.iter().map(|l| l.n).sum(), ..q })
 }
+
+/// A new node (`op` over `inputs`, named `name`) whose one output has the name and type of the
+/// value `like`: the fused replacement of what computed `like`.
+pub fn node_like(g: &mut Graph, like: ValueRef, op: Op, name: String, inputs: &[Option<ValueRef>]) -> ValueRef {
+    let v = g.value(like).clone();
+    let n = g.add_node(op, name, inputs, vec![crate::ir::Value { name: v.name, ty: v.ty }]);
+    ValueRef { node: n, slot: 0 }
+}
+
+/// The fusion passes' driver: `fuse` on every node still in the graph, in topological order
+/// (reversed with `readers_first`, so a root takes the largest match that ends in it); `fuse`
+/// says whether it rewrote something. Dead-code removal then deletes what the rewrites replaced.
+pub fn fuse_nodes(
+    g: &mut Graph,
+    readers_first: bool,
+    mut fuse: impl FnMut(&mut Graph, petgraph::graph::NodeIndex) -> crate::error::Result<bool>,
+) -> crate::error::Result<super::PassStats> {
+    let mut order = g.topo_order().map_err(crate::error::Error::Invalid)?;
+    if readers_first {
+        order.reverse();
+    }
+    let mut changed = 0;
+    for n in order {
+        if g.g.contains_node(n) && fuse(g, n)? {
+            changed += 1;
+        }
+    }
+    if changed > 0 {
+        super::Pass::run(&super::dce::Dce, g)?;
+    }
+    Ok(super::PassStats { changed })
+}
