@@ -43,12 +43,14 @@ declare -A flags=(
     [gptq-d01-ao-lm8]="--quantize int4 --method gptq:damp=0.1:act-order --keep lm_head=int8 --calibrate $T"
     [gptq-d01-ao]="--quantize int4 --method gptq:damp=0.1:act-order --calibrate $T"
     [gptq-d01-ao-lm8-fl8-auto2.7MB]="--quantize int4 --method gptq:damp=0.1:act-order --keep lm_head=int8 $FL --auto-keep 2.69MB --calibrate $T"
+    [gptq-d01-ao-2048]="--quantize int4 --method gptq --calibrate $T --calib-tokens 2048"
+    [gptq-d01-ao-lm8-fl8]="--quantize int4 --method gptq --keep lm_head=int8 $FL --calibrate $T"
     [gptq-lm8-fl8-4096]="--quantize int4 --method gptq:damp=0.01:row-order --keep lm_head=int8 $FL --calibrate $T --calib-tokens 4096"
 )
 order=(fp32 int4 int4-auto7 int4-firstlast8 int4-lmhead8 int4-lmhead32 int4-lm8-first14 int4-lm8-firstlast8
     int4-lm8-auto14 int4-lm8-auto2.7MB int4-lm8-fl8-auto14 int4-lm8-ends2 int4-lm8-fl8-auto2.7MB gptq-lm8 gptq-lm8-fl8
     gptq-lm8-fl8-auto14 gptq-lm8-fl8-auto2.7MB gptq-lm8-fl8-auto5.4MB gptq-lm8-fl8-4096 gptq-d01-lm8 gptq-ao-lm8
-    gptq-d01-ao-lm8 gptq-d01-ao gptq-d01-ao-lm8-fl8-auto2.7MB)
+    gptq-d01-ao-lm8 gptq-d01-ao gptq-d01-ao-lm8-fl8-auto2.7MB gptq-d01-ao-2048 gptq-d01-ao-lm8-fl8)
 rows=("$@")
 [[ ${#rows[@]} -gt 0 ]] || rows=("${order[@]}")
 compile() { # LABEL
