@@ -245,7 +245,8 @@ struct OptimizeArgs {
     keep_fp32: Vec<String>,
     /// Give matching weights another precision than --quantize's: PATTERN=fp32 or PATTERN=SCHEME
     /// (repeatable; the first matching rule wins, --keep-fp32 rules first), e.g. `lm_head=int8`,
-    /// `layers.0.=int8`. Embedding tables are int8 rows unless kept in fp32.
+    /// `layers.0.=int8`. Embedding tables are int8 rows unless kept in fp32. Under w4a8, keep
+    /// layers at `w8a8`: plain `int8` layers run the slower weight-only kernel.
     #[arg(long = "keep", value_name = "PATTERN=PRECISION")]
     keep: Vec<String>,
     /// Keep the linear layers most sensitive to --quantize's rounding (relative output error on
