@@ -72,7 +72,7 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let users = g.users_of(v);
     let Some(&(u, 1)) = users.first() else { return Ok(None) };
     let Some((attrs, glu)) = g.node(u).op.nbits() else { return Ok(None) };
-    let crate::ir::NBitsAttrs { k, n, bits, block_size, accuracy_level, act } = attrs;
+    let crate::ir::NBitsAttrs { k, n, bits, block_size, act, .. } = attrs;
     let node = g.node(u);
     if users.iter().any(|&(w, slot)| slot != 1 || g.node(w).op != node.op) {
         return Ok(None);
@@ -94,7 +94,7 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let scales: Vec<f32> = scales.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let zp = bytes(3)?;
     layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
-    let int_dot = (accuracy_level == 4 || act.is_some()) && super::layout::int_dot_ok(bits, block_size, simd);
+    let int_dot = attrs.int8_activations() && super::layout::int_dot_ok(bits, block_size, simd);
     let pk = NBitsPacking { layout, asym: zp.is_some(), int_dot, act };
     if !glu {
         return Ok(Some((pk, pk.pack(&b, &scales, zp.as_deref()))));
@@ -276,8 +276,8 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
             }
         }
         let mut sb = scratch_bytes(&node.op);
-        if let (Some((crate::ir::NBitsAttrs { k, bits, block_size, .. }, _)), true) =
-            (node.op.nbits(), node.op.int8_activations())
+        if let Some((crate::ir::NBitsAttrs { k, bits, block_size, .. }, _)) =
+            node.op.nbits().filter(|(q, _)| q.int8_activations())
         {
             // Room for the int8 activations, one row per row of A.
             let a = g.inputs_of(n)[0].ok_or_else(|| Error::Invalid(format!("node `{}` has no A", node.name)))?;

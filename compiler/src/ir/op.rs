@@ -260,6 +260,11 @@ impl Act {
 }
 
 impl NBitsAttrs {
+    /// Activations rounded to int8: per row and block (accuracy level 4) or with a static scale.
+    pub fn int8_activations(&self) -> bool {
+        self.accuracy_level == 4 || self.act.is_some()
+    }
+
     /// The text form's `key=value` list (accuracy level and static scale only when set).
     pub fn attrs(&self) -> Vec<String> {
         let mut a = vec![
@@ -622,17 +627,9 @@ impl Op {
         }
     }
 
-    /// A MatMulNBits whose activations are rounded to int8 (per row and block, or statically).
+    /// A MatMulNBits (or fused one) whose activations are rounded to int8.
     pub fn int8_activations(&self) -> bool {
-        matches!(
-            self,
-            Op::MatMulNBits { accuracy_level: 4, .. }
-                | Op::MatMulNBits { act: Some(_), .. }
-                | Op::MatMulAct {
-                    nbits: Some(NBitsAttrs { accuracy_level: 4, .. } | NBitsAttrs { act: Some(_), .. }),
-                    ..
-                }
-        )
+        self.nbits().is_some_and(|(q, _)| q.int8_activations())
     }
 
     /// How many inputs the op takes: (required, maximum).
