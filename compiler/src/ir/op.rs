@@ -260,6 +260,12 @@ impl Act {
 }
 
 impl NBitsAttrs {
+    /// The plain MatMulNBits with these attributes (the inverse of `Op::nbits`).
+    pub fn matmul_nbits(self) -> Op {
+        let NBitsAttrs { k, n, bits, block_size, accuracy_level, act } = self;
+        Op::MatMulNBits { k, n, bits, block_size, accuracy_level, act }
+    }
+
     /// Activations rounded to int8: per row and block (accuracy level 4) or with a static scale.
     pub fn int8_activations(&self) -> bool {
         self.accuracy_level == 4 || self.act.is_some()

@@ -58,17 +58,7 @@ fn merge(g: &mut Graph, ls: &[Linear]) -> Result<()> {
     let a = ls[0].a;
     let (op, inputs) = match (ls[0].act, bias, nbits) {
         (Act::None, None, None) => (Op::MatMul, vec![Some(a), w[0]]),
-        (Act::None, None, Some(q)) => (
-            Op::MatMulNBits {
-                k: q.k,
-                n: q.n,
-                bits: q.bits,
-                block_size: q.block_size,
-                accuracy_level: q.accuracy_level,
-                act: q.act,
-            },
-            vec![Some(a), w[0], w[1], w[2]],
-        ),
+        (Act::None, None, Some(q)) => (q.matmul_nbits(), vec![Some(a), w[0], w[1], w[2]]),
         (act, bias, nbits) => (Op::MatMulAct { act, glu: false, nbits }, act_inputs(a, &w, nbits.is_some(), bias)),
     };
     let mut ty = g.ty(ValueRef { node: ls[0].node, slot: 0 }).clone();
