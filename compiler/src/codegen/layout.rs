@@ -172,3 +172,124 @@ impl NBitsPacking {
         out
     }
 }
+
+/// Columns per sparse panel: one f32x4 vector.
+pub const SPARSE_COLS: usize = 4;
+
+/// Largest ratio of sparse to dense packed bytes at which `SparsePanels` is chosen (`--sparse
+/// auto`). A stored entry costs 20 bytes against 16 for a dense row of four columns, and an
+/// index load plus an A load per vector fma instead of one load per four. `benches/sparse.sh`
+/// at SmolLM2's MLP shapes: at 0.74 (80 % unstructured) the sparse kernel was 1.22-1.31x faster
+/// for 1 and 32 rows, at 0.95 (70 %) 0.88-1.16x, so the line is drawn between them.
+pub const SPARSE_MAX_BYTES_RATIO: f64 = 0.8;
+
+/// A pruned f32 matmul weight in block-sparse form: columns in panels of four, and of each panel
+/// only the k rows whose four values are not all zero, as entries (k, four floats).
+///
+/// Bytes: `starts`, panels + 1 u32 (entries before panel p), then `entries` u32 k indices, then
+/// (16-byte aligned) `entries` rows of four f32. Unstructured pruning zeroes a four-wide row with
+/// probability sparsity^4, so this pays only at high sparsity (2:4 along K never empties one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparsePanels {
+    pub k: usize,
+    pub n: usize,
+    pub entries: usize,
+}
+
+impl SparsePanels {
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(SPARSE_COLS)
+    }
+    pub fn index_offset(&self) -> usize {
+        4 * (self.panels() + 1)
+    }
+    pub fn values_offset(&self) -> usize {
+        (self.index_offset() + 4 * self.entries).next_multiple_of(16)
+    }
+    pub fn bytes(&self) -> usize {
+        self.values_offset() + 16 * self.entries
+    }
+    /// Bytes of the same weight as dense column panels (`pack_panels`).
+    pub fn dense_bytes(&self) -> usize {
+        self.n.div_ceil(PANEL_COLS) * PANEL_COLS * self.k * 4
+    }
+
+    /// Counts the entries of a K x N f32 matrix (element (k, n) at `k*ks + n*ns`). `None` when the
+    /// indices would not fit the u32 fields.
+    pub fn measure(src: &[u8], k: usize, n: usize, ks: usize, ns: usize) -> Option<SparsePanels> {
+        let mut entries = 0usize;
+        for p in 0..n.div_ceil(SPARSE_COLS) {
+            entries += (0..k).filter(|&kk| !segment_is_zero(src, kk, p, n, ks, ns)).count();
+        }
+        let sp = SparsePanels { k, n, entries };
+        (u32::try_from(k).is_ok() && u32::try_from(entries).is_ok()).then_some(sp)
+    }
+
+    /// Some four-column row is all zero (the form stores less than a dense one would).
+    pub fn has_empty_rows(&self) -> bool {
+        self.entries < self.k * self.panels()
+    }
+
+    /// The packed bytes (`measure` gave `self` for the same matrix).
+    pub fn pack(&self, src: &[u8], ks: usize, ns: usize) -> Vec<u8> {
+        let (k, n) = (self.k, self.n);
+        let mut out = vec![0u8; self.bytes()];
+        let (io, vo) = (self.index_offset(), self.values_offset());
+        let mut e = 0usize;
+        for p in 0..self.panels() {
+            out[4 * p..4 * p + 4].copy_from_slice(&(e as u32).to_le_bytes());
+            for kk in 0..k {
+                if segment_is_zero(src, kk, p, n, ks, ns) {
+                    continue;
+                }
+                out[io + 4 * e..io + 4 * e + 4].copy_from_slice(&(kk as u32).to_le_bytes());
+                for c in 0..SPARSE_COLS.min(n - p * SPARSE_COLS) {
+                    let s = (kk * ks + (p * SPARSE_COLS + c) * ns) * 4;
+                    let d = vo + 16 * e + 4 * c;
+                    out[d..d + 4].copy_from_slice(&src[s..s + 4]);
+                }
+                e += 1;
+            }
+        }
+        let p = self.panels();
+        out[4 * p..4 * p + 4].copy_from_slice(&(e as u32).to_le_bytes());
+        debug_assert_eq!(e, self.entries);
+        out
+    }
+}
+
+/// A pruned matmul weight in block-sparse form: one `SparsePanels`, or for a SwiGLU weight [K, 2N]
+/// the gate half's and then, from byte `up_offset`, the up half's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseWeight {
+    pub gate: SparsePanels,
+    pub up: Option<SparsePanels>,
+}
+
+impl SparseWeight {
+    pub fn bytes(&self) -> usize {
+        self.up_offset() + self.up.map_or(0, |u| u.bytes())
+    }
+    /// Where the up half starts (16-byte aligned: `SparsePanels::bytes` is a multiple of 16).
+    pub fn up_offset(&self) -> usize {
+        self.gate.bytes()
+    }
+    pub fn dense_bytes(&self) -> usize {
+        self.gate.dense_bytes() + self.up.map_or(0, |u| u.dense_bytes())
+    }
+    /// Whether the block-sparse kernel is expected to beat the dense one (`SPARSE_MAX_BYTES_RATIO`).
+    pub fn pays(&self) -> bool {
+        (self.bytes() as f64) <= SPARSE_MAX_BYTES_RATIO * self.dense_bytes() as f64
+    }
+    pub fn has_empty_rows(&self) -> bool {
+        self.gate.has_empty_rows() || self.up.is_some_and(|u| u.has_empty_rows())
+    }
+}
+
+/// Row `kk` of sparse panel `p` holds only zeros (±0.0; a NaN counts as a value).
+fn segment_is_zero(src: &[u8], kk: usize, p: usize, n: usize, ks: usize, ns: usize) -> bool {
+    (0..SPARSE_COLS.min(n - p * SPARSE_COLS)).all(|c| {
+        let s = (kk * ks + (p * SPARSE_COLS + c) * ns) * 4;
+        f32::from_le_bytes(src[s..s + 4].try_into().unwrap()) == 0.0
+    })
+}

@@ -71,6 +71,8 @@ pub struct LowerCx<'a> {
     pub scratch: Option<u64>,
     /// Matmul weights stored in column panels (`plan::pack_panels`).
     pub packed: &'a std::collections::HashSet<ValueRef>,
+    /// Pruned matmul weights stored block-sparse (`layout::SparseWeight`).
+    pub sparse: &'a HashMap<ValueRef, super::layout::SparseWeight>,
     /// Quantized matmul weights in packed form (`layout::NBitsPacking`).
     pub nbits: &'a HashMap<ValueRef, super::layout::NBitsPacking>,
     /// KV-cache Concats and their arena regions (`kv_cache`).
@@ -972,6 +974,7 @@ fn lower_matmul(
         },
         b_packed: cx.packed.contains(&b),
         b_nbits: None,
+        b_sparse: cx.sparse.get(&b).copied(),
         epi: Default::default(),
         out: Operand {
             loc: cx.loc(out),
@@ -1020,6 +1023,7 @@ fn lower_matmul_nbits(cx: &LowerCx, node: &Node, ins: &[Option<ValueRef>], out: 
         b_zero: None,
         b_packed: false,
         b_nbits: Some(pk),
+        b_sparse: None,
         epi: Default::default(),
     })));
     Ok(kernels)

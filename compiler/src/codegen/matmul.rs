@@ -39,6 +39,8 @@ pub struct MatMulKernel {
     pub b_packed: bool,
     /// B is a quantized weight in packed form (MatMulNBits): `qmatmul` emits the kernel.
     pub b_nbits: Option<super::layout::NBitsPacking>,
+    /// B is a pruned f32 weight in block-sparse form: `spmm` emits the kernel.
+    pub b_sparse: Option<super::layout::SparseWeight>,
     /// What happens to each output tile before it is stored (fused `MatMulAct`).
     pub epi: Epilogue,
 }
@@ -204,6 +206,9 @@ pub fn column_range(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)
 pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>) {
     if let Some(pk) = &mm.b_nbits {
         return super::qmatmul::emit(kb, mm, pk, units);
+    }
+    if let Some(sp) = &mm.b_sparse {
+        return super::spmm::emit(kb, mm, sp, units);
     }
     let batch: Vec<Value> = mm.batch.iter().map(|d| kb.dim(d)).collect();
     let strides: Vec<Vec<Value>> =

@@ -16,6 +16,7 @@ pub mod object;
 pub mod plan;
 pub mod qmatmul;
 pub mod reduce;
+pub mod spmm;
 pub mod target;
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ pub struct Options {
     pub max_batch: Option<u64>,
     /// Explicit per-symbol bounds (`--bound NAME=N`), overriding the defaults.
     pub bounds: Vec<(String, u64)>,
+    /// When pruned weights get the block-sparse matmul kernel.
+    pub sparse: plan::SparseMode,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -65,6 +68,10 @@ pub struct Stats {
     pub arena_unshared: u64,
     /// KV-cache tensors kept in the arena, and their bytes (included in `arena_bytes`).
     pub kv_slots: usize,
+    /// Matmul weights stored block-sparse, their bytes, and the bytes they would take dense.
+    pub sparse_weights: usize,
+    pub sparse_bytes: u64,
+    pub sparse_dense_bytes: u64,
     pub kv_bytes: u64,
     pub compile_ms: f64,
 }
@@ -177,7 +184,8 @@ pub fn compile_with_progress(
             return Err(Error::Invalid(format!("bound of `{s}` must be in 1..2^63")));
         }
     }
-    let plan = plan::plan(&g, &inferred, &|s| bounds.get(s).map_or(i64::MAX, |&b| b as i64), target.simd())?;
+    let plan =
+        plan::plan(&g, &inferred, &|s| bounds.get(s).map_or(i64::MAX, |&b| b as i64), target.simd(), opts.sparse)?;
     // Every dim the code evaluates must use bound symbols only.
     for v in plan.locs.keys() {
         if let Some(shape) = &g.ty(*v).shape {
@@ -228,6 +236,7 @@ pub fn compile_with_progress(
                 locs: &plan.locs,
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
+                sparse: &plan.sparse,
                 nbits: &plan.nbits,
                 kv: &plan.kv,
             };
@@ -368,6 +377,9 @@ pub fn compile_with_progress(
         arena_bytes: plan.arena_bytes,
         arena_unshared: plan.arena_unshared,
         kv_slots: plan.kv.len(),
+        sparse_weights: plan.sparse.len(),
+        sparse_bytes: plan.sparse.values().map(|s| s.bytes() as u64).sum(),
+        sparse_dense_bytes: plan.sparse.values().map(|s| s.dense_bytes() as u64).sum(),
         kv_bytes: plan.kv.values().map(|s| s.bytes).sum(),
         compile_ms: t0.elapsed().as_secs_f64() * 1e3,
     };

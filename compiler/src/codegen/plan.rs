@@ -36,10 +36,36 @@ pub struct Plan {
     pub nbits: HashMap<ValueRef, NBitsPacking>,
     /// KV-cache Concats whose result lives in a persistent arena region (`kv_cache`).
     pub kv: HashMap<NodeIndex, KvSlot>,
+    /// Pruned matmul weights stored block-sparse (`SparseWeight`) for the sparse kernel.
+    pub sparse: HashMap<ValueRef, SparseWeight>,
+}
+
+/// When pruned f32 matmul weights get the block-sparse kernel (`--sparse`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SparseMode {
+    /// When it is expected to pay (`SparseWeight::pays`).
+    #[default]
+    Auto,
+    /// Never: every weight stays dense.
+    Off,
+    /// Whenever the weight has an all-zero four-column row at all (for benchmarks and tests).
+    Always,
+}
+
+impl std::str::FromStr for SparseMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(SparseMode::Auto),
+            "off" => Ok(SparseMode::Off),
+            "always" => Ok(SparseMode::Always),
+            _ => Err(format!("unknown sparse mode `{s}` (auto, off, always)")),
+        }
+    }
 }
 
 pub use super::kv_cache::KvSlot;
-pub use super::layout::{pack_panels, NBitsPacking, PANEL_COLS};
+pub use super::layout::{pack_panels, NBitsPacking, SparsePanels, SparseWeight, PANEL_COLS};
 
 /// A constant every use of which is the B operand of a matmul with the same orientation:
 /// `Some(trans_b)` when it can be stored packed.
@@ -137,13 +163,60 @@ fn glu_weight(g: &Graph, v: ValueRef) -> bool {
             .all(|&(u, slot)| slot == 1 && matches!(g.node(u).op, Op::MatMulAct { nbits: None, glu: true, .. }))
 }
 
+/// The block-sparse form of constant `v` (a matmul weight, or a SwiGLU weight's two halves) and
+/// its bytes, when `mode` asks for it.
+fn sparse_form(
+    g: &Graph,
+    v: ValueRef,
+    c: &crate::ir::consts::Constant,
+    mode: SparseMode,
+) -> Option<(SparseWeight, Vec<u8>)> {
+    if mode == SparseMode::Off {
+        return None;
+    }
+    let (r, cols) = (*c.shape.first()?, *c.shape.get(1)?);
+    let sw = if glu_weight(g, v) {
+        let half = cols / 2;
+        let gate = SparsePanels::measure(&c.bytes, r, half, cols, 1)?;
+        let up = SparsePanels::measure(&c.bytes[half * 4..], r, half, cols, 1)?;
+        SparseWeight { gate, up: Some(up) }
+    } else {
+        // B is K x N, or N x K under transB: (k, n, k stride, n stride).
+        let (k, n, ks, ns) = if packable(g, v)? { (cols, r, 1, cols) } else { (r, cols, cols, 1) };
+        SparseWeight { gate: SparsePanels::measure(&c.bytes, k, n, ks, ns)?, up: None }
+    };
+    let chosen = match mode {
+        SparseMode::Always => sw.has_empty_rows(),
+        _ => sw.pays(),
+    };
+    if !chosen {
+        return None;
+    }
+    let mut bytes = match sw.up {
+        Some(_) => sw.gate.pack(&c.bytes, cols, 1),
+        None if packable(g, v)? => sw.gate.pack(&c.bytes, 1, cols),
+        None => sw.gate.pack(&c.bytes, cols, 1),
+    };
+    if let Some(up) = sw.up {
+        bytes.extend(up.pack(&c.bytes[(cols / 2) * 4..], cols, 1));
+    }
+    Some((sw, bytes))
+}
+
 /// Ops whose output has the input's bytes in the same order: they can alias the input.
 fn is_view(op: &Op) -> bool {
     matches!(op, Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze | Op::Dropout)
 }
 
-/// `pack`: store matmul weights in column panels (targets with f32 vectors).
-pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: bool) -> Result<Plan> {
+/// `pack`: store matmul weights in column panels (targets with f32 vectors); `sparse`: when pruned
+/// weights are stored block-sparse instead.
+pub fn plan(
+    g: &Graph,
+    inferred: &Inferred,
+    bound: &dyn Fn(&str) -> i64,
+    pack: bool,
+    sparse_mode: SparseMode,
+) -> Result<Plan> {
     let topo = g.topo_order().map_err(Error::Invalid)?;
     let is_known = |n: NodeIndex| {
         let node = g.node(n);
@@ -178,6 +251,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
     let mut weights: Vec<u8> = Vec::new();
     let mut packed = HashSet::new();
     let mut nbits = HashMap::new();
+    let mut sparse = HashMap::new();
     let mut aliases = HashSet::new();
     let mut output_copies = Vec::new();
     let mut output_of: HashMap<ValueRef, usize> = HashMap::new();
@@ -236,6 +310,11 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
                     continue;
                 }
                 if nbits_absorbed(g, v) {
+                    continue;
+                }
+                if let Some((sw, bytes)) = sparse_form(g, v, c, sparse_mode) {
+                    weights.extend_from_slice(&bytes);
+                    sparse.insert(v, sw);
                     continue;
                 }
                 if pack && glu_weight(g, v) {
@@ -340,6 +419,7 @@ pub fn plan(g: &Graph, inferred: &Inferred, bound: &dyn Fn(&str) -> i64, pack: b
         aliases,
         nbits,
         kv,
+        sparse,
     })
 }
 
