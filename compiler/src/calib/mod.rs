@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 use crate::interp::Interpreter;
 use crate::ir::{DType, Graph, Op, Tensor, ValueRef};
 use petgraph::stable_graph::NodeIndex;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::time::Instant;
 
 /// A linear layer: `y = x · W` with a constant weight.
@@ -202,14 +203,32 @@ pub struct ChannelStats {
 /// Largest |x| values per channel, enough for the percentile's nearest rank.
 struct TopAbs {
     keep: usize,
-    /// Per channel, ascending.
-    top: Vec<Vec<f32>>,
-    /// The largest `keep_all` over all channels, ascending.
-    all: Vec<f32>,
+    /// Per channel, the largest `keep` |x| as a min-heap of their bits (a non-negative f32's bits
+    /// order like its value), so each row costs O(log keep), not a shifting insert.
+    top: Vec<BinaryHeap<Reverse<u32>>>,
+    /// The largest `keep_all` over all channels.
+    all: BinaryHeap<Reverse<u32>>,
     keep_all: usize,
     min: Vec<f32>,
     max: Vec<f32>,
     rows: usize,
+}
+
+/// Offers `a` to a min-heap holding the largest `keep` values.
+fn offer(heap: &mut BinaryHeap<Reverse<u32>>, keep: usize, a: u32) {
+    if heap.len() < keep {
+        heap.push(Reverse(a));
+    } else if heap.peek().is_some_and(|&Reverse(low)| a > low) {
+        heap.pop();
+        heap.push(Reverse(a));
+    }
+}
+
+/// A heap's values, ascending.
+fn ascending(heap: BinaryHeap<Reverse<u32>>) -> Vec<f32> {
+    let mut v: Vec<u32> = heap.into_iter().map(|Reverse(b)| b).collect();
+    v.sort_unstable();
+    v.into_iter().map(f32::from_bits).collect()
 }
 
 impl TopAbs {
@@ -217,8 +236,8 @@ impl TopAbs {
     fn new(k: usize, keep: usize, keep_all: usize) -> TopAbs {
         TopAbs {
             keep,
-            top: vec![Vec::with_capacity(keep + 1); k],
-            all: Vec::with_capacity(keep_all + 1),
+            top: vec![BinaryHeap::with_capacity(keep + 1); k],
+            all: BinaryHeap::with_capacity(keep_all + 1),
             keep_all,
             min: vec![f32::INFINITY; k],
             max: vec![f32::NEG_INFINITY; k],
@@ -232,16 +251,9 @@ impl TopAbs {
             for (c, &v) in row.iter().enumerate() {
                 self.min[c] = self.min[c].min(v);
                 self.max[c] = self.max[c].max(v);
-                let a = v.abs();
-                for (t, keep) in [(&mut self.top[c], self.keep), (&mut self.all, self.keep_all)] {
-                    if t.len() < keep || a > t[0] {
-                        let pos = t.partition_point(|&y| y < a);
-                        t.insert(pos, a);
-                        if t.len() > keep {
-                            t.remove(0);
-                        }
-                    }
-                }
+                let a = v.abs().to_bits();
+                offer(&mut self.top[c], self.keep, a);
+                offer(&mut self.all, self.keep_all, a);
             }
             self.rows += 1;
         }
@@ -252,9 +264,9 @@ impl TopAbs {
         let above = ((1.0 - percentile / 100.0) * self.rows as f64).floor() as usize;
         let nearest =
             |t: &[f32], above: usize| if t.is_empty() { 0.0 } else { t[t.len() - 1 - above.min(t.len() - 1)] };
-        let abs_percentile = self.top.iter().map(|t| nearest(t, above)).collect();
+        let abs_percentile = self.top.into_iter().map(|t| nearest(&ascending(t), above)).collect();
         let above_all = ((1.0 - percentile / 100.0) * (self.rows * self.min.len()) as f64).floor() as usize;
-        let tensor_abs_percentile = nearest(&self.all, above_all);
+        let tensor_abs_percentile = nearest(&ascending(self.all), above_all);
         ChannelStats { min: self.min, max: self.max, abs_percentile, tensor_abs_percentile, rows: self.rows }
     }
 }
