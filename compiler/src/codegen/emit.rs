@@ -51,6 +51,14 @@ pub struct Kb<'a> {
     pub params: Vec<Value>,
 }
 
+/// Loads of memory that no store in the kernel writes (a matmul's operands): also `readonly` and
+/// `can_move`, which makes them pure to Cranelift's optimizer, so each is placed next to its use
+/// instead of all loads of a k step first. On the 6-row f32 tile this took 32x576 @ 576x1536
+/// from 2.06 to 1.73 ms (fewer values live across the step).
+pub fn mem_ro() -> MemFlagsData {
+    mem().with_readonly().with_can_move()
+}
+
 /// Accesses that cannot trap: the plan guarantees bounds.
 pub fn mem() -> MemFlagsData {
     // Not `aligned`: vectors are only element-aligned, and SSE folds aligned loads into ops that

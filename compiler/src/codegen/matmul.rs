@@ -8,7 +8,7 @@
 
 use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
 
-use super::emit::{mem, Kb, Loc};
+use super::emit::{mem, mem_ro, Kb, Loc};
 use super::map::{cast, compute_type, load_elem, store_elem};
 use super::math::Fm;
 use crate::ir::{Act, DType, Dim};
@@ -152,9 +152,22 @@ pub fn finish(
     }
 }
 
-/// Rows per register tile and f32x4 vectors per row.
+/// Rows per register tile (scalar tiles, and vector tiles where not chosen by `vector_rows`) and
+/// f32x4 vectors per row.
 pub const MR: usize = 4;
 pub const NV: usize = 2;
+
+/// Rows per f32x4 register tile on `target`: x86_64's 16 xmm registers hold 6 x `NV`
+/// accumulators, the two B vectors and the broadcast A. `benches/kernels.sh` shapes, min of 300
+/// runs: 32x576 @ 576x1536 went from 1.86 to 1.74 ms and 128x1536 @ 1536x576 from 8.2 to 7.8 ms
+/// against 4 rows. Other targets keep 4 (not measured on hardware here).
+fn vector_rows(target: &super::target::Target) -> usize {
+    if target.arch == edgec_runtime::Arch::X86_64 {
+        6
+    } else {
+        MR
+    }
+}
 
 struct Ptrs {
     a: Value,
@@ -258,35 +271,37 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
         // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
         // while every row block of A streams past it.
         let mut start = n_lo;
+        let mr = vector_rows(kb.target);
         if vector {
             // Wide panels: MR-row blocks as PANEL/NV tiles side by side; single rows (decode,
             // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
             start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
                 let zero = kb.iconst(0);
-                let end = kb.for_steps(zero, m, MR as i64, |kb, i| {
+                let end = kb.for_steps(zero, m, mr as i64, |kb, i| {
                     for t in 0..PANEL / NV {
                         let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * NV) as i64);
-                        tiles(kb, mm, &ptrs, i, jt, MR, NV, true);
+                        tiles(kb, mm, &ptrs, i, jt, mr, NV, true);
                     }
                 });
                 kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, &ptrs, i, j, 1, PANEL, true));
             });
-            start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, NV, true));
-            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 1, true));
+            start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, NV, true));
+            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, 1, true));
         } else {
-            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 4, false));
+            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, MR, 4, false));
         }
-        kb.for_range(start, n, 1, |kb, j| row_blocks(kb, mm, &ptrs, j, m, 1, false));
+        kb.for_range(start, n, 1, |kb, j| row_blocks(kb, mm, &ptrs, j, m, MR, 1, false));
     });
 }
 
 /// f32x4 vectors per column panel (16 floats: one 64-byte line of B per k step).
 const PANEL: usize = 4;
 
-/// Every row of the column panel starting at `j`: blocks of `MR` rows, then single rows.
-fn row_blocks(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, j: Value, m: Value, width: usize, vector: bool) {
+/// Every row of the column panel starting at `j`: blocks of `mr` rows, then single rows.
+#[allow(clippy::too_many_arguments)]
+fn row_blocks(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, j: Value, m: Value, mr: usize, width: usize, vector: bool) {
     let zero = kb.iconst(0);
-    let end = kb.for_steps(zero, m, MR as i64, |kb, i| tiles(kb, mm, p, i, j, MR, width, vector));
+    let end = kb.for_steps(zero, m, mr as i64, |kb, i| tiles(kb, mm, p, i, j, mr, width, vector));
     kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, p, i, j, 1, width, vector));
 }
 
@@ -317,10 +332,6 @@ struct StepCtx<'m> {
     b_zps: Vec<Option<Value>>,
     /// B's byte stride along n (scalar tiles).
     b_stride: Value,
-    /// Multiply then add instead of fma: x86's fma ties its result to a multiplicand, so each
-    /// accumulator would be copied every k step; AVX's three-operand add writes it in place, and
-    /// Zen/Skylake-class cores issue the separate mul and add on different pipes.
-    split_fma: bool,
 }
 
 /// One k step: loads B's `width` values at `brow` and each row's A value, and returns the updated
@@ -330,7 +341,7 @@ fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) 
     let bv: Vec<Value> = (0..c.width)
         .map(|col| {
             if c.vector {
-                kb.fb.ins().load(types::F32X4, mem(), brow, (col * 16) as i32)
+                kb.fb.ins().load(types::F32X4, mem_ro(), brow, (col * 16) as i32)
             } else {
                 let off = kb.fb.ins().imul_imm_s(c.b_stride, col as i64);
                 let addr = kb.fb.ins().iadd(brow, off);
@@ -352,7 +363,11 @@ fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) 
             Some(offs) => (a_ptrs[0], offs[r]),
             None => (a_ptrs[r], 0),
         };
-        let mut a = load_elem(kb, mm.a.dtype, addr, imm);
+        let mut a = if c.vector {
+            kb.fb.ins().load(types::F32, mem_ro(), addr, imm)
+        } else {
+            load_elem(kb, mm.a.dtype, addr, imm)
+        };
         if c.integer {
             a = cast(kb, a, mm.a.dtype, mm.out.dtype);
             if let Some(z) = c.a_zps[r] {
@@ -366,9 +381,6 @@ fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) 
             out.push(if c.integer {
                 let t = kb.fb.ins().imul(av, bv[col]);
                 kb.fb.ins().iadd(prev, t)
-            } else if c.split_fma {
-                let t = kb.fb.ins().fmul(av, bv[col]);
-                kb.fb.ins().fadd(prev, t)
             } else {
                 Fm::new(kb, c.acc_ty).fma(av, bv[col], prev)
             });
@@ -445,8 +457,10 @@ fn tile(
         a_row_bytes.and_then(|b| (0..rows).map(|r| i32::try_from(b * r as i64).ok()).collect());
     let a_ptrs: Vec<Value> = if row_imm.is_some() { vec![a_rows[0]] } else { a_rows.clone() };
     let np = a_ptrs.len();
-    let split_fma = kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
-    let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3], split_fma };
+    // One fma per product where the target has it. (x86 ties the fma's result to a multiplicand, so
+    // the broadcast A is copied each time; the copy is a register rename. Separate mul and add
+    // were measured 1.2x slower on 4-row tiles: 2.26 against 1.86 ms for 32x576 @ 576x1536.)
+    let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3] };
     // The k loop carries the accumulators and the A / B pointers, advanced by one k step per
     // iteration. (Unrolling k does not pay with Cranelift: it hoists every load of the unrolled
     // body to the top and spills.)

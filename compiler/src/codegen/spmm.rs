@@ -11,7 +11,7 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
 
-use super::emit::{mem, Kb};
+use super::emit::{mem, mem_ro, Kb};
 use super::layout::{SparsePanels, SparseWeight, SPARSE_COLS};
 use super::math::Fm;
 use super::matmul::{column_range, finish, MatMulKernel, Stage, MR};
@@ -30,8 +30,6 @@ struct Ctx<'m> {
     out_m: Value,
     /// f32x4 accumulators (else four f32 per row).
     vector: bool,
-    /// Multiply then add instead of fma on x86 with AVX (see `matmul::StepCtx::split_fma`).
-    split_fma: bool,
 }
 
 impl Ctx<'_> {
@@ -67,7 +65,6 @@ pub fn emit(kb: &mut Kb, mm: &MatMulKernel, sw: &SparseWeight, units: Option<(Va
     };
     let (a_m, a_k, out_m) = (bytes(kb, &mm.a.strides[0]), bytes(kb, &mm.a.strides[1]), bytes(kb, &mm.out.strides[0]));
     let vector = kb.target.simd();
-    let split_fma = kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
     // Units start on multiples of 16 columns, so on whole panels; the last panel may be partial.
     let p_lo = kb.fb.ins().ushr_imm_s(lo, 2);
     let p_hi = kb.fb.ins().iadd_imm_s(hi, SPARSE_COLS as i64 - 1);
@@ -80,7 +77,7 @@ pub fn emit(kb: &mut Kb, mm: &MatMulKernel, sw: &SparseWeight, units: Option<(Va
     kb.loop_nest(&batch, &strides, vec![zero; 2], &mut Vec::new(), &mut |kb, offs, _| {
         let a = kb.elem_addr(bases[0], offs[0], 4);
         let out = kb.elem_addr(bases[1], offs[1], 4);
-        let c = Ctx { mm, sw, b, a, out, a_m, a_k, out_m, vector, split_fma };
+        let c = Ctx { mm, sw, b, a, out, a_m, a_k, out_m, vector };
         kb.for_range(p_lo, p_full, 1, |kb, p| panel(kb, &c, p, m, SPARSE_COLS));
         if !n.is_multiple_of(SPARSE_COLS) {
             // The partial last panel, when it is in this unit's range.
@@ -182,22 +179,17 @@ fn accumulate(kb: &mut Kb, c: &Ctx, a_rows: &[Value], e: &Entries) -> Vec<Value>
 /// One entry into `acc`: k, the weights, each row's A[k].
 fn entry(kb: &mut Kb, c: &Ctx, acc: &[Value], a_rows: &[Value], idx: Value, vals: Value) -> Vec<Value> {
     let (ty, per_row) = c.acc_shape();
-    let k = kb.fb.ins().uload32(mem(), idx, 0);
+    let k = kb.fb.ins().uload32(mem_ro(), idx, 0);
     let ko = kb.fb.ins().imul(k, c.a_k);
-    let w: Vec<Value> = (0..per_row).map(|l| kb.fb.ins().load(ty, mem(), vals, (4 * l) as i32)).collect();
+    let w: Vec<Value> = (0..per_row).map(|l| kb.fb.ins().load(ty, mem_ro(), vals, (4 * l) as i32)).collect();
     let mut out = Vec::with_capacity(acc.len());
     for (r, &row) in a_rows.iter().enumerate() {
         let addr = kb.fb.ins().iadd(row, ko);
-        let a = kb.fb.ins().load(types::F32, mem(), addr, 0);
+        let a = kb.fb.ins().load(types::F32, mem_ro(), addr, 0);
         let a = if c.vector { kb.fb.ins().splat(types::F32X4, a) } else { a };
         for (l, &wl) in w.iter().enumerate() {
             let prev = acc[r * per_row + l];
-            out.push(if c.split_fma {
-                let t = kb.fb.ins().fmul(a, wl);
-                kb.fb.ins().fadd(prev, t)
-            } else {
-                Fm::new(kb, ty).fma(a, wl, prev)
-            });
+            out.push(Fm::new(kb, ty).fma(a, wl, prev));
         }
     }
     out
