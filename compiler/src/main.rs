@@ -755,11 +755,12 @@ fn eval(
     let n = if max_windows > 0 { windows.len().min(max_windows) } else { windows.len() };
     for (i, w) in windows.iter().take(n).enumerate() {
         session.reset()?;
-        let (all, vocab) = session.feed_all(w).map_err(|e| e.to_string())?;
+        let (all, vocab) = session.feed_all(w).map_err(|e| format!("{}: {e}", path.display()))?;
         let reference_logits = match &mut ref_session {
             Some(r) => {
                 r.reset()?;
-                let (all, v) = r.feed_all(w).map_err(|e| e.to_string())?;
+                let (all, v) =
+                    r.feed_all(w).map_err(|e| format!("--reference {}: {e}", reference.unwrap().display()))?;
                 if v != vocab {
                     return Err(format!("--reference has a vocabulary of {v}, the model {vocab}"));
                 }
