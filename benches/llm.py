@@ -4,8 +4,10 @@ Run through benches/llm.sh (which prepares the model, the artifact and the venvs
 thread count runs in its own subprocess (so peak RSS is per configuration): prefill of a 64-token
 prompt (tokens/s of the whole prompt pass) and greedy decode of 128 tokens (ignoring end-of-text).
 Medians over REPEAT runs. edgec and onnxruntime run the same fp32 ONNX (decoder_with_past.onnx);
-llama.cpp runs the same weights as GGUF requantized to F32 (apples to apples) and to Q4_0 (what
-people ship). The bandwidth row divides a measured copy bandwidth by the bytes of weights read
+edgec's artifacts are built with `--logits last` (benches/llm.sh: the lm_head runs on the last
+prompt position only, as llama.cpp does with logits_all=False; onnxruntime computes the exported
+graph's logits at every position). llama.cpp runs the same weights as GGUF requantized to F32
+(apples to apples) and to Q4_0 (what people ship). The bandwidth row divides a measured copy bandwidth by the bytes of weights read
 per decoded token: an upper bound for memory-bound decode.
 """
 import argparse
@@ -174,7 +176,8 @@ def main():
         "",
         f"Prompt {len(prompt)} tokens (held-out text), greedy decode of {n_new} tokens, median of {args.repeat} "
         f"runs per row, each in a fresh process; load average at the end {os.getloadavg()[0]:.2f} on "
-        f"{os.cpu_count()} CPUs. Ratios are against edgec at the same thread count (> 1: faster than edgec).",
+        f"{os.cpu_count()} CPUs. Ratios are against edgec at the same thread count (> 1: faster than edgec). "
+        "edgec and llama.cpp compute the prompt's logits at its last position only, onnxruntime at every position.",
         "",
         "| engine | threads | prefill tok/s | decode tok/s | prefill vs edgec | decode vs edgec | peak RSS MB |",
         "|---|--:|--:|--:|--:|--:|--:|",

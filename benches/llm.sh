@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # SmolLM2-135M prefill/decode tok/s: edgec vs onnxruntime vs llama.cpp (benches/llm.py), with 1 and
 # 2 threads, peak RSS and the machine's memory-bandwidth bound, as one Markdown table
-# (target/bench/llm.md). A benchmark, not a test.
+# (target/bench/llm.md). A benchmark, not a test. The edgec builds compute logits for the last
+# position only (`--logits last`), as llama.cpp does (logits_all=False); onnxruntime runs the ONNX
+# as exported, with logits at every prompt position.
 #
 #   benches/llm.sh            env: NO_LLAMA=1 skips llama.cpp, REPEAT (default 3), QUANT (edgec
 #                             --quantize schemes timed too; default "int4 w4a8 w8a8", "" for none)
@@ -16,7 +18,8 @@ cargo build --release -p edgec
 art=data/bench/smollm2-135m.edgec
 mkdir -p data/bench
 if [[ ! -f "$art" || "$art" -ot target/release/edgec ]]; then
-  target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 -o "$art"
+  target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 \
+    --logits last -o "$art"
 fi
 args=(--artifact "$art" --repeat "${REPEAT:-3}")
 # Quantized builds of the same decoder (QUANT="" skips them).
@@ -24,7 +27,7 @@ for q in ${QUANT-int4 w4a8 w8a8}; do
   qa=data/bench/smollm2-135m-${q//:/_}.edgec
   if [[ ! -f "$qa" || "$qa" -ot target/release/edgec ]]; then
     target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 \
-      --quantize "$q" -o "$qa"
+      --logits last --quantize "$q" -o "$qa"
   fi
   args+=(--edgec-extra "$q=$qa")
 done

@@ -341,3 +341,84 @@ fn act_static_flag() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--logits last` on the tiny Llama with a word-level tokenizer: `edgec run` gives one row of
+/// logits per sequence, `edgec generate` prints the same greedy text as the `--logits all` build,
+/// and `edgec eval` (which needs every position) refuses the artifact with a message that says
+/// why and what to do, while the `--logits all` build evaluates. Graphs without `logits` and
+/// unknown values are clear errors.
+#[test]
+fn logits_last_flag() {
+    let dir = std::env::temp_dir().join(format!("edgec-cli-logits-{}", std::process::id()));
+    let (tok, text) = word_tokenizer(&dir);
+    let m = "models/tiny/llama";
+    let build = |which: &str| {
+        let art = dir.join(format!("{which}.edgec"));
+        let (ok, out, err) = edgec(&[
+            "compile",
+            &format!("{m}/model.onnx"),
+            "--logits",
+            which,
+            "--bound",
+            "batch_size=2",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "-o",
+            art.to_str().unwrap(),
+        ]);
+        assert!(ok, "{which}: {err}");
+        (art, out)
+    };
+    let (all, _) = build("all");
+    let (last, out) = build("last");
+    assert!(out.contains("pass        logits-last: 1 nodes changed"), "{out}");
+    let mut run = vec!["run".to_string(), last.to_str().unwrap().to_string()];
+    for i in ["input_ids", "attention_mask", "position_ids"] {
+        run.extend(["-i".to_string(), format!("{i}={m}/inputs/{i}.npy")]);
+    }
+    run.extend(["--output-dir".to_string(), dir.join("out").to_str().unwrap().to_string()]);
+    let (ok, out, err) = edgec(&run.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && out.contains("logits: f32[2, 1, 128]"), "{out}{err}");
+
+    let generate = |art: &std::path::Path| {
+        let (ok, out, err) = edgec(&["generate", art.to_str().unwrap(), "--prompt", "w5 w17 w3 w99", "-n", "8"]);
+        assert!(ok, "{err}");
+        out.lines().next().unwrap_or("").to_string()
+    };
+    let text_all = generate(&all);
+    assert!(!text_all.is_empty());
+    assert_eq!(generate(&last), text_all);
+
+    let eval = |art: &std::path::Path| {
+        edgec(&["eval", art.to_str().unwrap(), "--text", text.to_str().unwrap(), "--ctx", "16", "--max-windows", "2"])
+    };
+    let (ok, out, err) = eval(&all);
+    assert!(ok && out.contains("perplexity: "), "{out}{err}");
+    let (ok, out, err) = eval(&last);
+    assert!(!ok && !out.contains("perplexity: ") && !err.contains("panicked"), "{out}{err}");
+    assert!(
+        err.contains("last.edgec")
+            && err.contains("logits for 16 positions")
+            && err.contains("compiled with `--logits last`")
+            && err.contains("need an artifact compiled with `--logits all`"),
+        "{err}"
+    );
+    let (ok, _, err) = edgec(&[
+        "eval",
+        all.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--reference",
+        last.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--reference") && err.contains("`--logits all`"), "{err}");
+
+    let o = dir.join("x.edgec");
+    let (ok, _, err) =
+        edgec(&["compile", "models/tiny/bert/model.onnx", "--logits", "last", "-o", o.to_str().unwrap()]);
+    assert!(!ok && err.contains("--logits last: the graph has no output named `logits`"), "{err}");
+    let (ok, _, err) =
+        edgec(&["compile", "models/tiny/bert/model.onnx", "--logits", "first", "-o", o.to_str().unwrap()]);
+    assert!(!ok && err.contains("first") && err.contains("all") && err.contains("last"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -395,6 +395,92 @@ fn kv_cache_decoding_matches_full_sequence() {
     assert!(max_diff < 1e-4, "last logits differ by {max_diff}");
 }
 
+/// `--logits last` (passes/logits_last.rs, run after quantization and fusion as `edgec compile`
+/// does) on the tiny LMs: the Llama and GPT-2 fixtures (GPT-2's lm_head is a tied copy of wte) and
+/// the tiny-lm decoder with past and full-sequence graph (lm_head tied through a Transpose of the
+/// embedding), in f32, int4 and w4a8. The last-position artifact's logits [batch, 1, vocab] are the
+/// last row of the full artifact's [batch, seq, vocab] (rtol 1e-4) and match the interpreter's
+/// on the sliced graph (the native-vs-interpreter tolerance), greedy generation through `lm::Session` gives the same
+/// tokens, and asking a last-position artifact for every position's logits (`feed_all`, `nll`:
+/// what `edgec eval` does) is an error, before anything runs.
+#[test]
+fn logits_last_matches_the_full_artifact() {
+    use edgec_runtime::lm::{Sampling, Session};
+    use edgec_runtime::RunError;
+    let root = common::repo_root();
+    let models = [
+        ("llama", root.join("models/tiny/llama/model.onnx")),
+        ("gpt2", root.join("models/tiny/gpt2/model.onnx")),
+        ("tiny-lm past", root.join("models/tiny-lm/decoder_with_past.onnx")),
+        ("tiny-lm full", root.join("models/tiny-lm/model.onnx")),
+    ];
+    let artifact = |g: &Graph| {
+        let c = compile(g, &opts("host")).unwrap();
+        edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap()
+    };
+    let logits = |outs: &[(String, Tensor)]| outs.iter().find(|(n, _)| n == "logits").unwrap().1.clone();
+    for (model, path) in models {
+        let mut base = edgec::onnx::load_model(&path).unwrap();
+        PassManager::default_around_quantize().0.run(&mut base, &mut |_, _, _| {}).unwrap();
+        let feeds = match path.parent().unwrap().join("inputs") {
+            dir if dir.exists() => common::read_npy_dir(&dir),
+            _ => common::tiny_lm_feeds(&base),
+        };
+        for scheme in ["f32", "int4", "w4a8"] {
+            let name = format!("{model} {scheme}");
+            let mut full = base.clone();
+            if scheme != "f32" {
+                let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
+                edgec::passes::Pass::run(&pass, &mut full).unwrap();
+            }
+            let full = fuse_matmuls(full);
+            let mut last = full.clone();
+            let stats = edgec::passes::pass_by_name("logits-last").unwrap().run(&mut last).unwrap();
+            assert_eq!(stats.changed, 1, "{name}");
+            let (full_model, last_model) = (artifact(&full), artifact(&last));
+            let want = logits(&run_model(&full_model, &feeds).unwrap());
+            let got = logits(&run_model(&last_model, &feeds).unwrap());
+            let interp = logits(&reference(&last, &feeds));
+            let (b, s, v) = (want.shape[0], want.shape[1], want.shape[2]);
+            assert_eq!(got.shape, vec![b, 1, v], "{name}");
+            let rows: Vec<f32> = (0..b)
+                .flat_map(|i| want.as_slice::<f32>().unwrap()[(i * s + s - 1) * v..(i * s + s) * v].to_vec())
+                .collect();
+            let rows = Tensor::from_vec(vec![b, 1, v], rows);
+            // The same rows through the lm_head kernel for one row per batch instead of the prompt
+            // shape (a different tile, so float sums may associate differently).
+            common::compare(&got, &rows, RTOL, ATOL).unwrap_or_else(|e| panic!("{name}: vs the full artifact: {e}"));
+            let (rtol, atol) = tolerance(scheme);
+            common::compare(&got, &interp, rtol, atol).unwrap_or_else(|e| panic!("{name}: vs the interpreter: {e}"));
+            if model == "gpt2" && scheme != "f32" {
+                continue; // one generation check per model is enough
+            }
+            let greedy = |m: &edgec_runtime::Model| {
+                let mut session = Session::new(m).unwrap();
+                let mut out = Vec::new();
+                session
+                    .generate(&[3, 14, 15, 92, 65, 35], 10, &[], &Sampling::default(), &mut |t| {
+                        out.push(t);
+                        true
+                    })
+                    .unwrap();
+                out
+            };
+            assert_eq!(greedy(&last_model), greedy(&full_model), "{name}: greedy tokens");
+            let mut session = Session::new(&last_model).unwrap();
+            assert!(session.spec().last_position_only, "{name}");
+            assert!(!Session::new(&full_model).unwrap().spec().last_position_only, "{name}");
+            let e = session.feed_all(&[3, 14, 15]).unwrap_err();
+            assert!(matches!(e, RunError::LogitsRows { positions: 3, rows: 1 }), "{name}: {e}");
+            assert!(e.to_string().contains("--logits all"), "{e}");
+            assert!(session.tokens().is_empty(), "{name}: the failed call ran the model");
+            assert!(matches!(session.nll(&[3, 14, 15]), Err(RunError::LogitsRows { .. })), "{name}");
+            // One position is one row: fine either way.
+            assert_eq!(session.feed_all(&[3]).unwrap().0.len(), v, "{name}");
+        }
+    }
+}
+
 /// The tiny-lm decoder with past, compiled with the KV cache in the arena (codegen/kv_cache.rs).
 fn tiny_lm_decoder(target: &str, max_seq: u64) -> edgec::codegen::Compiled {
     let mut g = edgec::onnx::load_model(&common::repo_root().join("models/tiny-lm/decoder_with_past.onnx")).unwrap();

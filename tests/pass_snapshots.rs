@@ -108,3 +108,47 @@ fn exporter_pattern() {
     let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 3, 64], x))];
     snapshot_pipeline("exporter_pattern", g, &feeds);
 }
+
+/// `logits-last` (`edgec compile --logits last`; not in the default pipeline), after the default
+/// pipeline, on the tiny-lm decoder (tied lm_head read through a Transpose, RMSNorm, KV cache) and
+/// on GPT-2 (tied wte copy, LayerNorm): a Slice of the last position feeds the lm_head and
+/// `logits` is [batch_size,1,vocab]. The interpreter's logits are the last row of the full
+/// graph's (the slice only drops rows the projection computed independently), the presents are
+/// untouched, and a second run changes nothing.
+#[test]
+fn logits_last_pass() {
+    let root = common::repo_root();
+    let lm = edgec::onnx::load_model(&root.join("models/tiny-lm/decoder_with_past.onnx")).unwrap();
+    let lm_feeds = common::tiny_lm_feeds(&lm);
+    let gpt2 = edgec::onnx::load_model(&root.join("models/tiny/gpt2/model.onnx")).unwrap();
+    let gpt2_feeds = common::read_npy_dir(&root.join("models/tiny/gpt2/inputs"));
+    for (name, mut g, feeds) in [("tiny_lm_decoder", lm, lm_feeds), ("gpt2", gpt2, gpt2_feeds)] {
+        for p in DEFAULT_PIPELINE {
+            pass_by_name(p).unwrap().run(&mut g).unwrap();
+        }
+        let full = outputs(&g, &feeds);
+        let pass = pass_by_name("logits-last").unwrap();
+        assert_eq!(pass.run(&mut g).unwrap().changed, 1, "{name}");
+        edgec::ir::verify::verify(&g).unwrap();
+        insta::assert_snapshot!(format!("{name}@13-logits-last"), render(&g));
+        let last = outputs(&g, &feeds);
+        for ((n, a), (_, b)) in last.iter().zip(&full) {
+            if n != "logits" {
+                assert!(a == b, "{name}: {n} changed");
+                continue;
+            }
+            let (batch, seq, vocab) = (b.shape[0], b.shape[1], b.shape[2]);
+            assert_eq!(a.shape, vec![batch, 1, vocab], "{name}");
+            let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+            for i in 0..batch {
+                let want = &b[(i * seq + seq - 1) * vocab..(i * seq + seq) * vocab];
+                assert!(&a[i * vocab..(i + 1) * vocab] == want, "{name}: batch {i}: not the full graph's last row");
+            }
+        }
+        assert_eq!(pass.run(&mut g).unwrap().changed, 0, "{name}: a second run");
+    }
+    // Graphs without a `logits` output are refused by name.
+    let mut bert = edgec::onnx::load_model(&root.join("models/tiny/bert/model.onnx")).unwrap();
+    let e = pass_by_name("logits-last").unwrap().run(&mut bert).unwrap_err().to_string();
+    assert!(e.contains("no output named `logits`") && e.contains("last_hidden_state, pooler_output"), "{e}");
+}

@@ -56,6 +56,11 @@ enum Command {
         /// Pass pipeline to run before code generation.
         #[arg(long, default_value = "default")]
         passes: String,
+        /// Which positions of a causal LM's `logits` output to compute: `all` (what `edgec eval`
+        /// needs for perplexity) or `last` (generation reads only the last row: the lm_head then
+        /// runs on one row instead of the whole prompt; `logits` becomes [batch, 1, vocab]).
+        #[arg(long, value_name = "all|last", default_value = "all", value_parser = ["all", "last"])]
+        logits: String,
         /// Output file (default: the model's name with .edgec, or .o for --emit obj).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -495,6 +500,7 @@ fn compile(
     model: &Path,
     opts: edgec::codegen::Options,
     passes: &str,
+    logits_last: bool,
     output: Option<PathBuf>,
     emit: &str,
     weights_file: bool,
@@ -525,7 +531,12 @@ fn compile(
         names.iter().partition(|n| prune.prune.is_none() || !n.starts_with("fuse-"));
     let pm = pipeline(&pre.join(",")).map_err(|e| e.to_string())?;
     let mut opt_pm = pipeline(&post.join(",")).map_err(|e| e.to_string())?;
-    let late_pm = pipeline(&late.join(",")).map_err(|e| e.to_string())?;
+    let mut late_pm = pipeline(&late.join(",")).map_err(|e| e.to_string())?;
+    if logits_last {
+        // Last: after quantization (whose calibration needs the lm_head's input at every position)
+        // and the fusions (passes/logits_last.rs).
+        late_pm.push(edgec::passes::pass_by_name("logits-last").expect("logits-last exists"));
+    }
     let quantize = optimize.quantize_pass()?;
     let mut rows = vec![format!(
         r#"{{"pass":"import","ops":{},"weight_bytes":{},"ms":{:.1}}}"#,
@@ -758,11 +769,12 @@ fn eval(
     let n = if max_windows > 0 { windows.len().min(max_windows) } else { windows.len() };
     for (i, w) in windows.iter().take(n).enumerate() {
         session.reset()?;
-        let (all, vocab) = session.feed_all(w).map_err(|e| e.to_string())?;
+        let (all, vocab) = session.feed_all(w).map_err(|e| format!("{}: {e}", path.display()))?;
         let reference_logits = match &mut ref_session {
             Some(r) => {
                 r.reset()?;
-                let (all, v) = r.feed_all(w).map_err(|e| e.to_string())?;
+                let (all, v) =
+                    r.feed_all(w).map_err(|e| format!("--reference {}: {e}", reference.unwrap().display()))?;
                 if v != vocab {
                     return Err(format!("--reference has a vocabulary of {v}, the model {vocab}"));
                 }
@@ -901,6 +913,7 @@ fn main() -> ExitCode {
             max_batch,
             bounds,
             passes,
+            logits,
             output,
             emit,
             weights_file,
@@ -920,7 +933,21 @@ fn main() -> ExitCode {
                 bounds,
                 sparse,
             };
-            compile(&model, opts, &passes, output, &emit, weights_file, &prefix, symbols, tokenizer, &optimize, &prune)
+            let last = logits == "last";
+            compile(
+                &model,
+                opts,
+                &passes,
+                last,
+                output,
+                &emit,
+                weights_file,
+                &prefix,
+                symbols,
+                tokenizer,
+                &optimize,
+                &prune,
+            )
         }),
         Command::Bench { model, inputs, runs, warmup, threads } => bench(&model, inputs, runs, warmup, threads),
         Command::Eval { model, text, ctx, max_windows, threads, reference } => {

@@ -84,6 +84,12 @@ pub enum RunError {
     KvCacheLost,
     #[error("this artifact keeps no KV cache in its arena")]
     NoKvCache,
+    #[error(
+        "logits for {positions} positions were asked for, but the artifact's `logits` output has {rows} row(s): \
+         it computes only the last position, as an artifact compiled with `--logits last` (for generation) \
+         does; per-position logits (perplexity, `edgec eval`) need an artifact compiled with `--logits all`"
+    )]
+    LogitsRows { positions: usize, rows: usize },
     #[error(transparent)]
     Tensor(#[from] TensorError),
 }

@@ -22,6 +22,9 @@ pub struct LmSpec {
     /// Per layer: (past key input, past value input, present key output, present value output).
     pub cache: Vec<(usize, usize, usize, usize)>,
     pub logits: usize,
+    /// The artifact computes logits for the last position only (`edgec compile --logits last`:
+    /// `logits` is declared [batch, 1, vocab] while `input_ids` takes any number of positions).
+    pub last_position_only: bool,
 }
 
 impl LmSpec {
@@ -52,12 +55,15 @@ impl LmSpec {
         if m.inputs[input_ids].dtype != DType::I64 || m.outputs[logits].dtype != DType::F32 {
             return Err("input_ids must be int64 and logits float32".into());
         }
+        let fixed_one = |shape: &[crate::format::Dim]| shape.get(1).and_then(|d| d.as_constant()) == Some(1);
+        let last_position_only = fixed_one(&m.outputs[logits].shape) && !fixed_one(&m.inputs[input_ids].shape);
         Ok(LmSpec {
             input_ids,
             attention_mask: input("attention_mask"),
             position_ids: input("position_ids"),
             cache,
             logits,
+            last_position_only,
         })
     }
 }
@@ -210,17 +216,40 @@ impl<'m> Session<'m> {
         self.tokens.iter().chain(&self.pending).copied().collect()
     }
 
-    /// Appends `ids` to the text and returns the logits after its last token.
+    /// Appends `ids` to the text and returns the logits after its last token. Works with artifacts
+    /// that compute every position's logits and with `--logits last` ones.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
-        let (all, vocab) = self.feed_all(ids)?;
+        let (all, vocab) = self.feed_rows(ids)?;
         Ok(all[all.len() - vocab..].to_vec())
     }
 
     /// Appends `ids` and returns the logits at every new position (`ids.len()` rows of `vocab`) and
-    /// the vocabulary size. (Without a KV cache the rows cover the whole text.)
+    /// the vocabulary size. An artifact compiled with `--logits last` has only the last row: that
+    /// is an error (`RunError::LogitsRows`) whenever more than one position is asked for, raised
+    /// before the model runs.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), RunError> {
+        let positions = self.pending.len() + ids.len();
+        if self.spec.last_position_only && positions > 1 {
+            return Err(RunError::LogitsRows { positions, rows: 1 });
+        }
+        let (all, vocab) = self.feed_rows(ids)?;
+        let rows = all.len() / vocab.max(1);
+        if rows < positions {
+            return Err(RunError::LogitsRows { positions, rows });
+        }
+        Ok((all, vocab))
+    }
+
+    /// Appends `ids` and returns the logits of the new positions the artifact computes (all of
+    /// them, or the last one) and the vocabulary size.
+    fn feed_rows(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), RunError> {
         let ids: Vec<u32> = std::mem::take(&mut self.pending).into_iter().chain(ids.iter().copied()).collect();
         let ids = &ids[..];
+        if ids.is_empty() {
+            // No position to return logits for (and a `--logits last` graph would slice row -1).
+            let name = self.model.meta().inputs[self.spec.input_ids].name.clone();
+            return Err(RunError::Dim { name, axis: 1, expected: "at least 1 token".into(), got: 0 });
+        }
         let with_cache = !self.spec.cache.is_empty();
         let past = if with_cache { self.tokens.len() } else { 0 };
         // Without a cache the whole text is the input.

@@ -15,6 +15,7 @@ pub mod fuse_qkv;
 pub mod fuse_rms_norm;
 pub mod fuse_swiglu;
 pub mod gptq;
+pub mod logits_last;
 pub mod pattern;
 pub mod prune;
 pub mod prune_structured;
@@ -66,6 +67,7 @@ pub fn pass_by_name(name: &str) -> Option<Box<dyn Pass>> {
         "fuse-elementwise" => Box::new(fuse_elementwise::FuseElementwise),
         "qdq-weights" => Box::new(qdq_weights::QdqWeights),
         "qdq-activations" => Box::new(qdq_activations::QdqActivations),
+        "logits-last" => Box::new(logits_last::LogitsLast),
         _ => return None,
     })
 }
@@ -84,6 +86,7 @@ pub const ALL_PASSES: &[&str] = &[
     "fuse-matmul-epilogue",
     "fuse-qkv",
     "fuse-elementwise",
+    "logits-last",
 ];
 
 /// The pipeline `edgec` runs by default.
@@ -114,10 +117,15 @@ pub const DEFAULT_PIPELINE: &[&str] = &[
 /// and weights) runs before them: they then fuse the quantized MatMulNBits.
 pub const MATMUL_FUSIONS: &[&str] = &["fuse-swiglu", "fuse-matmul-epilogue", "fuse-qkv", "fuse-elementwise"];
 
-/// A pipeline's pass names split into those before weight quantization and the matmul fusions
-/// that run after it.
+/// Passes that also run after weight quantization when a pipeline names them: `logits-last`
+/// (`--logits last`) slices the lm_head's input, which the calibration run behind `--quantize`
+/// must still see at every position.
+pub const AFTER_QUANTIZE: &[&str] = &["logits-last"];
+
+/// A pipeline's pass names split into those before weight quantization and those after it (the
+/// matmul fusions and `AFTER_QUANTIZE`), each in pipeline order.
 pub fn split_at_quantize<'a>(names: &[&'a str]) -> (Vec<&'a str>, Vec<&'a str>) {
-    names.iter().partition(|n| !MATMUL_FUSIONS.contains(n))
+    names.iter().partition(|n| !MATMUL_FUSIONS.contains(n) && !AFTER_QUANTIZE.contains(n))
 }
 
 pub struct PassManager {
