@@ -126,6 +126,7 @@ fn artifact(arch: CrossArch, func: Func, weight: i32) -> Vec<u8> {
         entry_offset,
         compile_options: Default::default(),
         kv_cache: Vec::new(),
+        requires: Vec::new(),
     };
     // The weight, then bytes that must not matter.
     let mut weights = weight.to_le_bytes().to_vec();

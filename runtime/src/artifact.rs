@@ -325,6 +325,15 @@ pub(crate) fn validate_meta(meta: &Meta, code_len: u64) -> Result<(), LoadError>
         let reason = format!("`{}` is not the dimension of any input, so it cannot be bound", s.name);
         return Err(meta_err(format!("symbols[{i}]"), reason));
     }
+    for (i, r) in meta.requires.iter().enumerate() {
+        check_name(&format!("requires[{i}].what"), &r.what)?;
+        if let Some(name) = r.dim.symbols().find(|n| !declared.contains_key(n)) {
+            return Err(meta_err(
+                format!("requires[{i}].dim"),
+                format!("symbol `{name}` is not declared in `symbols`"),
+            ));
+        }
+    }
     let (mut ins, mut outs) = (HashSet::new(), HashSet::new());
     for (i, slot) in meta.kv_cache.iter().enumerate() {
         let err = |reason: String| meta_err(format!("kv_cache[{i}]"), reason);

@@ -346,6 +346,20 @@ pub struct Meta {
     /// KV-cache tensors kept in the arena between runs (absent for other models).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kv_cache: Vec<KvCacheSlot>,
+    /// Conditions on the symbols the code relies on, checked before every run (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Requirement>,
+}
+
+/// A size the code needs at run time: `dim`, evaluated over the symbols, must be at least `min`.
+/// E.g. a Slice from the end, `x[:, -1:]` (last-position logits), reads row `seq - 1`, so it needs
+/// `seq >= 1`; with 0 it would read before its buffer. `what` names the node, for the error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirement {
+    pub dim: Dim,
+    pub min: u64,
+    pub what: String,
 }
 
 /// A KV-cache tensor that lives in the arena: input `input` (the past) and output `output` (the

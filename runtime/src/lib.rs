@@ -74,6 +74,8 @@ pub enum RunError {
     OutputBuffer { name: String, expected: usize, got: usize },
     #[error("output `{name}`: buffer is not aligned to its {align}-byte elements")]
     OutputMisaligned { name: String, align: usize },
+    #[error("{what} needs `{dim}` >= {min}, but it is {value} in this run")]
+    Requirement { what: String, dim: String, value: u64, min: u64 },
     #[error("output `{name}`: {len} positions exceed the KV cache's capacity of {capacity} (compile with a larger --max-seq)")]
     KvCapacity { name: String, len: usize, capacity: u64 },
     #[error("input `{name}`: {reason}")]
@@ -414,6 +416,12 @@ impl Model {
         }
         let env: HashMap<&str, i64> =
             meta.symbols.iter().map(|s| s.name.as_str()).zip(values.iter().copied()).collect();
+        for r in &meta.requires {
+            let value = r.dim.eval(&env).unwrap_or(0);
+            if value < r.min {
+                return Err(RunError::Requirement { what: r.what.clone(), dim: r.dim.to_string(), value, min: r.min });
+            }
+        }
         let mut out_shapes = Vec::with_capacity(meta.outputs.len());
         for m in &meta.outputs {
             let shape_err = |reason: String| RunError::OutputShape { name: m.name.clone(), reason };

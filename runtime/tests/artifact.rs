@@ -229,6 +229,12 @@ fn meta_rules_name_the_field() {
         "META outputs[2].shape[0]: symbol `m` is not declared in `symbols`"
     );
     assert_eq!(
+        meta_with(|v| v["requires"] = json!([{"dim": [[1, ["m"]]], "min": 1, "what": "Slice `s`"}])),
+        "META requires[0].dim: symbol `m` is not declared in `symbols`"
+    );
+    assert!(meta_with(|v| v["requires"] = json!([{"dim": [[1, []]], "min": 1, "what": ""}]))
+        .starts_with("META requires[0].what"));
+    assert_eq!(
         meta_with(|v| v["inputs"][0]["shape"][1] = json!([[2, ["n"]]])),
         "META inputs[0].shape[1]: `2*n` is neither a constant nor a single symbol"
     );

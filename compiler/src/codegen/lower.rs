@@ -77,6 +77,8 @@ pub struct LowerCx<'a> {
     pub nbits: &'a HashMap<ValueRef, super::layout::NBitsPacking>,
     /// KV-cache Concats and their arena regions (`kv_cache`).
     pub kv: &'a HashMap<NodeIndex, super::kv_cache::KvSlot>,
+    /// Run-time conditions the kernels rely on (dim >= min, and the node), for the META section.
+    pub requires: &'a std::cell::RefCell<Vec<(Dim, u64, String)>>,
 }
 
 /// Which inputs a node reads at run time (others only shape the kernel at compile time).
@@ -361,6 +363,14 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
             let mut strides = dense.clone();
             let mut offset = Dim::fixed(0);
             for (k, &a) in axes.iter().enumerate() {
+                // From the end of a symbolic axis (`x[:, -1:]`): the start is `d - s`, which needs
+                // d >= s to stay inside the buffer; the runtime checks it before each run.
+                if let (Some(st), false) = (starts[k].as_fixed(), ishape[a].is_fixed()) {
+                    if st < 0 && st > -(i32::MAX as i64) && steps[k] > 0 {
+                        let what = format!("Slice `{}` (from the end of axis {a})", node.name);
+                        cx.requires.borrow_mut().push((ishape[a].clone(), st.unsigned_abs(), what));
+                    }
+                }
                 let s = slice_start(&ishape[a], &starts[k], steps[k])
                     .ok_or_else(|| unsupported(node, "slice start overflows"))?;
                 offset = offset.checked_add(&s.checked_mul(&dense[a]).unwrap()).unwrap();

@@ -214,6 +214,7 @@ pub fn compile_with_progress(
 
     // Kernels per node, then the copies into outputs that alias inputs, weights or other outputs.
     let mut groups: Vec<(String, Vec<Kernel>)> = Vec::new();
+    let requires = std::cell::RefCell::new(Vec::new());
     for &n in &plan.order {
         let node = g.node(n);
         if matches!(node.op, crate::ir::Op::Input { .. } | crate::ir::Op::Const { .. }) {
@@ -237,6 +238,7 @@ pub fn compile_with_progress(
                 scratch: plan.scratch.get(&n).copied(),
                 packed: &plan.packed,
                 sparse: &plan.sparse,
+                requires: &requires,
                 nbits: &plan.nbits,
                 kv: &plan.kv,
             };
@@ -366,6 +368,17 @@ pub fn compile_with_progress(
                 .collect();
             slots.sort_by_key(|s| s.output);
             slots
+        },
+        requires: {
+            let mut r: Vec<fmt::Requirement> = requires
+                .into_inner()
+                .into_iter()
+                .map(|(d, min, what)| fmt::Requirement { dim: runtime_dim(&d), min, what })
+                .collect();
+            // One per distinct condition.
+            let mut seen = std::collections::HashSet::new();
+            r.retain(|x| seen.insert((x.dim.to_string(), x.min)));
+            r
         },
     };
     let stats = Stats {

@@ -74,6 +74,7 @@ pub fn meta() -> Meta {
         entry_offset: ENTRY,
         compile_options: Default::default(),
         kv_cache: Vec::new(),
+        requires: Vec::new(),
     }
 }
 
