@@ -332,6 +332,8 @@ struct StepCtx<'m> {
     b_zps: Vec<Option<Value>>,
     /// B's byte stride along n (scalar tiles).
     b_stride: Value,
+    /// Multiply then add instead of fma (single-row tiles on x86 with AVX; see `tile`).
+    split_fma: bool,
 }
 
 /// One k step: loads B's `width` values at `brow` and each row's A value, and returns the updated
@@ -381,6 +383,9 @@ fn step(kb: &mut Kb, c: &StepCtx, acc: &[Value], a_ptrs: &[Value], brow: Value) 
             out.push(if c.integer {
                 let t = kb.fb.ins().imul(av, bv[col]);
                 kb.fb.ins().iadd(prev, t)
+            } else if c.split_fma {
+                let t = kb.fb.ins().fmul(av, bv[col]);
+                kb.fb.ins().fadd(prev, t)
             } else {
                 Fm::new(kb, c.acc_ty).fma(av, bv[col], prev)
             });
@@ -457,10 +462,13 @@ fn tile(
         a_row_bytes.and_then(|b| (0..rows).map(|r| i32::try_from(b * r as i64).ok()).collect());
     let a_ptrs: Vec<Value> = if row_imm.is_some() { vec![a_rows[0]] } else { a_rows.clone() };
     let np = a_ptrs.len();
-    // One fma per product where the target has it. (x86 ties the fma's result to a multiplicand, so
-    // the broadcast A is copied each time; the copy is a register rename. Separate mul and add
-    // were measured 1.2x slower on 4-row tiles: 2.26 against 1.86 ms for 32x576 @ 576x1536.)
-    let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3] };
+    // Multi-row tiles are throughput-bound: one fma per product. (x86 ties the fma's result to a
+    // multiplicand, so the broadcast A is copied each time, but the copy is a register rename;
+    // separate mul and add were 1.2x slower: 2.26 against 1.86 ms for 32x576 @ 576x1536.) A
+    // single row (decode) waits on its four accumulators instead, and an add has half an fma's
+    // latency: SmolLM2 fp32 decode 14.0 (fma) against 15.2 tok/s (mul + add), medians of 4.
+    let split_fma = rows == 1 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
+    let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3], split_fma };
     // The k loop carries the accumulators and the A / B pointers, advanced by one k step per
     // iteration. (Unrolling k does not pay with Cranelift: it hoists every load of the unrolled
     // body to the top and spills.)
