@@ -466,7 +466,7 @@ fn tile(
     // multiplicand, so the broadcast A is copied each time, but the copy is a register rename;
     // separate mul and add were 1.2x slower: 2.26 against 1.86 ms for 32x576 @ 576x1536.) A
     // single row (decode) waits on its four accumulators instead, and an add has half an fma's
-    // latency: SmolLM2 fp32 decode 14.0 (fma) against 15.2 tok/s (mul + add), medians of 4.
+    // latency: SmolLM2 fp32 decode 13.9 (fma) against 15.3 tok/s (mul + add), medians of 4.
     let split_fma = rows == 1 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
     let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3], split_fma };
     // The k loop carries the accumulators and the A / B pointers, advanced by one k step per
