@@ -219,7 +219,7 @@ impl<'m> Session<'m> {
     /// Appends `ids` to the text and returns the logits after its last token. Works with artifacts
     /// that compute every position's logits and with `--logits last` ones.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
-        let (all, vocab) = self.feed_rows(ids)?;
+        let (all, vocab) = self.feed_rows(ids, true)?;
         Ok(all[all.len() - vocab..].to_vec())
     }
 
@@ -232,7 +232,7 @@ impl<'m> Session<'m> {
         if self.spec.last_position_only && positions > 1 {
             return Err(RunError::LogitsRows { positions, rows: 1 });
         }
-        let (all, vocab) = self.feed_rows(ids)?;
+        let (all, vocab) = self.feed_rows(ids, false)?;
         let rows = all.len() / vocab.max(1);
         if rows < positions {
             return Err(RunError::LogitsRows { positions, rows });
@@ -241,8 +241,9 @@ impl<'m> Session<'m> {
     }
 
     /// Appends `ids` and returns the logits of the new positions the artifact computes (all of
-    /// them, or the last one) and the vocabulary size.
-    fn feed_rows(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), RunError> {
+    /// them, or the last one; only the last with `last_only`, so generation does not copy a
+    /// prompt's worth of rows) and the vocabulary size.
+    fn feed_rows(&mut self, ids: &[u32], last_only: bool) -> Result<(Vec<f32>, usize), RunError> {
         let ids: Vec<u32> = std::mem::take(&mut self.pending).into_iter().chain(ids.iter().copied()).collect();
         let ids = &ids[..];
         if ids.is_empty() {
@@ -277,7 +278,7 @@ impl<'m> Session<'m> {
             let outs = self.model.run_cached(&views, kv)?;
             self.tokens.extend_from_slice(ids);
             let logits = outs[self.spec.logits].as_ref().expect("logits are not a cache output");
-            return Ok(last_rows(logits, ids.len()));
+            return Ok(last_rows(logits, if last_only { 1 } else { ids.len() }));
         }
         for (l, &(k, v, _, _)) in self.spec.cache.iter().enumerate() {
             views[k] = Some(self.cache[2 * l].view());
@@ -291,7 +292,7 @@ impl<'m> Session<'m> {
             self.cache[2 * l] = std::mem::replace(&mut outs[pk], Tensor::zeros(DType::F32, vec![0])?);
             self.cache[2 * l + 1] = std::mem::replace(&mut outs[pv], Tensor::zeros(DType::F32, vec![0])?);
         }
-        Ok(last_rows(&outs[self.spec.logits], ids.len()))
+        Ok(last_rows(&outs[self.spec.logits], if last_only { 1 } else { ids.len() }))
     }
     /// Mean negative log-likelihood (nats) of `ids[1..]` given the preceding tokens, as one
     /// prefill from an empty context; also returns the number of predicted tokens.
