@@ -189,6 +189,20 @@ impl Graph {
         }
     }
 
+    /// Makes input `slot` of `node` read `v` (only that edge; other readers of the old value keep it).
+    pub fn set_input(&mut self, node: NodeIndex, slot: usize, v: ValueRef) {
+        let old: Vec<_> = self
+            .g
+            .edges_directed(node, Direction::Incoming)
+            .filter(|e| e.weight().dst == slot)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+        self.g.add_edge(v.node, node, Edge { src: v.slot, dst: slot });
+    }
+
     /// Replaces graph input `name` by a constant (an AOT compiler specialises shape parameters such
     /// as axes or slice bounds that a model takes as inputs). The remaining inputs keep their order.
     pub fn freeze_input(&mut self, name: &str, t: &Tensor) -> Result<(), String> {

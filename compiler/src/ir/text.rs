@@ -8,11 +8,16 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 pub fn type_str(t: &TensorType) -> String {
-    match &t.shape {
-        None => format!("{}[?]", t.dtype),
+    format!("{}{}", t.dtype, shape_str(&t.shape))
+}
+
+/// `[batch_size,sequence_length,576]`, or `[?]` when unknown.
+pub fn shape_str(s: &crate::ir::Shape) -> String {
+    match s {
+        None => "[?]".into(),
         Some(dims) => {
             let d: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-            format!("{}[{}]", t.dtype, d.join(","))
+            format!("[{}]", d.join(","))
         }
     }
 }

@@ -22,22 +22,13 @@
 use super::shape_infer::infer_shapes;
 use super::{Pass, PassStats};
 use crate::error::{Error, Result};
-use crate::ir::{Dim, Edge, Graph, Op, Tensor, Value, ValueRef};
-use petgraph::visit::EdgeRef;
-use petgraph::Direction;
+use crate::ir::text::shape_str;
+use crate::ir::{Dim, Graph, Op, Tensor, Value, ValueRef};
 
 pub struct LogitsLast;
 
 /// The name of the graph output this pass cuts down (Optimum's and torch.onnx's causal-LM exports).
 pub const LOGITS: &str = "logits";
-
-/// `[batch_size,sequence_length,576]`, or `[?]` when unknown.
-fn shape_str(s: &crate::ir::Shape) -> String {
-    match s {
-        Some(d) => format!("[{}]", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
-        None => "[?]".into(),
-    }
-}
 
 fn err(msg: impl std::fmt::Display) -> Error {
     Error::invalid(format!("--logits last: {msg}"))
@@ -186,13 +177,7 @@ impl Pass for LogitsLast {
             &[Some(a), Some(starts), Some(ends), Some(axes)],
             vec![Value { name: format!("{base}/Slice_output_0"), ty: sliced_ty }],
         );
-        let edge =
-            g.g.edges_directed(proj, Direction::Incoming)
-                .find(|e| e.weight().dst == 0)
-                .map(|e| e.id())
-                .expect("input A is wired");
-        g.g.remove_edge(edge);
-        g.g.add_edge(slice, proj, Edge { src: 0, dst: 0 });
+        g.set_input(proj, 0, ValueRef { node: slice, slot: 0 });
         infer_shapes(g)?;
         let after = g.ty(logits).shape.clone();
         let want = before.map(|b| vec![b[0].clone(), Dim::fixed(1), b[2].clone()]);

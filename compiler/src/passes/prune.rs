@@ -33,8 +33,6 @@ use crate::error::{Error, Result};
 use crate::interp::Interpreter;
 use crate::ir::{DType, Graph, Op, Tensor, ValueRef};
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
-use petgraph::Direction;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
@@ -304,21 +302,11 @@ pub fn weight_tensor(l: &Linear, w: &[f64]) -> Tensor {
     Tensor::from_vec(shape, out)
 }
 
-/// Replaces input `slot` of `node` with `v` (only that edge; other readers of the old value keep it).
-pub fn set_input(g: &mut Graph, node: NodeIndex, slot: usize, v: ValueRef) {
-    let old: Vec<_> =
-        g.g.edges_directed(node, Direction::Incoming).filter(|e| e.weight().dst == slot).map(|e| e.id()).collect();
-    for e in old {
-        g.g.remove_edge(e);
-    }
-    g.g.add_edge(v.node, node, crate::ir::Edge { src: v.slot, dst: slot });
-}
-
 /// Gives a layer a new weight constant (named after the old one).
 pub fn replace_weight(g: &mut Graph, l: &Linear, t: &Tensor) -> ValueRef {
     let name = g.const_of(l.weight).map_or_else(|| "weight".to_string(), |c| c.name.clone());
     let c = g.add_const(name, t);
-    set_input(g, l.node, 1, c);
+    g.set_input(l.node, 1, c);
     c
 }
 

@@ -22,8 +22,7 @@
 //! `[b, q, s, hd]`) are rewritten per use, and KV-cache graph inputs get their new head count.
 
 use super::prune::{
-    replace_weight, run_layers, set_input, weight_kn, weight_tensor, GramCache, LayerReport, PruneReport, PruneSpec,
-    Recover,
+    replace_weight, run_layers, weight_kn, weight_tensor, GramCache, LayerReport, PruneReport, PruneSpec, Recover,
 };
 use crate::calib::{self, linalg, Calibration, Gram, Linear};
 use crate::error::{Error, Result};
@@ -605,7 +604,7 @@ fn rewrite_shape(g: &mut Graph, node: NodeIndex, slot: usize, f: &dyn Fn(usize, 
     if let Some(t) = mapped(g, v, 0) {
         let name = g.const_of(v).map_or_else(String::new, |c| c.name.clone());
         let c = g.add_const(name, &t);
-        set_input(g, node, slot, c);
+        g.set_input(node, slot, c);
         return Ok(());
     }
     if !matches!(g.g[v.node].op, Op::Concat { axis: 0 } | Op::Concat { axis: -1 }) {
@@ -628,7 +627,7 @@ fn rewrite_shape(g: &mut Graph, node: NodeIndex, slot: usize, f: &dyn Fn(usize, 
     if changed {
         let node_v = g.g[v.node].clone();
         let nc = g.add_node(node_v.op, format!("{}_pruned", node_v.name), &new_pieces, node_v.outputs);
-        set_input(g, node, slot, ValueRef { node: nc, slot: 0 });
+        g.set_input(node, slot, ValueRef { node: nc, slot: 0 });
     }
     Ok(())
 }
