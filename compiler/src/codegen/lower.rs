@@ -12,7 +12,7 @@ use super::matmul::{MatMulKernel, Operand};
 use super::reduce::Rows;
 use crate::error::{Error, Result};
 use crate::ir::{BinaryOp, DType, Dim, Graph, Node, Op, ReduceKind, UnaryOp, ValueRef, VariadicOp};
-use crate::passes::shape_infer::{slice_start, Inferred};
+use crate::passes::shape_infer::{slice_start, Inferred, UNBOUNDED};
 use petgraph::stable_graph::NodeIndex;
 
 #[derive(Clone, Debug)]
@@ -366,7 +366,7 @@ pub fn lower_node(cx: &LowerCx, n: NodeIndex) -> Result<Vec<Kernel>> {
                 // From the end of a symbolic axis (`x[:, -1:]`): the start is `d - s`, which needs
                 // d >= s to stay inside the buffer; the runtime checks it before each run.
                 if let (Some(st), false) = (starts[k].as_fixed(), ishape[a].is_fixed()) {
-                    if st < 0 && st > -(i32::MAX as i64) && steps[k] > 0 {
+                    if st < 0 && st > -UNBOUNDED && steps[k] > 0 {
                         let what = format!("Slice `{}` (from the end of axis {a})", node.name);
                         cx.requires.borrow_mut().push((ishape[a].clone(), st.unsigned_abs(), what));
                     }

@@ -68,11 +68,11 @@ pub struct Stats {
     pub arena_unshared: u64,
     /// KV-cache tensors kept in the arena, and their bytes (included in `arena_bytes`).
     pub kv_slots: usize,
+    pub kv_bytes: u64,
     /// Matmul weights stored block-sparse, their bytes, and the bytes they would take dense.
     pub sparse_weights: usize,
     pub sparse_bytes: u64,
     pub sparse_dense_bytes: u64,
-    pub kv_bytes: u64,
     pub compile_ms: f64,
 }
 

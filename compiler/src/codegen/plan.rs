@@ -175,15 +175,16 @@ fn sparse_form(
         return None;
     }
     let (r, cols) = (*c.shape.first()?, *c.shape.get(1)?);
-    let sw = if glu_weight(g, v) {
+    // The element strides along k and n, shared by both halves of a SwiGLU weight (column ranges
+    // of [K, 2N]); B is K x N, or N x K under transB.
+    let (sw, ks, ns) = if glu_weight(g, v) {
         let half = cols / 2;
         let gate = SparsePanels::measure(&c.bytes, r, half, cols, 1)?;
         let up = SparsePanels::measure(&c.bytes[half * 4..], r, half, cols, 1)?;
-        SparseWeight { gate, up: Some(up) }
+        (SparseWeight { gate, up: Some(up) }, cols, 1)
     } else {
-        // B is K x N, or N x K under transB: (k, n, k stride, n stride).
         let (k, n, ks, ns) = if packable(g, v)? { (cols, r, 1, cols) } else { (r, cols, cols, 1) };
-        SparseWeight { gate: SparsePanels::measure(&c.bytes, k, n, ks, ns)?, up: None }
+        (SparseWeight { gate: SparsePanels::measure(&c.bytes, k, n, ks, ns)?, up: None }, ks, ns)
     };
     let chosen = match mode {
         SparseMode::Always => sw.has_empty_rows(),
@@ -192,13 +193,9 @@ fn sparse_form(
     if !chosen {
         return None;
     }
-    let mut bytes = match sw.up {
-        Some(_) => sw.gate.pack(&c.bytes, cols, 1),
-        None if packable(g, v)? => sw.gate.pack(&c.bytes, 1, cols),
-        None => sw.gate.pack(&c.bytes, cols, 1),
-    };
+    let mut bytes = sw.gate.pack(&c.bytes, ks, ns);
     if let Some(up) = sw.up {
-        bytes.extend(up.pack(&c.bytes[(cols / 2) * 4..], cols, 1));
+        bytes.extend(up.pack(&c.bytes[(cols / 2) * 4..], ks, ns));
     }
     Some((sw, bytes))
 }

@@ -10,7 +10,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Value};
 
 use cranelift_codegen::ir::condcodes::IntCC;
 
-use super::emit::{mem, Kb, Loc};
+use super::emit::{mem, mem_ro, Kb, Loc};
 use super::layout::{NBitsPacking, PANEL_COLS};
 use super::math::Fm;
 use super::matmul::{column_range, finish, Epilogue, MatMulKernel, Stage};
@@ -596,7 +596,7 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
         }
         let mut out = Vec::with_capacity(nacc + 2);
         for r in 0..rows {
-            let x = kb.fb.ins().load(types::F32, super::emit::mem_ro(), a, row_stride * r as i32);
+            let x = kb.fb.ins().load(types::F32, mem_ro(), a, row_stride * r as i32);
             let x = kb.fb.ins().splat(types::F32X4, x);
             for (c, &wv) in w.iter().enumerate() {
                 let prev = acc[r * w.len() + c];

@@ -26,7 +26,7 @@ pub struct Inferred {
 const MAX_TRACKED: usize = 64;
 
 /// Slice bounds at least this large mean "to the end" (exporters use INT_MAX or INT64_MAX).
-const UNBOUNDED: i64 = i32::MAX as i64;
+pub const UNBOUNDED: i64 = i32::MAX as i64;
 
 pub fn infer_shapes(g: &mut Graph) -> Result<()> {
     infer(g).map(|_| ())
