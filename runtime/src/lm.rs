@@ -219,8 +219,7 @@ impl<'m> Session<'m> {
     /// Appends `ids` to the text and returns the logits after its last token. Works with artifacts
     /// that compute every position's logits and with `--logits last` ones.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
-        let (all, vocab) = self.feed_rows(ids, true)?;
-        Ok(all[all.len() - vocab..].to_vec())
+        Ok(self.feed_rows(ids, true)?.0)
     }
 
     /// Appends `ids` and returns the logits at every new position (`ids.len()` rows of `vocab`) and
@@ -251,6 +250,7 @@ impl<'m> Session<'m> {
             let name = self.model.meta().inputs[self.spec.input_ids].name.clone();
             return Err(RunError::Dim { name, axis: 1, expected: "at least 1 token".into(), got: 0 });
         }
+        let rows = if last_only { 1 } else { ids.len() };
         let with_cache = !self.spec.cache.is_empty();
         let past = if with_cache { self.tokens.len() } else { 0 };
         // Without a cache the whole text is the input.
@@ -278,7 +278,7 @@ impl<'m> Session<'m> {
             let outs = self.model.run_cached(&views, kv)?;
             self.tokens.extend_from_slice(ids);
             let logits = outs[self.spec.logits].as_ref().expect("logits are not a cache output");
-            return Ok(last_rows(logits, if last_only { 1 } else { ids.len() }));
+            return Ok(last_rows(logits, rows));
         }
         for (l, &(k, v, _, _)) in self.spec.cache.iter().enumerate() {
             views[k] = Some(self.cache[2 * l].view());
@@ -292,7 +292,7 @@ impl<'m> Session<'m> {
             self.cache[2 * l] = std::mem::replace(&mut outs[pk], Tensor::zeros(DType::F32, vec![0])?);
             self.cache[2 * l + 1] = std::mem::replace(&mut outs[pv], Tensor::zeros(DType::F32, vec![0])?);
         }
-        Ok(last_rows(&outs[self.spec.logits], if last_only { 1 } else { ids.len() }))
+        Ok(last_rows(&outs[self.spec.logits], rows))
     }
     /// Mean negative log-likelihood (nats) of `ids[1..]` given the preceding tokens, as one
     /// prefill from an empty context; also returns the number of predicted tokens.
