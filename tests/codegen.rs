@@ -777,3 +777,39 @@ fn kv_cache_in_arena_under_qemu() {
     }
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// Nodes alike but for where their tensors live share one generated function, called with their
+/// own buffers: two chained 64x64 matmuls with different weights (and their Relus) compile to one
+/// group function and one task each, and still compute x @ w1 -> relu -> @ w2 -> relu exactly as the
+/// interpreter does (a shared function that kept the first node's weights would not).
+#[test]
+fn alike_nodes_share_one_function() {
+    use common::{f32_initializer, model, node, value_info};
+    let w1: Vec<f32> = (0..64 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+    let w2: Vec<f32> = (0..64 * 64).map(|i| ((i * 13 % 97) as f32 - 48.0) / 128.0).collect();
+    let m = model(
+        17,
+        vec![
+            node("MatMul", &["x", "w1"], &["h1"]),
+            node("Relu", &["h1"], &["r1"]),
+            node("MatMul", &["r1", "w2"], &["h2"]),
+            node("Relu", &["h2"], &["y"]),
+        ],
+        vec![value_info("x", 1, &["40", "64"])],
+        vec![value_info("y", 1, &[])],
+        vec![f32_initializer("w1", &[64, 64], &w1), f32_initializer("w2", &[64, 64], &w2)],
+    );
+    let bytes = prost::Message::encode_to_vec(&m);
+    let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "alike").unwrap();
+    PassManager::default_pipeline().run(&mut g, &mut |_, _, _| {}).unwrap();
+    let x: Vec<f32> = (0..40 * 64).map(|i| ((i * 31 % 53) as f32 - 26.0) / 32.0).collect();
+    let feeds = vec![("x".to_string(), Tensor::from_vec(vec![40, 64], x))];
+    let want: Vec<Tensor> = reference(&g, &feeds).into_iter().map(|(_, t)| t).collect();
+    let c = compile(&g, &opts("host")).unwrap();
+    let names: Vec<&str> = c.functions.iter().map(|f| f.2.as_str()).collect();
+    assert_eq!(names.len(), 3, "one matmul(+relu) group, its task and the entry: {names:?}");
+    assert!(names.iter().filter(|n| n.ends_with("(+1_alike)")).count() == 2, "{names:?}");
+    let model = edgec_runtime::Model::from_bytes(&c.artifact().unwrap()).unwrap();
+    let got = run_model(&model, &feeds).unwrap();
+    common::compare(&got[0].1, &want[0], RTOL, ATOL).unwrap();
+}

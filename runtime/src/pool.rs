@@ -38,7 +38,8 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
     }
 }
 
-/// `void task(const EdgecCall *call, int64_t begin, int64_t end)`.
+/// `void task(const void *params, int64_t begin, int64_t end)`: `params` is opaque (the generated
+/// caller's parameter block; it starts with the `EdgecCall` pointer).
 pub type TaskFn = unsafe extern "C" fn(*const c_void, i64, i64);
 
 /// The callback's C signature.
@@ -52,7 +53,8 @@ struct Job {
     chunk: i64,
 }
 
-// SAFETY: `call` points at the EdgecCall of a run that outlives the job (parallel_for waits).
+// SAFETY: `call` points at the generated caller's parameter block, on its stack for the whole
+// parallel_for call (which waits for every chunk).
 unsafe impl Send for Job {}
 
 struct Shared {

@@ -101,12 +101,12 @@ typedef struct {
 
 /* The ABI's parallel_for, run on this thread: chunks of *ctx units, last chunk first, so a task
  * that ignored its range (or assumed order) would produce wrong results. */
-typedef void (*TaskFn)(const EdgecCall *call, int64_t begin, int64_t end);
-static void serial_parallel_for(void *ctx, TaskFn task, const EdgecCall *call, int64_t n) {
+typedef void (*TaskFn)(const void *params, int64_t begin, int64_t end);
+static void serial_parallel_for(void *ctx, TaskFn task, const void *params, int64_t n) {
     int64_t chunk = *(const int64_t *)ctx;
     int64_t begin;
     for (begin = ((n - 1) / chunk) * chunk; begin >= 0; begin -= chunk) {
-        task(call, begin, begin + chunk < n ? begin + chunk : n);
+        task(params, begin, begin + chunk < n ? begin + chunk : n);
     }
 }
 

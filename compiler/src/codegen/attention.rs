@@ -50,6 +50,13 @@ const KEYS: i64 = 8;
 const MAX_HEADS: usize = 4;
 
 impl AttentionKernel {
+    /// Every buffer location the kernel reads or writes (for `emit::parameterise`).
+    pub fn locs_mut(&mut self) -> Vec<&mut Loc> {
+        let mut v = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.out];
+        v.extend(self.mask.as_mut().map(|m| &mut m.loc));
+        v
+    }
+
     fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }

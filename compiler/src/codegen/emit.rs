@@ -1,8 +1,10 @@
 //! The kernel builder: a Cranelift `FunctionBuilder` plus what every kernel needs: runtime dims
 //! from the call's symbol table, buffer base pointers, typed loads and stores, and counted loops.
 //!
-//! Every kernel is a function `void k(const EdgecCall *call)`; the layout of `EdgecCall` is fixed
-//! by docs/artifact-format.md.
+//! The entry point is `void entry(const EdgecCall *call)`; the layout of `EdgecCall` is fixed by
+//! docs/artifact-format.md. Every other function is shared by all the nodes whose kernels are alike
+//! but for where their tensors live: it takes a parameter block, `[call, base 0, base 1, ...]`,
+//! and reads its buffers as `Loc::Param(i)` (a task also takes its `begin`, `end`).
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, Block, InstBuilder, MemFlagsData, Type, Value};
@@ -29,6 +31,23 @@ pub enum Loc {
     Weight(u64),
     /// Byte offset in the arena.
     Arena(u64),
+    /// Base pointer `i` of the function's parameter block (see the module comment).
+    Param(u32),
+}
+
+/// Replaces each distinct location among `locs` by `Loc::Param(i)`, numbered in order of first
+/// appearance, and returns the originals: the parameter block a caller passes to the shared
+/// function. Kernels equal after this differ only in where their tensors live.
+pub fn parameterise<'l>(locs: impl IntoIterator<Item = &'l mut Loc>) -> Vec<Loc> {
+    let mut params: Vec<Loc> = Vec::new();
+    for l in locs {
+        let i = params.iter().position(|p| p == l).unwrap_or_else(|| {
+            params.push(*l);
+            params.len() - 1
+        });
+        *l = Loc::Param(i as u32);
+    }
+    params
 }
 
 /// The scalar Cranelift type a dtype computes in (bool is an i8 holding 0 or 1).
@@ -46,6 +65,8 @@ pub struct Kb<'a> {
     pub fb: FunctionBuilder<'a>,
     pub target: &'a Target,
     call: Value,
+    /// The parameter block (none in the entry point, which gets `call` itself).
+    block: Option<Value>,
     symbols: &'a [String],
     /// Parameters after `call` (a task's `begin`, `end`).
     pub params: Vec<Value>,
@@ -67,13 +88,41 @@ pub fn mem() -> MemFlagsData {
 }
 
 impl<'a> Kb<'a> {
-    /// Starts the kernel body: `fb` must be fresh for a function taking one pointer argument.
-    pub fn new(mut fb: FunctionBuilder<'a>, target: &'a Target, symbols: &'a [String]) -> Kb<'a> {
+    /// Starts a shared function's body: `fb` must be fresh for a function whose first argument is
+    /// a parameter block.
+    pub fn new(fb: FunctionBuilder<'a>, target: &'a Target, symbols: &'a [String]) -> Kb<'a> {
+        let mut kb = Kb::new_entry(fb, target, symbols);
+        let block = kb.call;
+        kb.call = kb.fb.ins().load(types::I64, mem(), block, 0);
+        kb.block = Some(block);
+        kb
+    }
+
+    /// Starts the entry point's body, whose argument is the `EdgecCall` itself.
+    pub fn new_entry(mut fb: FunctionBuilder<'a>, target: &'a Target, symbols: &'a [String]) -> Kb<'a> {
         let entry = fb.create_block();
         fb.append_block_params_for_function_params(entry);
         fb.switch_to_block(entry);
         let params = fb.block_params(entry).to_vec();
-        Kb { fb, target, call: params[0], symbols, params: params[1..].to_vec() }
+        Kb { fb, target, call: params[0], block: None, symbols, params: params[1..].to_vec() }
+    }
+
+    /// A parameter block on this function's stack for a call of a shared function: `call`, then
+    /// the base address of each of `params`. It lives until this function returns.
+    pub fn param_block(&mut self, params: &[Loc]) -> Value {
+        use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
+        let slot = self.fb.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            8 * (1 + params.len() as u32),
+            3,
+        ));
+        let call = self.call;
+        self.fb.ins().stack_store(types::I64, call, slot, 0);
+        for (i, &p) in params.iter().enumerate() {
+            let b = self.base(p);
+            self.fb.ins().stack_store(types::I64, b, slot, 8 * (1 + i as i32));
+        }
+        self.fb.ins().stack_addr(types::I64, slot, 0)
     }
 
     pub fn call_ptr(&self) -> Value {
@@ -144,6 +193,10 @@ impl<'a> Kb<'a> {
             Loc::Arena(off) => {
                 let a = ins.load(types::I64, mem(), self.call, CALL_ARENA);
                 self.fb.ins().iadd_imm_s(a, off as i64)
+            }
+            Loc::Param(i) => {
+                let block = self.block.expect("only shared functions read parameters");
+                ins.load(types::I64, mem(), block, 8 * (1 + i as i32))
             }
         }
     }

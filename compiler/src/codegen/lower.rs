@@ -62,6 +62,31 @@ pub enum Kernel {
     },
 }
 
+impl Kernel {
+    /// Every buffer location the kernel reads or writes (for `emit::parameterise`).
+    pub fn locs_mut(&mut self) -> Vec<&mut Loc> {
+        match self {
+            Kernel::Map(m) => std::iter::once(&mut m.out.loc).chain(m.inputs.iter_mut().map(|v| &mut v.loc)).collect(),
+            Kernel::Reduce(rows, _)
+            | Kernel::Softmax(rows, _)
+            | Kernel::LayerNorm { rows, .. }
+            | Kernel::ArgReduce { rows, .. }
+            | Kernel::CumSum { rows, .. }
+            | Kernel::RmsNorm { rows, .. } => rows.locs.iter_mut().collect(),
+            Kernel::MatMul(mm) => mm.locs_mut(),
+            Kernel::QuantizeRows { a, scratch, .. } => vec![a, scratch],
+            Kernel::Gather(g) => vec![&mut g.out.loc, &mut g.data.loc, &mut g.indices.loc],
+            Kernel::Attention(a) => a.locs_mut(),
+            Kernel::IfBuffer(loc, k) => {
+                let mut v = vec![loc];
+                v.extend(k.locs_mut());
+                v
+            }
+            Kernel::Values { loc, .. } => vec![loc],
+        }
+    }
+}
+
 /// What lowering needs to know about values: where they live and what is known at compile time.
 pub struct LowerCx<'a> {
     pub g: &'a Graph,

@@ -45,6 +45,17 @@ pub struct MatMulKernel {
     pub epi: Epilogue,
 }
 
+impl MatMulKernel {
+    /// Every buffer location the kernel reads or writes (for `emit::parameterise`).
+    pub fn locs_mut(&mut self) -> Vec<&mut Loc> {
+        let mut v = vec![&mut self.a.loc, &mut self.b.loc, &mut self.out.loc];
+        v.extend(self.a_zero.as_mut().map(|z| &mut z.0));
+        v.extend(self.b_zero.as_mut().map(|z| &mut z.0));
+        v.extend(self.epi.bias.as_mut());
+        v
+    }
+}
+
 /// A fused matmul's epilogue, applied to the accumulators while they are still in registers.
 #[derive(Clone, Debug, Default)]
 pub struct Epilogue {

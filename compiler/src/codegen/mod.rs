@@ -1,6 +1,7 @@
 //! Native code generation with Cranelift: plan memory, lower every node to kernels, compile each
-//! node's kernels into one function, link the functions behind an entry point, and package the
-//! result as a `.edgec` artifact (docs/artifact-format.md) or an ELF object.
+//! node's kernels into one function (shared by the nodes alike but for their buffers), link the
+//! functions behind an entry point, and package the result as a `.edgec` artifact
+//! (docs/artifact-format.md) or an ELF object.
 
 pub mod attention;
 pub mod emit;
@@ -269,86 +270,100 @@ pub fn compile_with_progress(
         groups.push(("output copies".into(), copies));
     }
 
-    // Compile: function i for group i, then the entry calling them all in order.
-    // Function numbers: one per group, then one task per parallel kernel, then the entry.
-    let mut funcs = Vec::with_capacity(groups.len() + 1);
-    let mut names: Vec<String> = Vec::new();
+    // Compile. Nodes whose kernels are alike but for where their tensors live (the same layer of
+    // each transformer block) share one function, called with a parameter block of base
+    // addresses (`emit::parameterise`); so do their matmul and attention tasks. Function numbers:
+    // one per distinct group, then one per distinct task, then the entry calling the groups in
+    // order.
+    let mut shared = Shared::default();
+    let mut calls = Vec::with_capacity(groups.len());
+    let mut kernels = 0;
+    for (name, ks) in &groups {
+        kernels += ks.len();
+        let mut body = ks.clone();
+        let params = emit::parameterise(body.iter_mut().flat_map(|k| k.locs_mut()));
+        calls.push((shared.add(name, Body::Group(body), 1), params));
+    }
+    let n_groups = shared.bodies.len();
+    let mut funcs = Vec::with_capacity(n_groups + 1);
     let mut fctx = FunctionBuilderContext::new();
     let mut ctx = Context::new();
     let sig = kernel_signature(&target);
     let task_sig = task_signature(&target);
-    let mut kernels = 0;
-    let mut tasks: Vec<(String, Task)> = Vec::new();
-    for (i, (name, ks)) in groups.iter().enumerate() {
-        progress(i, groups.len());
-        kernels += ks.len();
-        ctx.func = Function::with_name_signature(UserFuncName::user(0, i as u32), sig.clone());
+    let mut i = 0;
+    while i < shared.bodies.len() {
+        if i < n_groups {
+            progress(i, n_groups);
+        }
+        let is_task = !matches!(shared.bodies[i].body, Body::Group(_));
+        ctx.func = Function::with_name_signature(
+            UserFuncName::user(0, i as u32),
+            if is_task { task_sig.clone() } else { sig.clone() },
+        );
         {
             let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
             let mut kb = Kb::new(fb, &target, &symbols);
-            for k in ks {
-                match k {
-                    Kernel::MatMul(mm) => {
-                        let index = (groups.len() + tasks.len()) as u32;
-                        tasks.push((format!("{name} (task)"), Task::MatMul(mm)));
-                        let (units, work) = matmul::units_and_work(&mut kb, mm);
-                        emit_parallel(&mut kb, units, work, index, &task_sig);
+            // Moved out while emitting: a group's tasks are added to `shared` meanwhile.
+            let body = std::mem::replace(&mut shared.bodies[i].body, Body::Group(Vec::new()));
+            let (name, uses) = (shared.bodies[i].name.clone(), shared.bodies[i].uses);
+            match &body {
+                Body::Group(ks) => {
+                    for k in ks {
+                        match k {
+                            Kernel::MatMul(mm) => {
+                                let mut task = mm.clone();
+                                let params = emit::parameterise(task.locs_mut());
+                                let index = shared.add(&format!("{name} (task)"), Body::MatMul(task), uses);
+                                let block = kb.param_block(&params);
+                                let (units, work) = matmul::units_and_work(&mut kb, mm);
+                                emit_parallel(&mut kb, block, units, work, index as u32, &task_sig);
+                            }
+                            Kernel::Attention(ak) => {
+                                let mut task = ak.clone();
+                                let params = emit::parameterise(task.locs_mut());
+                                let index = shared.add(&format!("{name} (task)"), Body::Attention(task), uses);
+                                let block = kb.param_block(&params);
+                                let (units, work) = attention::units_and_work(&mut kb, ak);
+                                emit_parallel(&mut kb, block, units, work, index as u32, &task_sig);
+                            }
+                            _ => emit_kernel(&mut kb, k),
+                        }
                     }
-                    Kernel::Attention(ak) => {
-                        let index = (groups.len() + tasks.len()) as u32;
-                        tasks.push((format!("{name} (task)"), Task::Attention(ak)));
-                        let (units, work) = attention::units_and_work(&mut kb, ak);
-                        emit_parallel(&mut kb, units, work, index, &task_sig);
-                    }
-                    _ => emit_kernel(&mut kb, k),
+                }
+                Body::MatMul(mm) => {
+                    let range = (kb.params[0], kb.params[1]);
+                    matmul::emit_matmul(&mut kb, mm, Some(range));
+                }
+                Body::Attention(ak) => {
+                    let range = (kb.params[0], kb.params[1]);
+                    attention::emit_attention(&mut kb, ak, Some(range));
                 }
             }
+            shared.bodies[i].body = body;
             kb.finish();
         }
-        funcs.push(compile_func(&mut ctx, &target, name)?);
-        names.push(name.clone());
-    }
-    for (i, (name, task)) in tasks.iter().enumerate() {
-        let index = (groups.len() + i) as u32;
-        ctx.func = Function::with_name_signature(UserFuncName::user(0, index), task_sig.clone());
-        {
-            let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            let mut kb = Kb::new(fb, &target, &symbols);
-            let range = (kb.params[0], kb.params[1]);
-            match task {
-                Task::MatMul(mm) => matmul::emit_matmul(&mut kb, mm, Some(range)),
-                Task::Attention(ak) => attention::emit_attention(&mut kb, ak, Some(range)),
-            }
-            kb.finish();
-        }
-        funcs.push(compile_func(&mut ctx, &target, name)?);
-        names.push(name.clone());
+        funcs.push(compile_func(&mut ctx, &target, &shared.bodies[i].name)?);
+        i += 1;
     }
     let entry_index = funcs.len();
     ctx.func = Function::with_name_signature(UserFuncName::user(0, entry_index as u32), sig.clone());
     {
-        let mut fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        let block = fb.create_block();
-        fb.append_block_params_for_function_params(block);
-        fb.switch_to_block(block);
-        let call = fb.block_params(block)[0];
-        let sigref = fb.import_signature(sig.clone());
-        for i in 0..groups.len() {
-            let name =
-                fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, i as u32));
-            let f = fb.import_function(cranelift_codegen::ir::ExtFuncData {
-                name: ExternalName::user(name),
-                signature: sigref,
-                colocated: true,
-                patchable: false,
-            });
-            fb.ins().call(f, &[call]);
+        let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let mut kb = Kb::new_entry(fb, &target, &symbols);
+        let sigref = kb.fb.import_signature(sig.clone());
+        for (index, params) in &calls {
+            let f = import_user_function(&mut kb, *index as u32, sigref);
+            let block = kb.param_block(params);
+            kb.fb.ins().call(f, &[block]);
         }
-        fb.ins().return_(&[]);
-        fb.seal_all_blocks();
-        fb.finalize(target.isa.frontend_config());
+        kb.finish();
     }
     funcs.push(compile_func(&mut ctx, &target, "entry")?);
+    let mut names: Vec<String> = shared
+        .bodies
+        .iter()
+        .map(|b| if b.uses > 1 { format!("{} (+{} alike)", b.name, b.uses - 1) } else { b.name.clone() })
+        .collect();
     names.push("entry".into());
     let (code, offsets) = link::link(&funcs)?;
     let symbols_meta: Vec<Symbol> = symbols.iter().map(|s| Symbol { name: s.clone(), max: bounds[s] }).collect();
@@ -431,23 +446,73 @@ fn kernel_signature(target: &Target) -> Signature {
 /// Below this many multiply-adds a matmul runs on the calling thread (waking workers costs more).
 const PARALLEL_MIN_WORK: i64 = 1 << 17;
 
-/// `void task(const EdgecCall *call, int64_t begin, int64_t end)`.
+/// `void task(const Params *block, int64_t begin, int64_t end)` (block: `emit`'s parameter block).
 fn task_signature(target: &Target) -> Signature {
     let mut sig = Signature::new(target.isa.default_call_conv());
     sig.params.extend([AbiParam::new(types::I64), AbiParam::new(types::I64), AbiParam::new(types::I64)]);
     sig
 }
 
-/// A kernel split into `parallel_for` units: its task function computes a range of units.
-enum Task<'k> {
-    MatMul(&'k matmul::MatMulKernel),
-    Attention(&'k attention::AttentionKernel),
+/// What a generated function computes: a group of kernels (one node's, in the entry's order) or
+/// a kernel split into `parallel_for` units (its task computes a range of units).
+#[derive(Debug)]
+enum Body {
+    Group(Vec<Kernel>),
+    MatMul(Box<matmul::MatMulKernel>),
+    Attention(Box<attention::AttentionKernel>),
+}
+
+struct SharedBody {
+    /// The first node's name.
+    name: String,
+    body: Body,
+    /// How many nodes call it.
+    uses: usize,
+}
+
+/// The distinct function bodies, keyed by their text (parameterised kernels print alike exactly
+/// when they compile alike).
+#[derive(Default)]
+struct Shared {
+    bodies: Vec<SharedBody>,
+    index: HashMap<String, usize>,
+}
+
+impl Shared {
+    /// The function number of `body`, added under `name` unless an alike one exists; `uses`
+    /// nodes call it.
+    fn add(&mut self, name: &str, body: Body, uses: usize) -> usize {
+        let key = format!("{body:?}");
+        if let Some(&i) = self.index.get(&key) {
+            self.bodies[i].uses += uses;
+            return i;
+        }
+        self.bodies.push(SharedBody { name: name.to_string(), body, uses });
+        self.index.insert(key, self.bodies.len() - 1);
+        self.bodies.len() - 1
+    }
+}
+
+/// A reference to generated function `index` from the function being built.
+fn import_user_function(
+    kb: &mut Kb,
+    index: u32,
+    sigref: cranelift_codegen::ir::SigRef,
+) -> cranelift_codegen::ir::FuncRef {
+    let name = kb.fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, index));
+    kb.fb.import_function(cranelift_codegen::ir::ExtFuncData {
+        name: ExternalName::user(name),
+        signature: sigref,
+        colocated: true,
+        patchable: false,
+    })
 }
 
 /// Runs task function `index` over all its `units`: through the runtime's `parallel_for`
 /// when there is one and the `work` (multiply-adds) is large enough, else directly.
 fn emit_parallel(
     kb: &mut Kb,
+    block: cranelift_codegen::ir::Value,
     units: cranelift_codegen::ir::Value,
     work: cranelift_codegen::ir::Value,
     index: u32,
@@ -455,15 +520,8 @@ fn emit_parallel(
 ) {
     use cranelift_codegen::ir::condcodes::IntCC;
     let (pf, pctx) = kb.parallel_for();
-    let name = kb.fb.func.declare_imported_user_function(cranelift_codegen::ir::UserExternalName::new(0, index));
     let sigref = kb.fb.import_signature(task_sig.clone());
-    let task = kb.fb.import_function(cranelift_codegen::ir::ExtFuncData {
-        name: ExternalName::user(name),
-        signature: sigref,
-        colocated: true,
-        patchable: false,
-    });
-    let call = kb.call_ptr();
+    let task = import_user_function(kb, index, sigref);
     let has_pool = kb.fb.ins().icmp_imm_u(IntCC::NotEqual, pf, 0);
     let big = kb.fb.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, work, PARALLEL_MIN_WORK);
     let par = kb.fb.ins().band(has_pool, big);
@@ -472,16 +530,16 @@ fn emit_parallel(
     let done = kb.fb.create_block();
     kb.fb.ins().brif(par, par_block, &[], serial_block, &[]);
     kb.fb.switch_to_block(par_block);
-    // void parallel_for(void *ctx, task, const EdgecCall *call, int64_t n)
+    // void parallel_for(void *ctx, task, const void *params, int64_t n)
     let mut pf_sig = Signature::new(kb.target.isa.default_call_conv());
     pf_sig.params.extend([AbiParam::new(types::I64); 4]);
     let pf_ref = kb.fb.import_signature(pf_sig);
     let addr = kb.fb.ins().func_addr(types::I64, task);
-    kb.fb.ins().call_indirect(pf_ref, pf, &[pctx, addr, call, units]);
+    kb.fb.ins().call_indirect(pf_ref, pf, &[pctx, addr, block, units]);
     kb.fb.ins().jump(done, &[]);
     kb.fb.switch_to_block(serial_block);
     let zero = kb.iconst(0);
-    kb.fb.ins().call(task, &[call, zero, units]);
+    kb.fb.ins().call(task, &[block, zero, units]);
     kb.fb.ins().jump(done, &[]);
     kb.fb.switch_to_block(done);
 }
