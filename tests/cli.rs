@@ -177,6 +177,10 @@ fn compile_and_artifact_errors_are_clear() {
             &["compile", m, "--quantize", "w8a8", "--act-static", "mean", "--calibrate", "README.md"],
             "unknown static activation method 'mean'",
         ),
+        (&["compile", m, "--smooth"], "--smooth needs --quantize"),
+        (&["compile", m, "--quantize", "w8a8", "--smooth"], "--smooth needs --calibrate"),
+        (&["compile", m, "--quantize", "w8a8", "--smooth", "1.5"], "--smooth 1.5: expected α in 0..=1 or `awq`"),
+        (&["compile", m, "--quantize", "int4", "--smooth", "gptq"], "--smooth gptq: expected α in 0..=1 or `awq`"),
     ];
     let dir = std::env::temp_dir().join(format!("edgec-cli-err-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -303,7 +307,8 @@ fn word_tokenizer(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Path
 
 /// `--quantize w8a8 --act-static METHOD --calibrate FILE` on the tiny Llama: every linear layer
 /// gets a static scale, and the artifact's logits stay within 10 % (relative L2) of the dynamic
-/// one's (tests/quantize.rs bounds the error against f32 itself).
+/// one's (tests/quantize.rs bounds the error against f32 itself); also after `--smooth` (α = 0.5
+/// and AWQ), which reports the inputs it scaled.
 #[test]
 fn act_static_flag() {
     let dir = std::env::temp_dir().join(format!("edgec-cli-act-{}", std::process::id()));
@@ -328,16 +333,26 @@ fn act_static_flag() {
     };
     let (_, dynamic) = run(&[], "dynamic");
     let c = calib.to_str().unwrap();
-    for method in ["minmax", "minmax:asym", "percentile:99.9"] {
-        let args = ["--act-static", method, "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"];
-        let (out, logits) = run(&args, method);
+    for method in ["minmax", "minmax:asym", "percentile:99.9", "minmax --smooth", "minmax --smooth awq"] {
+        let mut args: Vec<&str> = vec!["--act-static"];
+        args.extend(method.split(' '));
+        args.extend(["--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
+        let (out, logits) = run(&args, &method.replace(' ', "_"));
         assert!(out.contains("calibrate   64 tokens"), "{out}");
         assert!(out.contains("act-static  15 layers with static activation scales"), "{out}");
+        if method.contains("--smooth") {
+            // All but the two o_proj inputs, whose producer (attention) takes no folded factor.
+            assert!(out.contains(": 7 inputs of 13 linear layers, factors"), "{out}");
+        }
         let (a, b) = (logits.to_f64_vec(), dynamic.to_f64_vec());
         let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
         let rel = (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt();
         println!("--act-static {method}: logits {rel:.3e} from dynamic w8a8 (relative L2)");
-        assert!(rel < 0.1, "{method}: {rel}");
+        // Smoothing evens the channels out, so on this tiny random model (no outlier channels to
+        // tame, 64 calibration tokens) more of them reach the calibrated maximum and clip on the
+        // test inputs: measured 0.16 for α = 0.5, 0.06 for AWQ. SmolLM2's numbers are in the README.
+        let bound = if method.contains("smooth") { 0.25 } else { 0.1 };
+        assert!(rel < bound, "{method}: {rel}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -572,3 +572,87 @@ fn qdq_activations_leave_other_pairs_alone() {
         assert!(Interpreter::new(&q).unwrap().run(&feeds).unwrap() == want, "{case}");
     }
 }
+
+/// `--smooth` (SmoothQuant) on the tiny Llama: an exact rewrite in f32 (logits within 1e-5 of the
+/// unsmoothed graph on the interpreter) that reaches the q/k/v, gate/up, down and lm_head inputs
+/// (the norms' scales and the up projections take the division), and that shrinks the range
+/// static activation scales must cover: the largest per-tensor minmax scale drops.
+#[test]
+fn smoothing_is_exact_and_narrows_activation_ranges() {
+    use edgec::calib::{linear_layers, Calibration, Options};
+    use edgec::passes::quantize::{static_scales, ActStatic};
+    use edgec::passes::smooth::{smooth, Strength};
+    let (g, feeds) = tiny_llama();
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let opts = Options { channel_stats: true, ..Default::default() };
+    let seqs = token_seqs(8, 16, 5);
+    let cal = Calibration::collect(&g, &seqs, &opts).unwrap();
+    let mut s = g.clone();
+    let r = smooth(&mut s, &cal, &Strength::Alpha(0.5)).unwrap();
+    pass_by_name("dce").unwrap().run(&mut s).unwrap();
+    edgec::ir::verify::verify(&s).unwrap();
+    let layers = linear_layers(&g).len();
+    // All but the two o_proj, whose input (the attention output) has nothing to fold into.
+    assert_eq!((r.inputs, r.layers), (7, layers - 2), "{r:?}");
+    assert!(r.max_factor > 1.0 && r.min_factor < r.max_factor, "{r:?}");
+    let err = relative_error(&s, &reference, &feeds);
+    assert!(err < 1e-5, "smoothing changed the logits: relative error {err:.3e}");
+    insta::assert_snapshot!("llama@smooth", render(&s));
+    let widest = |g: &Graph| {
+        let cal = Calibration::collect(g, &seqs, &opts).unwrap();
+        static_scales(g, &cal, ActStatic::MinMax { asym: false }).values().map(|q| q.scale).fold(0f32, f32::max)
+    };
+    let (before, after) = (widest(&g), widest(&s));
+    assert!(after < before, "widest static scale {before} -> {after}");
+}
+
+/// `--smooth awq` where it matters: an embedding, a LayerNorm whose scale makes four of 64
+/// channels 25x larger (the salient channels of real LLM activations) and a 64x96 linear layer.
+/// The scaling is an exact rewrite in f32, it is folded into the LayerNorm's scale and bias, and
+/// int4 (g32) rounding of the scaled weight lands much closer to the f32 output than plain
+/// round-to-nearest: the salient rows get finer steps.
+#[test]
+fn awq_scaling_lowers_int4_error() {
+    use common::{f32_initializer, model, node, value_info};
+    use edgec::calib::Calibration;
+    use edgec::passes::smooth::{smooth, Strength};
+    let mut next = xorshift(0x5eed);
+    let mut uniform = |scale: f32| (next() as f32 / (1u64 << 24) as f32 - 0.5) * scale;
+    let table: Vec<f32> = (0..128 * 64).map(|_| uniform(2.0)).collect();
+    let gamma: Vec<f32> = (0..64).map(|j| if j % 16 == 3 { 25.0 } else { 1.0 }).collect();
+    let beta: Vec<f32> = (0..64).map(|_| uniform(0.2)).collect();
+    let w: Vec<f32> = (0..64 * 96).map(|_| uniform(0.5)).collect();
+    let m = model(
+        17,
+        vec![
+            node("Gather", &["table", "input_ids"], &["e"]),
+            node("LayerNormalization", &["e", "gamma", "beta"], &["x"]),
+            node("MatMul", &["x", "w"], &["y"]),
+        ],
+        vec![value_info("input_ids", 7, &["batch", "seq"])],
+        vec![value_info("y", 1, &[])],
+        vec![
+            f32_initializer("table", &[128, 64], &table),
+            f32_initializer("gamma", &[64], &gamma),
+            f32_initializer("beta", &[64], &beta),
+            f32_initializer("w", &[64, 96], &w),
+        ],
+    );
+    let bytes = prost::Message::encode_to_vec(&m);
+    let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "salient").unwrap();
+    PassManager::default_around_quantize().0.run(&mut g, &mut |_, _, _| {}).unwrap();
+    let ids: Vec<i64> = token_seqs(4, 16, 9).into_iter().flatten().map(i64::from).collect();
+    let feeds = vec![("input_ids".to_string(), Tensor::from_vec(vec![4, 16], ids))];
+    let reference = Interpreter::new(&g).unwrap().run(&feeds).unwrap();
+    let cal = Calibration::collect(&g, &token_seqs(8, 16, 5), &Default::default()).unwrap();
+    let pass = Quantize::new("int4".parse().unwrap(), vec![]);
+    let mut s = g.clone();
+    let r = smooth(&mut s, &cal, &Strength::Awq(&pass)).unwrap();
+    assert_eq!((r.inputs, r.layers), (1, 1), "{r:?}");
+    let exact = relative_error(&s, &reference, &feeds);
+    assert!(exact < 1e-5, "AWQ scaling changed the f32 output: {exact:.3e}");
+    let plain = relative_error(&quantized(&g, "int4", &[]), &reference, &feeds);
+    let awq = relative_error(&quantized(&s, "int4", &[]), &reference, &feeds);
+    println!("int4 relative output error: round-to-nearest {plain:.4e}, AWQ-scaled {awq:.4e}; {r:?}");
+    assert!(awq < 0.8 * plain, "AWQ {awq:.4e} vs plain {plain:.4e}");
+}

@@ -272,6 +272,14 @@ struct OptimizeArgs {
     /// `percentile[:P]` (the P-th percentile of |x| / 127, default 99.99).
     #[arg(long = "act-static", value_name = "METHOD")]
     act_static: Option<String>,
+    /// Scale each linear layer's input channels before quantizing, the division folded into the
+    /// preceding norm or up projection (exact in f32; from the --calibrate run). `ALPHA` (alone:
+    /// 0.5) is SmoothQuant, `max|x|^α / max|w|^(1-α)`: it evens out activation outliers so one
+    /// static activation scale per tensor fits (`--act-static`). `awq` scales by `rms(x)^α` with
+    /// α chosen per input for the least estimated output error of the rounded weights
+    /// (activation-aware weight quantization).
+    #[arg(long, value_name = "ALPHA|awq", num_args = 0..=1, default_missing_value = "0.5")]
+    smooth: Option<String>,
     /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
@@ -285,6 +293,9 @@ impl OptimizeArgs {
             if self.act_static.is_some() {
                 return Err("--act-static needs --quantize with int8 activations (w8a8, w4a8, SCHEME:a8)".into());
             }
+            if self.smooth.is_some() {
+                return Err("--smooth needs --quantize".into());
+            }
             return match (self.method.as_str(), &self.auto_keep, self.keep.is_empty()) {
                 (m, _, _) if m.starts_with("gptq") => Err("--method gptq needs --quantize".into()),
                 (_, Some(_), _) => Err("--auto-keep needs --quantize".into()),
@@ -293,6 +304,7 @@ impl OptimizeArgs {
             };
         };
         let scheme: Scheme = q.parse().map_err(|e| format!("--quantize: {e}"))?;
+        self.smooth_alpha()?;
         if self.act_static()?.is_some() && !scheme.a8 {
             return Err(format!(
                 "--act-static needs int8 activations, which --quantize {q} does not have (w8a8, w4a8, SCHEME:a8)"
@@ -338,22 +350,37 @@ impl OptimizeArgs {
         }
     }
 
+    /// `--smooth`: `Some(Some(α))` for SmoothQuant, `Some(None)` for AWQ.
+    fn smooth_alpha(&self) -> Result<Option<Option<f32>>, String> {
+        let Some(text) = &self.smooth else { return Ok(None) };
+        if text == "awq" {
+            return Ok(Some(None));
+        }
+        match text.parse::<f32>() {
+            Ok(a) if (0.0..=1.0).contains(&a) => Ok(Some(Some(a))),
+            _ => Err(format!("--smooth {text}: expected α in 0..=1 or `awq`")),
+        }
+    }
+
     fn act_static(&self) -> Result<Option<edgec::passes::quantize::ActStatic>, String> {
         self.act_static.as_deref().map(|s| s.parse().map_err(|e| format!("--act-static {e}"))).transpose()
     }
 
     /// Whether quantization needs the calibration statistics (GPTQ, the sensitivity scan, static
-    /// activation scales).
+    /// activation scales, smoothing).
     fn needs_calibration(&self) -> bool {
         self.quantize.is_some()
-            && (self.method.starts_with("gptq") || self.auto_keep.is_some() || self.act_static.is_some())
+            && (self.method.starts_with("gptq")
+                || self.auto_keep.is_some()
+                || self.act_static.is_some()
+                || self.smooth.is_some())
     }
 }
 
 /// The quantize pass with what calibration adds: GPTQ rounding from the Gram matrices, and
 /// `--auto-keep` rules from the sensitivity scan (its ranking as a report row).
 fn calibrated_quantize(
-    g: &edgec::ir::Graph,
+    g: &mut edgec::ir::Graph,
     mut pass: edgec::passes::quantize::Quantize,
     optimize: &OptimizeArgs,
     args: &PruneArgs,
@@ -363,12 +390,32 @@ fn calibrated_quantize(
     let auto_keep = optimize.auto_keep()?;
     let gptq = optimize.gptq()?;
     let act_static = optimize.act_static()?;
-    let flag = match (gptq, act_static) {
-        (Some(_), _) => "--method gptq",
-        (_, Some(_)) => "--act-static",
+    let flag = match (gptq, act_static, &optimize.smooth) {
+        (Some(_), _, _) => "--method gptq",
+        (_, Some(_), _) => "--act-static",
+        (_, _, Some(_)) => "--smooth",
         _ => "--auto-keep",
     };
     let seqs = calibration_sequences(args, tokenizer)?.ok_or_else(|| format!("{flag} needs --calibrate FILE"))?;
+    if let Some(alpha) = optimize.smooth_alpha()? {
+        // Smooth on one run's statistics; the statistics below come from the smoothed graph.
+        use edgec::passes::smooth::{smooth, Strength};
+        let t = Instant::now();
+        let opts = edgec::calib::Options { channel_stats: alpha.is_some(), ..Default::default() };
+        let cal = edgec::calib::Calibration::collect(g, &seqs, &opts).map_err(|e| e.to_string())?;
+        let strength = alpha.map_or(Strength::Awq(&pass), Strength::Alpha);
+        let r = smooth(g, &cal, &strength).map_err(|e| e.to_string())?;
+        println!(
+            "smooth      {}: {} inputs of {} linear layers, factors {:.3e} .. {:.3e} ({:.1} s)",
+            optimize.smooth.as_deref().unwrap_or_default(),
+            r.inputs,
+            r.layers,
+            r.min_factor,
+            r.max_factor,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let g: &edgec::ir::Graph = g;
     let mut opts = edgec::calib::Options { channel_stats: act_static.is_some(), ..Default::default() };
     if let Some(p) = act_static.and_then(|a| a.percentile()) {
         opts.percentile = p;
@@ -563,7 +610,7 @@ fn compile(
     if let Some(mut pass) = quantize {
         if optimize.needs_calibration() {
             // Calibrate on the graph the quantize pass will see (after pruning).
-            (pass, sensitivity_row) = calibrated_quantize(&g, pass, optimize, prune, tokenizer_bytes.as_deref())?;
+            (pass, sensitivity_row) = calibrated_quantize(&mut g, pass, optimize, prune, tokenizer_bytes.as_deref())?;
         }
         opt_pm.push(Box::new(pass));
         opt_pm.push(edgec::passes::pass_by_name("dce").expect("dce exists"));

@@ -24,6 +24,7 @@ pub mod qdq_weights;
 pub mod quantize;
 pub mod sensitivity;
 pub mod shape_infer;
+pub mod smooth;
 
 use crate::error::{Error, Result};
 use crate::ir::{verify::verify, Graph};
