@@ -280,9 +280,9 @@ pub fn compile_with_progress(
     let mut kernels = 0;
     for (name, ks) in &groups {
         kernels += ks.len();
-        let mut body = ks.clone();
-        let params = emit::parameterise(body.iter_mut().flat_map(|k| k.locs_mut()));
-        calls.push((shared.add(name, Body::Group(body), 1), params));
+        let mut body = Body::Group(ks.clone());
+        let params = emit::parameterise(body.locs_mut());
+        calls.push((shared.add(name, body, 1), params));
     }
     let n_groups = shared.bodies.len();
     let mut funcs = Vec::with_capacity(n_groups + 1);
@@ -309,25 +309,22 @@ pub fn compile_with_progress(
             match &body {
                 Body::Group(ks) => {
                     for k in ks {
-                        match k {
-                            Kernel::MatMul(mm) => {
-                                let mut task = mm.clone();
-                                let params = emit::parameterise(task.locs_mut());
-                                let index = shared.add(&format!("{name} (task)"), Body::MatMul(task), uses);
-                                let block = kb.param_block(&params);
-                                let (units, work) = matmul::units_and_work(&mut kb, mm);
-                                emit_parallel(&mut kb, block, units, work, index as u32, &task_sig);
-                            }
+                        // Matmuls and attention run as parallel tasks, shared like the groups.
+                        let task = match k {
+                            Kernel::MatMul(mm) => Some((Body::MatMul(mm.clone()), matmul::units_and_work(&mut kb, mm))),
                             Kernel::Attention(ak) => {
-                                let mut task = ak.clone();
-                                let params = emit::parameterise(task.locs_mut());
-                                let index = shared.add(&format!("{name} (task)"), Body::Attention(task), uses);
-                                let block = kb.param_block(&params);
-                                let (units, work) = attention::units_and_work(&mut kb, ak);
-                                emit_parallel(&mut kb, block, units, work, index as u32, &task_sig);
+                                Some((Body::Attention(ak.clone()), attention::units_and_work(&mut kb, ak)))
                             }
-                            _ => emit_kernel(&mut kb, k),
-                        }
+                            _ => None,
+                        };
+                        let Some((mut task, (units, work))) = task else {
+                            emit_kernel(&mut kb, k);
+                            continue;
+                        };
+                        let params = emit::parameterise(task.locs_mut());
+                        let index = shared.add(&format!("{name} (task)"), task, uses);
+                        let block = kb.param_block(&params);
+                        emit_parallel(&mut kb, block, units, work, index as u32, &task_sig);
                     }
                 }
                 Body::MatMul(mm) => {
@@ -460,6 +457,17 @@ enum Body {
     Group(Vec<Kernel>),
     MatMul(Box<matmul::MatMulKernel>),
     Attention(Box<attention::AttentionKernel>),
+}
+
+impl Body {
+    /// Every buffer location the body reads or writes.
+    fn locs_mut(&mut self) -> Vec<&mut Loc> {
+        match self {
+            Body::Group(ks) => ks.iter_mut().flat_map(|k| k.locs_mut()).collect(),
+            Body::MatMul(mm) => mm.locs_mut(),
+            Body::Attention(ak) => ak.locs_mut(),
+        }
+    }
 }
 
 struct SharedBody {

@@ -10,7 +10,9 @@
 //! - a product `a * b` where `b` is another linear layer's output read only there (SwiGLU's up
 //!   projection before the down projection): that layer's weight columns `W_up[:, j] / s_j`.
 //!
-//! Other inputs (attention outputs, inputs read elsewhere) are left as they are. In f32 the
+//! Other inputs are left as they are: inputs read elsewhere, and attention outputs (o_proj's
+//! input), whose division could only go into v_proj's columns, which would change the values a
+//! decoder-with-past graph returns as its `present` KV cache. In f32 the
 //! rewrite is exact up to rounding; `max|X_j|` comes from a calibration run (`calib`).
 //!
 //! The same rewrite with other factors is AWQ (activation-aware weight quantization, `Strength::Awq`):
