@@ -653,6 +653,14 @@ fn awq_scaling_lowers_int4_error() {
     assert!(exact < 1e-5, "AWQ scaling changed the f32 output: {exact:.3e}");
     let plain = relative_error(&quantized(&g, "int4", &[]), &reference, &feeds);
     let awq = relative_error(&quantized(&s, "int4", &[]), &reference, &feeds);
-    println!("int4 relative output error: round-to-nearest {plain:.4e}, AWQ-scaled {awq:.4e}; {r:?}");
+    // AWQ's second half: block ranges searched by activation energy (as `--smooth awq` does).
+    let mut clip = Quantize::new("int4".parse().unwrap(), vec![]);
+    clip.weigh_ranges_by(&s, &Calibration::collect(&s, &token_seqs(8, 16, 5), &Default::default()).unwrap());
+    assert_eq!(clip.importance.len(), 1);
+    let mut q = s.clone();
+    clip.run(&mut q).unwrap();
+    let clipped = relative_error(&q, &reference, &feeds);
+    println!("int4 relative output error: round-to-nearest {plain:.4e}, AWQ-scaled {awq:.4e}, + weighted ranges {clipped:.4e}; {r:?}");
     assert!(awq < 0.8 * plain, "AWQ {awq:.4e} vs plain {plain:.4e}");
+    assert!(clipped <= awq, "weighted ranges {clipped:.4e} vs AWQ scaling alone {awq:.4e}");
 }

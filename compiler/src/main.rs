@@ -276,8 +276,9 @@ struct OptimizeArgs {
     /// preceding norm or up projection (exact in f32; from the --calibrate run). `ALPHA` (alone:
     /// 0.5) is SmoothQuant, `max|x|^α / max|w|^(1-α)`: it evens out activation outliers so one
     /// static activation scale per tensor fits (`--act-static`). `awq` scales by `rms(x)^α` with
-    /// α chosen per input for the least estimated output error of the rounded weights
-    /// (activation-aware weight quantization).
+    /// α chosen per input for the least estimated output error of the rounded weights, and then
+    /// clips each weight block to the range with the least activation-weighted rounding error
+    /// (activation-aware weight quantization; GPTQ, when asked for, does the rounding instead).
     #[arg(long, value_name = "ALPHA|awq", num_args = 0..=1, default_missing_value = "0.5")]
     smooth: Option<String>,
     /// Write per-pass statistics (ops, weight bytes, time) and the code generator's sizes as JSON.
@@ -416,6 +417,7 @@ fn calibrated_quantize(
         );
     }
     let g: &edgec::ir::Graph = g;
+    let awq = optimize.smooth_alpha()? == Some(None);
     let mut opts = edgec::calib::Options { channel_stats: act_static.is_some(), ..Default::default() };
     if let Some(p) = act_static.and_then(|a| a.percentile()) {
         opts.percentile = p;
@@ -427,6 +429,10 @@ fn calibrated_quantize(
         let scales: Vec<f32> = pass.act_static.values().map(|q| q.scale).collect();
         let (lo, hi) = scales.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &s| (lo.min(s), hi.max(s)));
         println!("act-static  {} layers with static activation scales ({lo:.3e} .. {hi:.3e})", scales.len());
+    }
+    if awq {
+        // AWQ's second half: each block's range searched by the (smoothed) activation energies.
+        pass.weigh_ranges_by(g, &cal);
     }
     let mut row = None;
     if let Some(opt) = gptq {

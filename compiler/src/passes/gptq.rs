@@ -105,7 +105,7 @@ pub fn gptq(w: &[f32], k: usize, n: usize, h: &[f64], scheme: Scheme, opt: GptqO
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::quantize::quantize_rtn;
+    use crate::passes::quantize::{quantize_rtn, Range};
 
     #[test]
     fn options_parse() {
@@ -164,7 +164,7 @@ mod tests {
             }
             e
         };
-        let rtn = out_err(&quantize_rtn(&w, k, n, scheme, false).unwrap());
+        let rtn = out_err(&quantize_rtn(&w, k, n, scheme, Range::Full).unwrap());
         (rtn, opts.iter().map(|&o| out_err(&gptq(&w, k, n, &h, scheme, o).unwrap())).collect())
     }
 

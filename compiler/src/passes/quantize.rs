@@ -190,11 +190,20 @@ impl BlockParams {
     }
 
     /// `fit`, then the best of a grid of narrower ranges (clipping the largest values) by squared
-    /// rounding error over the block: outliers cost less than the resolution they take away.
-    pub fn fit_mse(values: &[f32], bits: usize, asym: bool) -> BlockParams {
+    /// rounding error over the block, each value's error times its `importance` when given (the
+    /// mean square of the activation it multiplies): outliers cost less than the resolution they
+    /// take away.
+    pub fn fit_search(values: &[f32], importance: Option<&[f32]>, bits: usize, asym: bool) -> BlockParams {
         let base = BlockParams::fit(values, bits, asym);
         let err = |p: &BlockParams| -> f64 {
-            values.iter().map(|&v| ((p.dequantize(p.quantize(v)) - v) as f64).powi(2)).sum()
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let e = ((p.dequantize(p.quantize(v)) - v) as f64).powi(2);
+                    importance.map_or(e, |imp| e * imp[i] as f64)
+                })
+                .sum()
         };
         let (mut best, mut best_err) = (base, err(&base));
         if base.scale == 1.0 && values.iter().all(|&v| v == 0.0) {
@@ -222,7 +231,7 @@ impl BlockParams {
     }
 }
 
-/// The clipping grid of `fit_mse`: ranges 97 %, 94 %, ... 55 % of the block's.
+/// The clipping grid of `fit_search`: ranges 97 %, 94 %, ... 55 % of the block's.
 const CLIP_STEPS: usize = 15;
 const CLIP_STEP: f32 = 0.03;
 
@@ -277,20 +286,44 @@ impl Quantized {
     }
 }
 
+/// How a block's range is chosen before rounding to nearest.
+#[derive(Clone, Copy, Debug)]
+pub enum Range<'a> {
+    /// The block's full range (`--method absmax`).
+    Full,
+    /// The clipped range with the least squared weight error (`--method mse`).
+    Search,
+    /// The clipped range with the least squared error weighted by each input row's activation
+    /// energy `E[x_k²]` (K values): the layer's output error, as far as its diagonal goes (AWQ's
+    /// clipping search; with `--smooth awq`).
+    Weighted(&'a [f32]),
+}
+
 /// Round-to-nearest quantization of a row-major K x N matrix, column by column and block by block,
-/// with each block's range from `BlockParams::fit` (`search` false) or `fit_mse`.
-pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, search: bool) -> Result<Quantized> {
+/// with each block's range chosen by `range`.
+pub fn quantize_rtn(w: &[f32], k: usize, n: usize, scheme: Scheme, range: Range) -> Result<Quantized> {
     let mut out = Quantized::new(k, n, scheme)?;
     let bs = out.layout.block_size;
+    if let Range::Weighted(imp) = range {
+        if imp.len() != k {
+            return Err(Error::invalid(format!("{} activation energies for a weight with K = {k}", imp.len())));
+        }
+    }
     // Each column's blocks are independent: fit them on every core, store them in order.
     let fit_column = |c: usize| -> Vec<(BlockParams, Vec<u8>)> {
         let col: Vec<f32> = (0..k).map(|kk| w[kk * n + c]).collect();
         col.chunks(bs)
-            .map(|chunk| {
-                let p = if search {
-                    BlockParams::fit_mse(chunk, scheme.bits, scheme.asym)
-                } else {
-                    BlockParams::fit(chunk, scheme.bits, scheme.asym)
+            .enumerate()
+            .map(|(b, chunk)| {
+                let p = match range {
+                    Range::Full => BlockParams::fit(chunk, scheme.bits, scheme.asym),
+                    Range::Search => BlockParams::fit_search(chunk, None, scheme.bits, scheme.asym),
+                    Range::Weighted(imp) => BlockParams::fit_search(
+                        chunk,
+                        Some(&imp[b * bs..b * bs + chunk.len()]),
+                        scheme.bits,
+                        scheme.asym,
+                    ),
                 };
                 (p, chunk.iter().map(|&v| p.quantize(v)).collect())
             })
@@ -389,6 +422,9 @@ pub struct Quantize {
     /// taking its full range (`--method absmax`, the default: on SmolLM2 int4 g32 the search gave
     /// perplexity 44.1 against 42.2, clipped outlier weights matter more than resolution).
     pub search: bool,
+    /// Activation energy `E[x_k²]` of each layer's input rows, by MatMul node name (`--smooth awq`,
+    /// from calibration): those layers search their block ranges weighted by it (`Range::Weighted`).
+    pub importance: std::collections::HashMap<String, Vec<f32>>,
     /// Per-layer exceptions to `scheme`; the first rule matching the node or weight name wins.
     pub rules: Vec<Rule>,
     /// Rounds a weight instead of round-to-nearest (GPTQ); gets the MatMul's node name and the
@@ -404,7 +440,14 @@ impl Quantize {
     /// `keep`: node or weight name patterns left in f32.
     pub fn new(scheme: Scheme, keep: Vec<String>) -> Quantize {
         let rules = keep.into_iter().map(|pattern| Rule { pattern, exact: false, precision: None }).collect();
-        Quantize { scheme, rules, search: false, rounder: None, act_static: Default::default() }
+        Quantize {
+            scheme,
+            rules,
+            search: false,
+            importance: Default::default(),
+            rounder: None,
+            act_static: Default::default(),
+        }
     }
 
     /// The weight `w` (K x N) of MatMul `name` rounded to `scheme`: by the rounder (GPTQ) when it
@@ -413,7 +456,28 @@ impl Quantize {
         if let Some(q) = self.rounder.as_ref().map(|r| r(name, w, k, n, scheme)).transpose()?.flatten() {
             return Ok(q);
         }
-        quantize_rtn(w, k, n, scheme, self.search)
+        quantize_rtn(w, k, n, scheme, self.range(name))
+    }
+
+    /// Searches every calibrated layer's block ranges weighted by its input rows' activation
+    /// energy `E[x_k²]` from `cal` (AWQ's clipping search).
+    pub fn weigh_ranges_by(&mut self, g: &Graph, cal: &crate::calib::Calibration) {
+        for l in crate::calib::linear_layers(g) {
+            if let Some(h) = cal.gram_for(g, l.node) {
+                let rows = h.rows.max(1) as f64;
+                let energy = (0..h.k).map(|j| (h.get(j, j) / rows) as f32).collect();
+                self.importance.insert(g.node(l.node).name.clone(), energy);
+            }
+        }
+    }
+
+    /// How layer `name`'s block ranges are chosen.
+    pub fn range(&self, name: &str) -> Range<'_> {
+        match self.importance.get(name) {
+            Some(imp) => Range::Weighted(imp),
+            None if self.search => Range::Search,
+            None => Range::Full,
+        }
     }
 
     /// The precision of a layer or table with these names (`None`: f32).
@@ -586,7 +650,7 @@ mod tests {
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         for scheme in ["int8", "int4", "int4:g16:asym", "int8:g32:asym"] {
             let s: Scheme = scheme.parse().unwrap();
-            let q = quantize_rtn(&w, k, n, s, false).unwrap();
+            let q = quantize_rtn(&w, k, n, s, Range::Full).unwrap();
             let l = q.layout;
             for c in 0..n {
                 for kk in 0..k {
@@ -601,6 +665,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The range searches: each never does worse than the full range by its own measure, and
+    /// weighting by activation energy trades the quiet rows' error for the loud rows'.
+    #[test]
+    fn range_searches_lower_their_own_error() {
+        let w: Vec<f32> = (0..32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let mut loud = vec![1f32; 32];
+        for i in [1, 6, 11, 20] {
+            loud[i] = 400.0;
+        }
+        let err = |p: &BlockParams, imp: &[f32]| -> f64 {
+            w.iter().zip(imp).map(|(&v, &e)| ((p.dequantize(p.quantize(v)) - v) as f64).powi(2) * e as f64).sum()
+        };
+        let ones = vec![1f32; 32];
+        let full = BlockParams::fit(&w, 4, false);
+        let plain = BlockParams::fit_search(&w, None, 4, false);
+        let weighted = BlockParams::fit_search(&w, Some(&loud), 4, false);
+        assert!(err(&plain, &ones) <= err(&full, &ones));
+        assert!(err(&weighted, &loud) <= err(&full, &loud));
+        assert!(err(&weighted, &loud) <= err(&plain, &loud));
+        // Through quantize_rtn: a wrong number of energies is an error, not a panic.
+        assert!(quantize_rtn(&w, 32, 1, "int4".parse().unwrap(), Range::Weighted(&loud[..8])).is_err());
+        let q = quantize_rtn(&w, 32, 1, "int4".parse().unwrap(), Range::Weighted(&loud)).unwrap();
+        assert_eq!(q.scales[0], weighted.scale);
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn scan(g: &Graph, cal: &Calibration, pass: &Quantize) -> Result<Vec<Sensiti
                     for (l, name, c, h) in todo.iter().skip(t).step_by(threads) {
                         let w = c.to_tensor().to_f64_vec();
                         let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-                        let q = quantize_rtn(&w32, l.k, l.n, scheme, pass.search)?;
+                        let q = quantize_rtn(&w32, l.k, l.n, scheme, pass.range(name))?;
                         let dq: Vec<f64> = q.dequantize().into_iter().map(f64::from).collect();
                         mine.push(Sensitivity {
                             name: name.clone(),

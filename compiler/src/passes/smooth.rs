@@ -55,9 +55,10 @@ pub enum Strength<'q> {
     /// int8 activations).
     Alpha(f32),
     /// Activation-aware weight scaling (AWQ): `s_j = rms(X_j)^α` (normalised to a geometric mean
-    /// of 1), α per input from a grid, the one whose rounded weights (this pass's schemes) give
-    /// the least output error estimate `Σ_j E[X_j²] · ‖Q(s_j W_j) / s_j − W_j‖²`: channels that
-    /// carry large activations get finer steps in their weight blocks.
+    /// of 1), α per input from a grid, the one whose rounded weights (this pass's schemes, block
+    /// ranges searched by activation energy as `Quantize::importance` will) give the least output
+    /// error estimate `Σ_j E[X_j²] · ‖Q(s_j W_j) / s_j − W_j‖²`: channels that carry large
+    /// activations get finer steps in their weight blocks.
     Awq(&'q super::quantize::Quantize),
 }
 
@@ -189,7 +190,10 @@ fn awq(g: &Graph, h: &Gram, ls: &[Linear], weights: &[Vec<f64>], pass: &super::q
         for ((l, w), scheme) in ls.iter().zip(weights).zip(&schemes) {
             let Some(scheme) = scheme else { continue };
             let scaled: Vec<f32> = w.iter().enumerate().map(|(i, v)| (v * s[i / l.n]) as f32).collect();
-            let q = super::quantize::quantize_rtn(&scaled, l.k, l.n, *scheme, pass.search)?.dequantize();
+            // Scaled rows carry scaled-down activations: the energies the rounding will weigh by.
+            let scaled_energy: Vec<f32> = energy.iter().zip(&s).map(|(e, s)| (e / (s * s)) as f32).collect();
+            let range = super::quantize::Range::Weighted(&scaled_energy);
+            let q = super::quantize::quantize_rtn(&scaled, l.k, l.n, *scheme, range)?.dequantize();
             for j in 0..k {
                 let row: f64 = (0..l.n)
                     .map(|c| {
