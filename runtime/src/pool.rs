@@ -1,7 +1,7 @@
 //! The thread pool behind the artifact ABI's `parallel_for` callback.
 //!
 //! Generated code splits a kernel into `n` independent units and calls
-//! `parallel_for(ctx, task, call, n)`; this pool runs `task(call, begin, end)` over chunks of
+//! `parallel_for(ctx, task, params, n)`; this pool runs `task(params, begin, end)` over chunks of
 //! `0..n` on its workers and the calling thread, and returns when all are done. The generated code
 //! carries no threading library, so the same artifact runs serially when the callback is NULL.
 //!
@@ -48,12 +48,12 @@ pub type ParallelForFn = unsafe extern "C" fn(*mut c_void, TaskFn, *const c_void
 /// One `parallel_for` call being worked on.
 struct Job {
     task: TaskFn,
-    call: *const c_void,
+    params: *const c_void,
     n: i64,
     chunk: i64,
 }
 
-// SAFETY: `call` points at the generated caller's parameter block, on its stack for the whole
+// SAFETY: `params` points at the generated caller's parameter block, on its stack for the whole
 // parallel_for call (which waits for every chunk).
 unsafe impl Send for Job {}
 
@@ -115,16 +115,16 @@ impl Pool {
         self.workers.len() + 1
     }
 
-    /// Runs `task(call, begin, end)` over chunks covering `0..n`.
+    /// Runs `task(params, begin, end)` over chunks covering `0..n`.
     ///
     /// # Safety
-    /// `task` must be safe to call concurrently on disjoint ranges with this `call`.
-    pub unsafe fn run(&self, task: TaskFn, call: *const c_void, n: i64) {
+    /// `task` must be safe to call concurrently on disjoint ranges with this `params`.
+    pub unsafe fn run(&self, task: TaskFn, params: *const c_void, n: i64) {
         if n <= 0 {
             return;
         }
         if self.workers.is_empty() || n == 1 {
-            unsafe { task(call, 0, n) };
+            unsafe { task(params, 0, n) };
             return;
         }
         let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -136,14 +136,14 @@ impl Pool {
         {
             let mut j = s.job.lock().unwrap_or_else(|e| e.into_inner());
             j.0 += 1;
-            j.1 = Some(Job { task, call, n, chunk });
+            j.1 = Some(Job { task, params, n, chunk });
             s.generation.store(j.0, Ordering::SeqCst);
         }
         // A worker that went to sleep did so under the job lock, before the job was posted.
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             s.wake.notify_all();
         }
-        unsafe { work(s, task, call, n, chunk) };
+        unsafe { work(s, task, params, n, chunk) };
         // Wait for the workers to finish their chunks: spin, then sleep.
         if !spin_until(|| s.busy.load(Ordering::SeqCst) == 0) {
             let mut g = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,13 +159,13 @@ impl Pool {
 }
 
 /// Takes chunks until none are left.
-unsafe fn work(s: &Shared, task: TaskFn, call: *const c_void, n: i64, chunk: i64) {
+unsafe fn work(s: &Shared, task: TaskFn, params: *const c_void, n: i64, chunk: i64) {
     loop {
         let begin = s.next.fetch_add(chunk, Ordering::SeqCst);
         if begin >= n {
             break;
         }
-        unsafe { task(call, begin, (begin + chunk).min(n)) };
+        unsafe { task(params, begin, (begin + chunk).min(n)) };
     }
 }
 
@@ -174,7 +174,7 @@ fn worker(s: &Shared) {
     loop {
         // The next job usually comes within microseconds: watch for it before sleeping.
         spin_until(|| s.generation.load(Ordering::SeqCst) != seen);
-        let (task, call, n, chunk) = {
+        let (task, params, n, chunk) = {
             let mut j = s.job.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if j.0 == u64::MAX {
@@ -183,7 +183,7 @@ fn worker(s: &Shared) {
                 if j.0 != seen {
                     if let Some(job) = &j.1 {
                         seen = j.0;
-                        break (job.task, job.call, job.n, job.chunk);
+                        break (job.task, job.params, job.n, job.chunk);
                     }
                 }
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -191,7 +191,7 @@ fn worker(s: &Shared) {
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         };
-        unsafe { work(s, task, call, n, chunk) };
+        unsafe { work(s, task, params, n, chunk) };
         // The caller sets its flag under done_lock before it checks `busy` and sleeps.
         if s.busy.fetch_sub(1, Ordering::SeqCst) == 1 && s.caller_sleeping.load(Ordering::SeqCst) {
             let _g = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,9 +214,9 @@ impl Drop for Pool {
 /// The `parallel_for` callback handed to generated code; `ctx` is a `*const Pool`.
 ///
 /// # Safety
-/// `ctx` must be a live `Pool` and `task`/`call` as for [`Pool::run`].
-pub unsafe extern "C" fn parallel_for(ctx: *mut c_void, task: TaskFn, call: *const c_void, n: i64) {
+/// `ctx` must be a live `Pool` and `task`/`params` as for [`Pool::run`].
+pub unsafe extern "C" fn parallel_for(ctx: *mut c_void, task: TaskFn, params: *const c_void, n: i64) {
     // SAFETY: the runtime passes its own live pool as ctx for the duration of the run.
     let pool = unsafe { &*(ctx as *const Pool) };
-    unsafe { pool.run(task, call, n) };
+    unsafe { pool.run(task, params, n) };
 }
