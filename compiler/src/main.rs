@@ -391,14 +391,15 @@ fn calibrated_quantize(
     let auto_keep = optimize.auto_keep()?;
     let gptq = optimize.gptq()?;
     let act_static = optimize.act_static()?;
-    let flag = match (gptq, act_static, &optimize.smooth) {
+    let smooth = optimize.smooth_alpha()?;
+    let flag = match (gptq, act_static, smooth) {
         (Some(_), _, _) => "--method gptq",
         (_, Some(_), _) => "--act-static",
         (_, _, Some(_)) => "--smooth",
         _ => "--auto-keep",
     };
     let seqs = calibration_sequences(args, tokenizer)?.ok_or_else(|| format!("{flag} needs --calibrate FILE"))?;
-    if let Some(alpha) = optimize.smooth_alpha()? {
+    if let Some(alpha) = smooth {
         // Smooth on one run's statistics; the statistics below come from the smoothed graph.
         use edgec::passes::smooth::{smooth, Strength};
         let t = Instant::now();
@@ -417,7 +418,6 @@ fn calibrated_quantize(
         );
     }
     let g: &edgec::ir::Graph = g;
-    let awq = optimize.smooth_alpha()? == Some(None);
     let mut opts = edgec::calib::Options { channel_stats: act_static.is_some(), ..Default::default() };
     if let Some(p) = act_static.and_then(|a| a.percentile()) {
         opts.percentile = p;
@@ -430,7 +430,7 @@ fn calibrated_quantize(
         let (lo, hi) = scales.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &s| (lo.min(s), hi.max(s)));
         println!("act-static  {} layers with static activation scales ({lo:.3e} .. {hi:.3e})", scales.len());
     }
-    if awq {
+    if smooth == Some(None) {
         // AWQ's second half: each block's range searched by the (smoothed) activation energies.
         pass.weigh_ranges_by(g, &cal);
     }

@@ -125,10 +125,6 @@ impl<'a> Kb<'a> {
         self.fb.ins().stack_addr(types::I64, slot, 0)
     }
 
-    pub fn call_ptr(&self) -> Value {
-        self.call
-    }
-
     /// The runtime's `parallel_for` callback and its context (null when running serially).
     pub fn parallel_for(&mut self) -> (Value, Value) {
         let f = self.fb.ins().load(types::I64, mem(), self.call, CALL_PARALLEL_FOR);

@@ -464,11 +464,20 @@ impl Quantize {
     pub fn weigh_ranges_by(&mut self, g: &Graph, cal: &crate::calib::Calibration) {
         for l in crate::calib::linear_layers(g) {
             if let Some(h) = cal.gram_for(g, l.node) {
-                let rows = h.rows.max(1) as f64;
-                let energy = (0..h.k).map(|j| (h.get(j, j) / rows) as f32).collect();
+                let energy = h.channel_mean_sq().into_iter().map(|e| e as f32).collect();
                 self.importance.insert(g.node(l.node).name.clone(), energy);
             }
         }
+    }
+
+    /// The scheme `run` gives linear layer `l` (`None`: it stays f32, as a Gemm or by a rule).
+    pub fn layer_scheme(&self, g: &Graph, l: &crate::calib::Linear) -> Option<Scheme> {
+        let node = g.node(l.node);
+        let c = g.const_of(l.weight)?;
+        if node.op != Op::MatMul {
+            return None;
+        }
+        self.precision(&[&node.name, &c.name])
     }
 
     /// How layer `name`'s block ranges are chosen.

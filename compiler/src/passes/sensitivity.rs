@@ -13,7 +13,7 @@ use super::prune::rel_error;
 use super::quantize::{quantize_rtn, Quantize, Rule, Scheme};
 use crate::calib::{linear_layers, Calibration};
 use crate::error::Result;
-use crate::ir::{Graph, Op};
+use crate::ir::Graph;
 
 /// One layer's entry in the ranking.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,7 +38,7 @@ pub fn scan(g: &Graph, cal: &Calibration, pass: &Quantize) -> Result<Vec<Sensiti
     for l in linear_layers(g) {
         let node = g.node(l.node);
         let Some(c) = g.const_of(l.weight) else { continue };
-        if node.op != Op::MatMul || l.transposed || pass.precision(&[&node.name, &c.name]) != Some(scheme) {
+        if pass.layer_scheme(g, &l) != Some(scheme) {
             continue;
         }
         if let Some(h) = cal.gram_for(g, l.node) {

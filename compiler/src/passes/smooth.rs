@@ -23,9 +23,6 @@ use crate::calib::{linear_layers, Calibration, ChannelStats, Gram, Linear};
 use crate::error::Result;
 use crate::ir::{BinaryOp, Graph, Op, Tensor, ValueRef};
 
-/// The default migration strength α (SmoothQuant's choice for most models).
-pub const DEFAULT_ALPHA: f32 = 0.5;
-
 /// Factors are kept within [1/LIMIT, LIMIT]: a channel that never fired (max |x| = 0) or an
 /// all-zero weight row would otherwise give 0 or infinity.
 const LIMIT: f64 = 1e4;
@@ -166,19 +163,10 @@ fn row_peak(ls: &[Linear], weights: &[Vec<f64>], j: usize) -> f64 {
 /// no scaling, is on the grid, so the estimate never gets worse than plain rounding).
 fn awq(g: &Graph, h: &Gram, ls: &[Linear], weights: &[Vec<f64>], pass: &super::quantize::Quantize) -> Result<Vec<f64>> {
     let k = ls[0].k;
-    let energy: Vec<f64> = (0..k).map(|j| h.get(j, j) / h.rows.max(1) as f64).collect();
+    let energy = h.channel_mean_sq();
     let rms: Vec<f64> = energy.iter().map(|e| e.sqrt().max(1e-8)).collect();
     // Each layer's scheme, as the quantize pass will choose it (f32 layers add no error).
-    let schemes: Vec<Option<super::quantize::Scheme>> = ls
-        .iter()
-        .map(|l| {
-            let wname = g.const_of(l.weight).map_or(String::new(), |c| c.name.clone());
-            if l.transposed {
-                return None; // Gemm(transB): the quantize pass leaves it in f32.
-            }
-            pass.precision(&[&g.node(l.node).name, &wname])
-        })
-        .collect();
+    let schemes: Vec<Option<super::quantize::Scheme>> = ls.iter().map(|l| pass.layer_scheme(g, l)).collect();
     // The estimate sums over output columns independently: every `stride`-th column of a wide
     // layer (the lm_head's 49,152) estimates it as well for choosing α, at a fraction of the cost.
     let sampled: Vec<(usize, Vec<f64>)> = ls
