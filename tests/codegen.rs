@@ -813,3 +813,73 @@ fn alike_nodes_share_one_function() {
     let got = run_model(&model, &feeds).unwrap();
     common::compare(&got[0].1, &want[0], RTOL, ATOL).unwrap();
 }
+
+/// The register tiles of every target (`codegen::tiles`: f32 6 x 2 vectors on x86_64, 6 x 4 on
+/// aarch64 and riscv64 with V, scalar without; integer-dot tiles of 2 or 4 rows) and their edges:
+/// a packed f32 weight with a fused bias, a product of two activations (unpacked B) and the same
+/// model with w4a8 weights, at row counts that leave every remainder (1, 5, 7, 13 rows), natively
+/// and under qemu (aarch64 with and without SDOT, riscv64 with and without V) against the
+/// interpreter.
+#[test]
+fn register_tiles_match_the_interpreter_on_every_target() {
+    use common::{f32_initializer, model, node, value_info};
+    let (k, n, n2) = (40usize, 40usize, 20usize);
+    let w: Vec<f32> = common::noise(k * n, 7);
+    let bias: Vec<f32> = common::noise(n, 8);
+    let m = model(
+        17,
+        vec![
+            node("MatMul", &["x", "w"], &["h"]),
+            node("Add", &["h", "bias"], &["y1"]),
+            node("MatMul", &["x", "b"], &["y2"]),
+        ],
+        vec![value_info("x", 1, &["rows", "40"]), value_info("b", 1, &["40", "20"])],
+        vec![value_info("y1", 1, &[]), value_info("y2", 1, &[])],
+        vec![f32_initializer("w", &[k as i64, n as i64], &w), f32_initializer("bias", &[n as i64], &bias)],
+    );
+    let bytes = prost::Message::encode_to_vec(&m);
+    let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "tiles").unwrap();
+    PassManager::default_around_quantize().0.run(&mut g, &mut |_, _, _| {}).unwrap();
+    let mut q = g.clone();
+    let pass = edgec::passes::quantize::Quantize::new("w4a8".parse().unwrap(), vec![]);
+    assert_eq!(edgec::passes::Pass::run(&pass, &mut q).unwrap().changed, 1);
+    let graphs = [("f32", fuse_matmuls(g)), ("w4a8", fuse_matmuls(q))];
+    let b = Tensor::from_vec(vec![k, n2], common::noise(k * n2, 9));
+    let cases: Vec<(String, &Graph, Vec<Tensor>, Vec<Tensor>)> = graphs
+        .iter()
+        .flat_map(|(label, g)| {
+            [1usize, 5, 7, 13].map(|rows| {
+                let x = Tensor::from_vec(vec![rows, k], common::noise(rows * k, rows as u64));
+                let feeds = vec![("x".to_string(), x.clone()), ("b".to_string(), b.clone())];
+                let want = reference(g, &feeds).into_iter().map(|(_, t)| t).collect();
+                (format!("{label} {rows} rows"), g, vec![x, b.clone()], want)
+            })
+        })
+        .collect();
+    let check = |name: &str, got: &[Tensor], want: &[Tensor]| {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            common::compare(g, w, RTOL, ATOL).unwrap_or_else(|e| panic!("{name} output {i}: {e}"));
+        }
+    };
+    for target in ["host", "x86_64"] {
+        for (name, g, inputs, want) in &cases {
+            let (_, got) = common::native::run_native(g, inputs, target).unwrap();
+            check(&format!("{target} {name}"), &got, want);
+        }
+    }
+    for arch in CrossArch::CROSS {
+        for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+            let mut o = common::native::test_options(arch.name());
+            o.features = features.map(str::to_string);
+            let jobs: Vec<_> = cases
+                .iter()
+                .map(|(name, g, inputs, want)| common::native::cross_job_with(name, g, inputs, want, &o).unwrap())
+                .collect();
+            let outs = run_jobs(arch, &jobs, features.and(arch.cpu_all_features())).unwrap();
+            for ((name, _, _, want), raw) in cases.iter().zip(outs) {
+                let got = common::native::decode_outputs(&raw, want).unwrap();
+                check(&format!("{} {features:?} {name}", arch.name()), &got, want);
+            }
+        }
+    }
+}

@@ -1,9 +1,10 @@
 //! Matrix multiplication: out[b, m, n] = sum_k A[b, m, k] * B[b, k, n], with any element strides
 //! for A and B and broadcast batch axes.
 //!
-//! f32 with a unit-stride B row uses a register-blocked micro-kernel: a tile of `MR` rows by
-//! `NV` f32x4 vectors stays in registers across the whole k loop (A broadcast per row, one B load
-//! per vector, one fma per accumulator); edges fall back to narrower tiles, then to scalar columns.
+//! f32 with a unit-stride B row uses a register-blocked micro-kernel: a tile of rows by f32x4
+//! vectors (sized per target, `tiles::Tiles`) stays in registers across the whole k loop (A
+//! broadcast per row, one B load per vector, one fma per accumulator); edges fall back to
+//! narrower tiles, then to scalar columns.
 //! Other dtypes and targets without vectors use scalar tiles of `MR` rows by four columns.
 
 use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
@@ -163,22 +164,9 @@ pub fn finish(
     }
 }
 
-/// Rows per register tile (scalar tiles, and vector tiles where not chosen by `vector_rows`) and
-/// f32x4 vectors per row.
+/// Rows per scalar register tile (dtypes other than f32, targets without vectors), four columns
+/// wide. f32x4 tiles are sized per target by `tiles::Tiles`.
 pub const MR: usize = 4;
-pub const NV: usize = 2;
-
-/// Rows per f32x4 register tile on `target`: x86_64's 16 xmm registers hold 6 x `NV`
-/// accumulators, the two B vectors and the broadcast A. `benches/kernels.sh` shapes, min of 300
-/// runs: 32x576 @ 576x1536 went from 1.86 to 1.74 ms and 128x1536 @ 1536x576 from 8.2 to 7.8 ms
-/// against 4 rows. Other targets keep 4 (not measured on hardware here).
-fn vector_rows(target: &super::target::Target) -> usize {
-    if target.arch == edgec_runtime::Arch::X86_64 {
-        6
-    } else {
-        MR
-    }
-}
 
 struct Ptrs {
     a: Value,
@@ -282,21 +270,22 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
         // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
         // while every row block of A streams past it.
         let mut start = n_lo;
-        let mr = vector_rows(kb.target);
+        let shape = super::tiles::Tiles::for_target(kb.target);
+        let (mr, nv) = (shape.f32_rows, shape.f32_vectors);
         if vector {
-            // Wide panels: MR-row blocks as PANEL/NV tiles side by side; single rows (decode,
+            // Wide panels: mr-row blocks as PANEL/nv tiles side by side; single rows (decode,
             // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
             start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
                 let zero = kb.iconst(0);
                 let end = kb.for_steps(zero, m, mr as i64, |kb, i| {
-                    for t in 0..PANEL / NV {
-                        let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * NV) as i64);
-                        tiles(kb, mm, &ptrs, i, jt, mr, NV, true);
+                    for t in 0..PANEL / nv {
+                        let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * nv) as i64);
+                        tiles(kb, mm, &ptrs, i, jt, mr, nv, true);
                     }
                 });
                 kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, &ptrs, i, j, 1, PANEL, true));
             });
-            start = kb.for_steps(start, n, 4 * NV as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, NV, true));
+            start = kb.for_steps(start, n, 4 * nv as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, nv, true));
             start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, 1, true));
         } else {
             start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, MR, 4, false));

@@ -19,6 +19,7 @@ pub mod qmatmul;
 pub mod reduce;
 pub mod spmm;
 pub mod target;
+pub mod tiles;
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -57,10 +57,21 @@ fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
     let stages = q.epi.stages();
     let zero = kb.iconst(0);
     if q.pk.int_dot {
-        kb.for_range(zero, m, 1, |kb, i| {
+        // Blocks of rows share each unpacked chunk of weights (prompts), then single rows.
+        let rows = super::tiles::Tiles::for_target(kb.target).int_dot_rows;
+        let mut start = zero;
+        if rows > 1 {
+            start = kb.for_steps(zero, m, rows as i64, |kb, i| {
+                for &st in stages {
+                    let p = pp_of(kb, st);
+                    int_tile(kb, q, p, i, j, rows, full, st);
+                }
+            });
+        }
+        kb.for_range(start, m, 1, |kb, i| {
             for &st in stages {
                 let p = pp_of(kb, st);
-                int_tile(kb, q, p, i, j, full, st);
+                int_tile(kb, q, p, i, j, 1, full, st);
             }
         });
         return;
@@ -158,17 +169,22 @@ fn epilogue(kb: &mut Kb, q: &Q, st: Stage, v: Value, ty: types::Type, col: Value
     finish(kb, q.epi, st, v, ty, col, addr, off)
 }
 
-/// The integer-dot tile: one row of int8 activations (scratch) by the panel's 16 columns. Per block,
-/// four i32x4 accumulators (lanes = columns) collect exact dot products of 4 (int8) or 8 (int4)
-/// k steps per 64-byte chunk; then acc += (dot - zero * sum(q)) * (scale * act_scale).
-fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool, st: Stage) {
+/// The integer-dot tile: `rows` rows of int8 activations (scratch) by the panel's 16 columns. Per
+/// block and row, four i32x4 accumulators (lanes = columns) collect exact dot products of 4 (int8)
+/// or 8 (int4) k steps per 64-byte chunk; then acc += (dot - zero * sum(q)) * (scale * act_scale).
+/// Each chunk of weights is loaded and unpacked once for all the rows.
+#[allow(clippy::too_many_arguments)]
+fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, full: bool, st: Stage) {
     let pk = q.pk;
     let bs = pk.layout.block_size;
-    let x_off = kb.fb.ins().imul_imm_s(i, pk.act_row_bytes() as i64);
+    // Rows of the activation scratch are a fixed distance apart: immediate offsets from row 0.
+    let rb = pk.act_row_bytes() as i32;
+    let x_off = kb.fb.ins().imul_imm_s(i, rb as i64);
     let x_row = kb.fb.ins().iadd(q.a, x_off);
     let s_ptr = kb.fb.ins().iadd_imm_s(x_row, pk.act_scales_offset() as i64);
+    let nacc = 4 * rows;
     let zero_f = Fm::new(kb, types::F32X4).c(0.0);
-    let mut state = vec![zero_f; 4];
+    let mut state = vec![zero_f; nacc];
     state.extend([pp, x_row, s_ptr]);
     let zero = kb.iconst(0);
     let nb = kb.iconst(pk.layout.blocks() as i64);
@@ -179,35 +195,36 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool, st: S
     let chunks = bs / pk.chunk_k();
     let group = if pmaddubsw { (1..=4).rev().find(|g| chunks.is_multiple_of(*g)).unwrap_or(1) } else { 1 };
     let (_, fin) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
-        let (rec, xp, sp) = (st[4], st[5], st[6]);
+        let (rec, xp, sp) = (st[nacc], st[nacc + 1], st[nacc + 2]);
         let zi = kb.fb.ins().iconst(types::I32, 0);
         let zi = kb.fb.ins().splat(types::I32X4, zi);
-        let mut inner = vec![zi; 4];
+        let mut inner = vec![zi; nacc];
         let qp = kb.fb.ins().iadd_imm_s(rec, pk.header_bytes() as i64);
         inner.extend([qp, xp]);
         let z = kb.iconst(0);
         let groups = kb.iconst((chunks / group) as i64);
         let (_, dots) = kb.fold_range(z, groups, 1, &inner, |kb, _, st| {
-            let (mut qp, mut xp) = (st[4], st[5]);
+            let (mut qp, mut xp) = (st[nacc], st[nacc + 1]);
             let mut out: Vec<Value> = if pmaddubsw {
-                let mut sums: Vec<Value> = Vec::with_capacity(4);
+                let mut sums: Vec<Value> = Vec::with_capacity(nacc);
                 for c in 0..group {
-                    let d = chunk_i16(kb, qp, xp);
+                    let d = chunk_i16(kb, qp, xp, rows, rb);
                     sums = if c == 0 { d } else { sums.iter().zip(d).map(|(&a, b)| kb.fb.ins().iadd(a, b)).collect() };
                     qp = kb.fb.ins().iadd_imm_s(qp, 64);
                     xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
                 }
-                (0..4)
-                    .map(|cg| {
+                sums.iter()
+                    .zip(&st[..nacc])
+                    .map(|(&s, &acc)| {
                         // Adjacent i16 sums widened: pmaddwd by ones on x64.
-                        let lo = kb.fb.ins().swiden_low(sums[cg]);
-                        let hi = kb.fb.ins().swiden_high(sums[cg]);
+                        let lo = kb.fb.ins().swiden_low(s);
+                        let hi = kb.fb.ins().swiden_high(s);
                         let d = kb.fb.ins().iadd_pairwise(lo, hi);
-                        kb.fb.ins().iadd(st[cg], d)
+                        kb.fb.ins().iadd(acc, d)
                     })
                     .collect()
             } else {
-                let acc = chunk_i32(kb, pk, qp, xp, &st[..4], sdot);
+                let acc = chunk_i32(kb, pk, qp, xp, &st[..nacc], rb, sdot);
                 qp = kb.fb.ins().iadd_imm_s(qp, 64);
                 xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
                 acc
@@ -215,53 +232,60 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, full: bool, st: S
             out.extend([qp, xp]);
             out
         });
-        let sx = kb.fb.ins().load(types::F32, mem(), sp, 0);
-        let sx = kb.fb.ins().splat(types::F32X4, sx);
-        let sum = kb.fb.ins().load(types::I32, mem(), sp, 4);
-        // A symmetric weight's zero is one number for every column: one correction for the block.
-        let implied = match (pk.asym, pk.implied_zero()) {
-            (false, 0) => None,
-            (false, z) => {
-                let c = kb.fb.ins().imul_imm_s(sum, z as i64);
-                Some(kb.fb.ins().splat(types::I32X4, c))
-            }
-            (true, _) => None,
-        };
-        let sum = kb.fb.ins().splat(types::I32X4, sum);
-        let mut out = Vec::with_capacity(7);
-        for cg in 0..4 {
-            // sum (w - z) x = dot - z * sum(x), exactly in i32, then one rounding to f32.
-            let s = kb.fb.ins().load(types::F32X4, mem(), rec, 16 * cg);
-            let d = if pk.asym {
-                let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg);
-                let zs = kb.fb.ins().imul(z, sum);
-                kb.fb.ins().isub(dots[cg as usize], zs)
-            } else {
-                match implied {
-                    Some(zs) => kb.fb.ins().isub(dots[cg as usize], zs),
-                    None => dots[cg as usize],
+        let mut out = Vec::with_capacity(nacc + 3);
+        for r in 0..rows {
+            let ro = r as i32 * rb;
+            let sx = kb.fb.ins().load(types::F32, mem(), sp, ro);
+            let sx = kb.fb.ins().splat(types::F32X4, sx);
+            let sum = kb.fb.ins().load(types::I32, mem(), sp, ro + 4);
+            // A symmetric weight's zero is one number for every column: one correction for the block.
+            let implied = match (pk.asym, pk.implied_zero()) {
+                (false, 0) => None,
+                (false, z) => {
+                    let c = kb.fb.ins().imul_imm_s(sum, z as i64);
+                    Some(kb.fb.ins().splat(types::I32X4, c))
                 }
+                (true, _) => None,
             };
-            // A static activation zero point: sum (w - z) (x - za) = ... - za * sum (w - z), the
-            // last term per column from the record.
-            let d = if pk.act_correction() {
-                let c =
-                    kb.fb.ins().load(types::I32X4, mem(), rec, (pk.act_correction_offset() + 16 * cg as usize) as i32);
-                kb.fb.ins().isub(d, c)
-            } else {
-                d
-            };
-            let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
-            let scale = kb.fb.ins().fmul(s, sx);
-            out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[cg as usize]));
+            let sum = kb.fb.ins().splat(types::I32X4, sum);
+            for cg in 0..4 {
+                let a = r * 4 + cg;
+                // sum (w - z) x = dot - z * sum(x), exactly in i32, then one rounding to f32.
+                let s = kb.fb.ins().load(types::F32X4, mem(), rec, 16 * cg as i32);
+                let d = if pk.asym {
+                    let z = kb.fb.ins().load(types::I32X4, mem(), rec, 64 + 16 * cg as i32);
+                    let zs = kb.fb.ins().imul(z, sum);
+                    kb.fb.ins().isub(dots[a], zs)
+                } else {
+                    match implied {
+                        Some(zs) => kb.fb.ins().isub(dots[a], zs),
+                        None => dots[a],
+                    }
+                };
+                // A static activation zero point: sum (w - z) (x - za) = ... - za * sum (w - z), the
+                // last term per column from the record.
+                let d = if pk.act_correction() {
+                    let off = (pk.act_correction_offset() + 16 * cg) as i32;
+                    let c = kb.fb.ins().load(types::I32X4, mem(), rec, off);
+                    kb.fb.ins().isub(d, c)
+                } else {
+                    d
+                };
+                let f = kb.fb.ins().fcvt_from_sint(types::F32X4, d);
+                let scale = kb.fb.ins().fmul(s, sx);
+                out.push(Fm::new(kb, types::F32X4).fma(f, scale, st[a]));
+            }
         }
         out.push(kb.fb.ins().iadd_imm_s(rec, pk.record_bytes() as i64));
-        out.push(dots[5]);
+        out.push(dots[nacc + 1]);
         out.push(kb.fb.ins().iadd_imm_s(sp, 8));
         out
     });
-    for (cg, &acc) in fin[..4].iter().enumerate() {
-        store_vec(kb, q, i, j, cg * 4, acc, full, st);
+    for r in 0..rows {
+        let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
+        for cg in 0..4 {
+            store_vec(kb, q, ir, j, cg * 4, fin[r * 4 + cg], full, st);
+        }
     }
 }
 
@@ -271,7 +295,7 @@ fn nibbles(kb: &mut Kb, qp: Value, off: i32) -> (Value, Value) {
     let mask = kb.fb.ins().iconst(types::I32, 0x0f0f_0f0f);
     let mask = kb.fb.ins().splat(types::I32X4, mask);
     let mask = kb.fb.ins().bitcast(types::I8X16, vec_flags(), mask);
-    let raw = kb.fb.ins().load(types::I8X16, mem(), qp, off);
+    let raw = kb.fb.ins().load(types::I8X16, mem_ro(), qp, off);
     let lo = kb.fb.ins().band(raw, mask);
     let wide = kb.fb.ins().bitcast(types::I16X8, vec_flags(), raw);
     let shifted = kb.fb.ins().ushr_imm_s(wide, 4);
@@ -279,25 +303,30 @@ fn nibbles(kb: &mut Kb, qp: Value, off: i32) -> (Value, Value) {
     (lo, kb.fb.ins().band(shifted, mask))
 }
 
-/// One 4-bit chunk (16 columns x 8 k steps at `qp`, activations at `xp`) with x86's pmaddubsw:
-/// per group of 4 columns, i16x8 pair sums (u8 nibbles x s8 activations: 2 * 15 * 127 fits).
-fn chunk_i16(kb: &mut Kb, qp: Value, xp: Value) -> Vec<Value> {
-    let xa = splat_i32_bytes(kb, xp, 0);
-    let xb = splat_i32_bytes(kb, xp, 4);
-    (0..4)
-        .map(|cg| {
-            let (lo, hi) = nibbles(kb, qp, 16 * cg);
+/// One 4-bit chunk (16 columns x 8 k steps at `qp`) for `rows` rows of activations (at `xp`,
+/// `rb` bytes apart) with x86's pmaddubsw: per row and group of 4 columns, i16x8 pair sums (u8
+/// nibbles x s8 activations: 2 * 15 * 127 fits), row by row.
+fn chunk_i16(kb: &mut Kb, qp: Value, xp: Value, rows: usize, rb: i32) -> Vec<Value> {
+    let xs: Vec<(Value, Value)> = (0..rows)
+        .map(|r| (splat_i32_bytes(kb, xp, r as i32 * rb), splat_i32_bytes(kb, xp, r as i32 * rb + 4)))
+        .collect();
+    let mut out = vec![None; rows * 4];
+    for cg in 0..4 {
+        let (lo, hi) = nibbles(kb, qp, 16 * cg);
+        for (r, &(xa, xb)) in xs.iter().enumerate() {
             let p0 = kb.fb.ins().x86_pmaddubsw(xa, lo);
             let p1 = kb.fb.ins().x86_pmaddubsw(xb, hi);
-            kb.fb.ins().iadd(p0, p1)
-        })
-        .collect()
+            out[r * 4 + cg as usize] = Some(kb.fb.ins().iadd(p0, p1));
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
 }
 
-/// One chunk (16 columns x 4 or 8 k steps) added into the i32x4 accumulators `acc` (lanes =
-/// columns): with `sdot` in the tree aarch64 folds into SDOT, else widened to i16 pairs.
-fn chunk_i32(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, acc: &[Value], sdot: bool) -> Vec<Value> {
-    let xa = splat_i32_bytes(kb, xp, 0);
+/// One chunk (16 columns x 4 or 8 k steps) added into the i32x4 accumulators `acc` (4 per row,
+/// lanes = columns) of `rows` = acc.len() / 4 rows of activations at `xp`, `rb` bytes apart: with
+/// `sdot` in the tree aarch64 folds into SDOT, else widened to i16 pairs.
+fn chunk_i32(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, acc: &[Value], rb: i32, sdot: bool) -> Vec<Value> {
+    let rows = acc.len() / 4;
     let dot = |kb: &mut Kb, w: Value, x: Value, acc: Value| -> Value {
         if sdot {
             sdot_tree(kb, w, x, acc)
@@ -308,23 +337,29 @@ fn chunk_i32(kb: &mut Kb, pk: &NBitsPacking, qp: Value, xp: Value, acc: &[Value]
             kb.fb.ins().iadd(acc, d)
         }
     };
-    if pk.layout.bits == 4 {
-        let xb = splat_i32_bytes(kb, xp, 4);
-        (0..4)
-            .map(|cg| {
-                let (lo, hi) = nibbles(kb, qp, 16 * cg);
-                let a = dot(kb, lo, xa, acc[cg as usize]);
-                dot(kb, hi, xb, a)
-            })
-            .collect()
-    } else {
-        (0..4)
-            .map(|cg| {
-                let raw = kb.fb.ins().load(types::I8X16, mem(), qp, 16 * cg);
-                dot(kb, raw, xa, acc[cg as usize])
-            })
-            .collect()
+    let four_bit = pk.layout.bits == 4;
+    let xs: Vec<(Value, Option<Value>)> = (0..rows)
+        .map(|r| {
+            let o = r as i32 * rb;
+            (splat_i32_bytes(kb, xp, o), four_bit.then(|| splat_i32_bytes(kb, xp, o + 4)))
+        })
+        .collect();
+    let mut out = acc.to_vec();
+    for cg in 0..4 {
+        if four_bit {
+            let (lo, hi) = nibbles(kb, qp, 16 * cg);
+            for (r, &(xa, xb)) in xs.iter().enumerate() {
+                let a = dot(kb, lo, xa, out[r * 4 + cg as usize]);
+                out[r * 4 + cg as usize] = dot(kb, hi, xb.unwrap(), a);
+            }
+        } else {
+            let raw = kb.fb.ins().load(types::I8X16, mem_ro(), qp, 16 * cg);
+            for (r, &(xa, _)) in xs.iter().enumerate() {
+                out[r * 4 + cg as usize] = dot(kb, raw, xa, out[r * 4 + cg as usize]);
+            }
+        }
     }
+    out
 }
 
 /// `acc + lane sums of 4 byte products of a and b`, spelt as the exact i32 tree that Cranelift's

@@ -1,0 +1,46 @@
+//! Register tiles per target: how many output rows and columns each kernel family keeps in vector
+//! registers across its k loop (the kernel half of layout selection; the packed weight layouts,
+//! 16-column panels, are in `layout`). One place sizes them from the target's register file, so
+//! kernels stay shape-generic.
+//!
+//! Budgets (accumulators + B vectors + broadcast A must fit the vector registers):
+//! - x86_64: 16 xmm, and FMA3 ties its result to a multiplicand, so Cranelift copies the broadcast
+//!   A per product. f32: 6 rows x 2 vectors (12 + 2 + 1); against 4 rows, `benches/kernels.sh`
+//!   shapes (min of 300 runs) 32x576 @ 576x1536 went from 1.86 to 1.74 ms and 128x1536 @
+//!   1536x576 from 8.2 to 7.8 ms.
+//! - aarch64: 32 v registers; `fmla` (by element) accumulates in place. f32: 6 rows x 4 vectors
+//!   (24 + 4 + the A scalar), one tile per 16-column panel: each k step reads one 64-byte line of
+//!   B for 24 fmla against 8 for 4 x 2. 7 x 4 spills.
+//! - riscv64 with V: 32 v registers; `vfmacc.vf` takes A from an f register. f32: 6 x 4 as on
+//!   aarch64 (24 vfmacc, 4 vle32, 6 flw per k step, spill-free; 7 x 4 spills).
+//!
+//! Integer-dot tiles (int8 activations): rows of activations per unpacked chunk of weights.
+//! Per row they need 4 accumulators (16 columns) and the row's activation splats; the chunk's 8
+//! unpacked 4-bit vectors are shared. x86_64: 2 rows (pmaddubsw's i16 sums, 8 + 4 splats + 2
+//! weights); aarch64 with SDOT: 4 rows (16 + 8 splats and weights + mask, spill-free in the chunk
+//! loop); elsewhere the widening dot tree needs temporaries: 2 rows.
+
+use super::target::Target;
+use edgec_runtime::Arch;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tiles {
+    /// f32 matmul: rows of A per register tile (prompts; a single row is one 1 x 16 tile).
+    pub f32_rows: usize,
+    /// f32 matmul: f32x4 vectors of columns per tile (1, 2 or 4: a 16-column panel holds 4).
+    pub f32_vectors: usize,
+    /// MatMulNBits with int8 activations: rows per tile sharing each unpacked chunk.
+    pub int_dot_rows: usize,
+}
+
+impl Tiles {
+    pub fn for_target(target: &Target) -> Tiles {
+        match target.arch {
+            Arch::X86_64 => Tiles { f32_rows: 6, f32_vectors: 2, int_dot_rows: 2 },
+            Arch::Aarch64 => {
+                Tiles { f32_rows: 6, f32_vectors: 4, int_dot_rows: if target.has("dotprod") { 4 } else { 2 } }
+            }
+            Arch::Riscv64 => Tiles { f32_rows: 6, f32_vectors: 4, int_dot_rows: 2 },
+        }
+    }
+}
