@@ -815,9 +815,10 @@ fn alike_nodes_share_one_function() {
 }
 
 /// The register tiles of every target (`codegen::tiles`: f32 6 x 2 vectors on x86_64, 6 x 4 on
-/// aarch64 and riscv64 with V, scalar without; integer-dot tiles of 2 or 4 rows) and their edges:
+/// aarch64 and riscv64 with V, scalar without; integer-dot tiles of 2 or 4 rows; weight-only
+/// tiles of 8 or 16 columns) and their edges:
 /// a packed f32 weight with a fused bias, a product of two activations (unpacked B) and the same
-/// model with w4a8 weights, at row counts that leave every remainder (1, 5, 7, 13 rows), natively
+/// model with w4a8 and weight-only int4 weights, at row counts that leave every remainder (1, 5, 7, 13 rows), natively
 /// and under qemu (aarch64 with and without SDOT, riscv64 with and without V) against the
 /// interpreter.
 #[test]
@@ -840,10 +841,13 @@ fn register_tiles_match_the_interpreter_on_every_target() {
     let bytes = prost::Message::encode_to_vec(&m);
     let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "tiles").unwrap();
     PassManager::default_around_quantize().0.run(&mut g, &mut |_, _, _| {}).unwrap();
-    let mut q = g.clone();
-    let pass = edgec::passes::quantize::Quantize::new("w4a8".parse().unwrap(), vec![]);
-    assert_eq!(edgec::passes::Pass::run(&pass, &mut q).unwrap().changed, 1);
-    let graphs = [("f32", fuse_matmuls(g)), ("w4a8", fuse_matmuls(q))];
+    let mut graphs = vec![("f32", fuse_matmuls(g.clone()))];
+    for scheme in ["w4a8", "int4:g16:asym"] {
+        let mut q = g.clone();
+        let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
+        assert_eq!(edgec::passes::Pass::run(&pass, &mut q).unwrap().changed, 1);
+        graphs.push((scheme, fuse_matmuls(q)));
+    }
     let b = Tensor::from_vec(vec![k, n2], common::noise(k * n2, 9));
     let cases: Vec<(String, &Graph, Vec<Tensor>, Vec<Tensor>)> = graphs
         .iter()

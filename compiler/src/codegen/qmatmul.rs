@@ -3,8 +3,8 @@
 //!
 //! Per 16-column panel and per block of K: the block's scales (and offsets) are loaded once, then
 //! every k step loads one row of 8 or 16 bytes, widens it to f32x4 vectors, scales them and
-//! multiply-adds them into a tile of accumulators (4 rows x 8 columns for prompts, 1 row x 16
-//! columns for decoding). Targets without vectors run a scalar 1 x 16 tile over the same bytes.
+//! multiply-adds them into a tile of accumulators (4 rows x 8 or 16 columns for prompts, per
+//! target (`tiles::Tiles`), 1 row x 16 columns for decoding). Targets without vectors run a scalar 1 x 16 tile over the same bytes.
 
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
@@ -85,11 +85,15 @@ fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
         });
         return;
     }
+    // Prompt tiles: 4 rows by the whole panel where the registers hold it, else by each half.
+    let halves: &[&[usize]] =
+        if super::tiles::Tiles::for_target(kb.target).nbits_cols == 16 { &[&[0, 1]] } else { &[&[0], &[1]] };
     let end = kb.for_steps(zero, m, 4, |kb, i| {
         for &st in stages {
             let p = pp_of(kb, st);
-            tile(kb, q, p, i, j, 4, &[0], full, st);
-            tile(kb, q, p, i, j, 4, &[1], full, st);
+            for h in halves {
+                tile(kb, q, p, i, j, 4, h, full, st);
+            }
         }
     });
     kb.for_range(end, m, 1, |kb, i| {

@@ -9,8 +9,9 @@
 //!   shapes (min of 300 runs) 32x576 @ 576x1536 went from 1.86 to 1.74 ms and 128x1536 @
 //!   1536x576 from 8.2 to 7.8 ms.
 //! - aarch64: 32 v registers; `fmla` (by element) accumulates in place. f32: 6 rows x 4 vectors
-//!   (24 + 4 + the A scalar), one tile per 16-column panel: each k step reads one 64-byte line of
-//!   B for 24 fmla against 8 for 4 x 2. 7 x 4 spills.
+//!   (24 + 4 + the A scalar), one tile per 16-column panel: a k step is 6 scalar loads, 4 vector
+//!   loads and 24 fmla (4 x 2: 4, 2 and 8), 38 instructions per 24 products against 18 per 8.
+//!   7 x 4 spills.
 //! - riscv64 with V: 32 v registers; `vfmacc.vf` takes A from an f register. f32: 6 x 4 as on
 //!   aarch64 (24 vfmacc, 4 vle32, 6 flw per k step, spill-free; 7 x 4 spills).
 //!
@@ -19,6 +20,11 @@
 //! unpacked 4-bit vectors are shared. x86_64: 2 rows (pmaddubsw's i16 sums, 8 + 4 splats + 2
 //! weights); aarch64 with SDOT: 4 rows (16 + 8 splats and weights + mask, spill-free in the chunk
 //! loop); elsewhere the widening dot tree needs temporaries: 2 rows.
+//!
+//! Weight-only tiles (f32 activations, weights dequantized per k step): 4 rows by 8 columns on
+//! x86_64; by the whole 16-column panel on aarch64 and riscv64 (16 accumulators, 4 scales, 4
+//! dequantized vectors: spill-free, 45 instructions per 16 multiply-adds against 2 x 29 for two
+//! 8-column tiles; on x86_64 it spills).
 
 use super::target::Target;
 use edgec_runtime::Arch;
@@ -31,16 +37,22 @@ pub struct Tiles {
     pub f32_vectors: usize,
     /// MatMulNBits with int8 activations: rows per tile sharing each unpacked chunk.
     pub int_dot_rows: usize,
+    /// MatMulNBits with f32 activations (weight-only): columns per 4-row prompt tile, 8 (half a
+    /// panel) or 16.
+    pub nbits_cols: usize,
 }
 
 impl Tiles {
     pub fn for_target(target: &Target) -> Tiles {
         match target.arch {
-            Arch::X86_64 => Tiles { f32_rows: 6, f32_vectors: 2, int_dot_rows: 2 },
-            Arch::Aarch64 => {
-                Tiles { f32_rows: 6, f32_vectors: 4, int_dot_rows: if target.has("dotprod") { 4 } else { 2 } }
-            }
-            Arch::Riscv64 => Tiles { f32_rows: 6, f32_vectors: 4, int_dot_rows: 2 },
+            Arch::X86_64 => Tiles { f32_rows: 6, f32_vectors: 2, int_dot_rows: 2, nbits_cols: 8 },
+            Arch::Aarch64 => Tiles {
+                f32_rows: 6,
+                f32_vectors: 4,
+                int_dot_rows: if target.has("dotprod") { 4 } else { 2 },
+                nbits_cols: 16,
+            },
+            Arch::Riscv64 => Tiles { f32_rows: 6, f32_vectors: 4, int_dot_rows: 2, nbits_cols: 16 },
         }
     }
 }
