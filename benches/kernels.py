@@ -10,7 +10,8 @@ optimizations = ORT_ENABLE_ALL) with 1 intra-op thread and with its default thre
 over the same number of runs and warm-up runs. Prints a Markdown table and writes it to --out.
 
 Usage: python benches/kernels.py --edgec target/release/edgec [--out target/bench/kernels.md]
-       env: MIN_TIME (s, default 0.5), MAX_TIME (s, default 2), MIN_RUNS (default 20), ONLY (regex on model names)
+       env: MIN_TIME (s, default 0.5), MAX_TIME (s, default 2), MIN_RUNS (default 20), ONLY (regex on model names),
+            SHAPES (MxKxN,... instead of the default matmul shapes)
 """
 
 import argparse
@@ -32,6 +33,9 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parent.parent
 GEN_VERSION = "kernels-matmul v1"  # bump when the generated models change
 MATMUL_SHAPES = [(m, k, n) for m in (1, 32, 128) for (k, n) in ((576, 1536), (1536, 576))]
+# SHAPES=MxKxN,... replaces them (e.g. 128x8192x256 for a long K, where codegen blocks K).
+if os.environ.get("SHAPES"):
+    MATMUL_SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["SHAPES"].split(",")]
 TINY = ["llama", "gpt2", "bert", "bert_int8", "qdq_mlp"]
 RTOL, ATOL = 1e-3, 1e-4
 

@@ -3,7 +3,8 @@
 #
 # Usage: benches/kernels.sh
 #   env: MIN_TIME (s, default 0.5) / MAX_TIME (s, default 2) / MIN_RUNS (default 20) steer the run
-#        count; ONLY=REGEX restricts the models (e.g. ONLY=matmul).
+#        count; ONLY=REGEX restricts the models (e.g. ONLY=matmul); SHAPES=MxKxN,... replaces the
+#        matmul shapes (e.g. SHAPES=128x8192x256: a K long enough to be blocked).
 #
 # Models: float32 MatMul at SmolLM2-135M's MLP shapes, x[M,576] @ W[576,1536] and
 # x[M,1536] @ W[1536,576] for M = 1 (token decode), 32 and 128 (prefill), generated (seeded, opset 17,

@@ -818,25 +818,46 @@ fn alike_nodes_share_one_function() {
 /// aarch64 and riscv64 with V, scalar without; integer-dot tiles of 2 or 4 rows; weight-only
 /// tiles of 8 or 16 columns) and their edges:
 /// a packed f32 weight with a fused bias, a product of two activations (unpacked B) and the same
-/// model with w4a8 and weight-only int4 weights, at row counts that leave every remainder (1, 5, 7, 13 rows), natively
+/// model with w4a8 and weight-only int4 weights, plus a packed f32 weight whose K is split into
+/// blocks (`Tiles::k_block`: partial sums through the output, bias and Relu after the last), at
+/// row counts that leave every remainder (1, 5, 7, 13 rows), natively
 /// and under qemu (aarch64 with and without SDOT, riscv64 with and without V) against the
 /// interpreter.
 #[test]
 fn register_tiles_match_the_interpreter_on_every_target() {
     use common::{f32_initializer, model, node, value_info};
+    use edgec::codegen::{target::Target, tiles::Tiles};
     let (k, n, n2) = (40usize, 40usize, 20usize);
+    // A K long enough to be split into blocks (whole ones and a partial one), and an N that leaves a
+    // partial panel and two scalar columns.
+    let tiles = Tiles::for_target(&Target::parse("host", None, None).unwrap());
+    let k3 = tiles.k_blocked_from.next_multiple_of(tiles.k_block) + 76;
+    let n3 = 42usize;
     let w: Vec<f32> = common::noise(k * n, 7);
     let bias: Vec<f32> = common::noise(n, 8);
+    let w3: Vec<f32> = common::noise(k3 * n3, 10).iter().map(|v| v / 16.0).collect();
     let m = model(
         17,
         vec![
             node("MatMul", &["x", "w"], &["h"]),
             node("Add", &["h", "bias"], &["y1"]),
             node("MatMul", &["x", "b"], &["y2"]),
+            node("MatMul", &["x3", "w3"], &["h3"]),
+            node("Add", &["h3", "bias3"], &["g3"]),
+            node("Relu", &["g3"], &["y3"]),
         ],
-        vec![value_info("x", 1, &["rows", "40"]), value_info("b", 1, &["40", "20"])],
-        vec![value_info("y1", 1, &[]), value_info("y2", 1, &[])],
-        vec![f32_initializer("w", &[k as i64, n as i64], &w), f32_initializer("bias", &[n as i64], &bias)],
+        vec![
+            value_info("x", 1, &["rows", "40"]),
+            value_info("b", 1, &["40", "20"]),
+            value_info("x3", 1, &["rows", &k3.to_string()]),
+        ],
+        vec![value_info("y1", 1, &[]), value_info("y2", 1, &[]), value_info("y3", 1, &[])],
+        vec![
+            f32_initializer("w", &[k as i64, n as i64], &w),
+            f32_initializer("bias", &[n as i64], &bias),
+            f32_initializer("w3", &[k3 as i64, n3 as i64], &w3),
+            f32_initializer("bias3", &[n3 as i64], &common::noise(n3, 11)),
+        ],
     );
     let bytes = prost::Message::encode_to_vec(&m);
     let mut g = edgec::onnx::load_model_bytes(bytes.into(), None, "tiles").unwrap();
@@ -845,7 +866,7 @@ fn register_tiles_match_the_interpreter_on_every_target() {
     for scheme in ["w4a8", "int4:g16:asym"] {
         let mut q = g.clone();
         let pass = edgec::passes::quantize::Quantize::new(scheme.parse().unwrap(), vec![]);
-        assert_eq!(edgec::passes::Pass::run(&pass, &mut q).unwrap().changed, 1);
+        assert_eq!(edgec::passes::Pass::run(&pass, &mut q).unwrap().changed, 2);
         graphs.push((scheme, fuse_matmuls(q)));
     }
     let b = Tensor::from_vec(vec![k, n2], common::noise(k * n2, 9));
@@ -854,9 +875,11 @@ fn register_tiles_match_the_interpreter_on_every_target() {
         .flat_map(|(label, g)| {
             [1usize, 5, 7, 13].map(|rows| {
                 let x = Tensor::from_vec(vec![rows, k], common::noise(rows * k, rows as u64));
-                let feeds = vec![("x".to_string(), x.clone()), ("b".to_string(), b.clone())];
+                let x3 = Tensor::from_vec(vec![rows, k3], common::noise(rows * k3, 100 + rows as u64));
+                let feeds =
+                    vec![("x".to_string(), x.clone()), ("b".to_string(), b.clone()), ("x3".to_string(), x3.clone())];
                 let want = reference(g, &feeds).into_iter().map(|(_, t)| t).collect();
-                (format!("{label} {rows} rows"), g, vec![x, b.clone()], want)
+                (format!("{label} {rows} rows"), g, vec![x, b.clone(), x3], want)
             })
         })
         .collect();

@@ -7,6 +7,7 @@
 //! narrower tiles, then to scalar columns.
 //! Other dtypes and targets without vectors use scalar tiles of `MR` rows by four columns.
 
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Type, Value};
 
 use super::emit::{mem, mem_ro, Kb, Loc};
@@ -179,6 +180,19 @@ struct Ptrs {
     bzp: Option<(Value, Value)>,
     /// Bytes from a gate column of B to its up column (SwiGLU).
     up_off: Value,
+    /// The k steps this pass covers (all of K unless K-blocked; `a` and `b` already point at its
+    /// first step).
+    pass: KPass,
+}
+
+/// One pass over a block of K (`Tiles::k_block`): `len` k steps; the accumulators start from the
+/// output when `accumulate` is set (an earlier block wrote partial sums there), and only the last
+/// block applies the epilogue.
+#[derive(Clone, Copy)]
+struct KPass {
+    len: Value,
+    accumulate: Option<Value>,
+    last: bool,
 }
 
 /// Columns per parallel unit: `parallel_for` hands out ranges of these panels.
@@ -266,32 +280,71 @@ pub fn emit_matmul(kb: &mut Kb, mm: &MatMulKernel, units: Option<(Value, Value)>
     let sizes = [mm.a.dtype.size(), mm.b.dtype.size(), mm.out.dtype.size()];
     kb.loop_nest(&batch, &strides, vec![zero; 3], &mut Vec::new(), &mut |kb, offs, _| {
         let p: Vec<Value> = (0..3).map(|i| kb.elem_addr(bases[i], offs[i], sizes[i])).collect();
-        let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp, up_off };
-        // Column panels outside, row blocks inside: a panel of B (k x panel width) stays in cache
-        // while every row block of A streams past it.
-        let mut start = n_lo;
+        let whole = KPass { len: k, accumulate: None, last: true };
+        let ptrs = Ptrs { a: p[0], b: p[1], out: p[2], s, k, azp, bzp, up_off, pass: whole };
         let shape = super::tiles::Tiles::for_target(kb.target);
-        let (mr, nv) = (shape.f32_rows, shape.f32_vectors);
-        if vector {
-            // Wide panels: mr-row blocks as PANEL/nv tiles side by side; single rows (decode,
-            // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
-            start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
+        // K-blocking: a long K is split into blocks whose slice of every B panel and of A's rows
+        // stay in cache while all the tiles pass over them (partial sums go through the output).
+        // Only for packed f32 weights without a SwiGLU epilogue (its up pass reads finished gate
+        // values).
+        let blocked = vector && mm.b_packed && !mm.epi.glu;
+        match mm.k.as_fixed().map(|k| k as usize).filter(|&k| blocked && k > shape.k_blocked_from) {
+            None => columns(kb, mm, &ptrs, n_lo, n, m, vector),
+            Some(k_all) => {
+                let kc = shape.k_block;
+                let blocks = k_all.div_ceil(kc);
                 let zero = kb.iconst(0);
-                let end = kb.for_steps(zero, m, mr as i64, |kb, i| {
-                    for t in 0..PANEL / nv {
-                        let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * nv) as i64);
-                        tiles(kb, mm, &ptrs, i, jt, mr, nv, true);
-                    }
+                let n_loop = kb.iconst(blocks as i64 - 1);
+                let len = kb.iconst(kc as i64);
+                let pass_at = |kb: &mut Kb, blk: Value, pass: KPass| {
+                    let k0 = kb.fb.ins().imul_imm_s(blk, kc as i64);
+                    let a_off = kb.fb.ins().imul(k0, s[1]);
+                    let b_off = kb.fb.ins().imul(k0, s[2]);
+                    let a = kb.fb.ins().iadd(ptrs.a, a_off);
+                    let b = kb.fb.ins().iadd(ptrs.b, b_off);
+                    Ptrs { a, b, pass, ..ptrs }
+                };
+                kb.for_range(zero, n_loop, 1, |kb, blk| {
+                    let acc = kb.fb.ins().icmp_imm_s(IntCC::NotEqual, blk, 0);
+                    let p = pass_at(kb, blk, KPass { len, accumulate: Some(acc), last: false });
+                    columns(kb, mm, &p, n_lo, n, m, vector);
                 });
-                kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, &ptrs, i, j, 1, PANEL, true));
-            });
-            start = kb.for_steps(start, n, 4 * nv as i64, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, nv, true));
-            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, mr, 1, true));
-        } else {
-            start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, &ptrs, j, m, MR, 4, false));
+                let last = kb.iconst(blocks as i64 - 1);
+                let tail = kb.iconst((k_all - (blocks - 1) * kc) as i64);
+                let yes = kb.fb.ins().iconst(types::I8, 1);
+                let p = pass_at(kb, last, KPass { len: tail, accumulate: Some(yes), last: true });
+                columns(kb, mm, &p, n_lo, n, m, vector);
+            }
         }
-        kb.for_range(start, n, 1, |kb, j| row_blocks(kb, mm, &ptrs, j, m, MR, 1, false));
     });
+}
+
+/// Every output column in [start, n) for one K pass: column panels outside, row blocks inside,
+/// so a panel of B (k x panel width) stays in cache while every row block of A streams past it.
+#[allow(clippy::too_many_arguments)]
+fn columns(kb: &mut Kb, mm: &MatMulKernel, ptrs: &Ptrs, start: Value, n: Value, m: Value, vector: bool) {
+    let mut start = start;
+    let shape = super::tiles::Tiles::for_target(kb.target);
+    let (mr, nv) = (shape.f32_rows, shape.f32_vectors);
+    if vector {
+        // Wide panels: mr-row blocks as PANEL/nv tiles side by side; single rows (decode,
+        // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
+        start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
+            let zero = kb.iconst(0);
+            let end = kb.for_steps(zero, m, mr as i64, |kb, i| {
+                for t in 0..PANEL / nv {
+                    let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * nv) as i64);
+                    tiles(kb, mm, ptrs, i, jt, mr, nv, true);
+                }
+            });
+            kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, ptrs, i, j, 1, PANEL, true));
+        });
+        start = kb.for_steps(start, n, 4 * nv as i64, |kb, j| row_blocks(kb, mm, ptrs, j, m, mr, nv, true));
+        start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, ptrs, j, m, mr, 1, true));
+    } else {
+        start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, ptrs, j, m, MR, 4, false));
+    }
+    kb.for_range(start, n, 1, |kb, j| row_blocks(kb, mm, ptrs, j, m, MR, 1, false));
 }
 
 /// f32x4 vectors per column panel (16 floats: one 64-byte line of B per k step).
@@ -410,7 +463,23 @@ fn tile(
     let integer = mm.a_zero.is_some() || mm.b_zero.is_some() || !mm.out.dtype.is_float();
     let acc_ty: Type = if vector { types::F32X4 } else { compute_type(mm.out.dtype) };
     let zero_acc = if acc_ty.is_int() { kb.fb.ins().iconst(acc_ty, 0) } else { Fm::new(kb, acc_ty).c(0.0) };
-    let init = vec![zero_acc; rows * width];
+    let init = match p.pass.accumulate {
+        None => vec![zero_acc; rows * width],
+        // A later K block: the partial sums an earlier one stored (the first block of the loop
+        // starts from zero; its output is not read as a number).
+        Some(flag) => {
+            let mut v = Vec::with_capacity(rows * width);
+            for r in 0..rows {
+                let row = out_row(kb, p, i, j, r);
+                for c in 0..width {
+                    let (addr, off) = out_elem(kb, p, row, c, vector);
+                    let prev = kb.fb.ins().load(acc_ty, mem(), addr, off);
+                    v.push(kb.fb.ins().select(flag, prev, zero_acc));
+                }
+            }
+            v
+        }
+    };
     // Row pointers into A, the column pointer into B.
     let a_rows: Vec<Value> = (0..rows)
         .map(|r| {
@@ -476,7 +545,7 @@ fn tile(
     let mut state = init;
     state.extend(a_ptrs.iter().copied());
     state.push(b_col);
-    let (_, fin) = kb.fold_range(zero, p.k, 1, &state, |kb, _, st| {
+    let (_, fin) = kb.fold_range(zero, p.pass.len, 1, &state, |kb, _, st| {
         let (acc, ptrs) = st.split_at(nacc);
         let mut out = step(kb, &ctx, acc, &ptrs[..np], ptrs[np]);
         for &a in &ptrs[..np] {
@@ -486,30 +555,44 @@ fn tile(
         out
     });
     let accs = &fin[..nacc];
+    let fused = p.pass.last && (mm.epi.act.is_some() || mm.epi.bias.is_some() || mm.epi.glu);
     for r in 0..rows {
-        let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
-        let off = kb.fb.ins().imul(ir, p.s[4]);
-        let row = kb.fb.ins().iadd(p.out, off);
-        let jo = kb.fb.ins().imul(j, p.s[5]);
-        let row = kb.fb.ins().iadd(row, jo);
-        let fused = mm.epi.act.is_some() || mm.epi.bias.is_some() || mm.epi.glu;
+        let row = out_row(kb, p, i, j, r);
         for c in 0..width {
             let mut v = accs[r * width + c];
+            let (addr, off) = out_elem(kb, p, row, c, vector);
             if vector {
                 if fused {
                     let col = kb.fb.ins().iadd_imm_s(j, (c * 4) as i64);
-                    v = finish(kb, &mm.epi, stage, v, types::F32X4, col, row, (c * 16) as i32);
+                    v = finish(kb, &mm.epi, stage, v, types::F32X4, col, addr, off);
                 }
-                kb.fb.ins().store(mem(), v, row, (c * 16) as i32);
+                kb.fb.ins().store(mem(), v, addr, off);
             } else {
-                let off = kb.fb.ins().imul_imm_s(p.s[5], c as i64);
-                let addr = kb.fb.ins().iadd(row, off);
                 if fused {
                     let col = kb.fb.ins().iadd_imm_s(j, c as i64);
-                    v = finish(kb, &mm.epi, stage, v, types::F32, col, addr, 0);
+                    v = finish(kb, &mm.epi, stage, v, types::F32, col, addr, off);
                 }
-                store_elem(kb, mm.out.dtype, v, addr, 0);
+                store_elem(kb, mm.out.dtype, v, addr, off);
             }
         }
+    }
+}
+
+/// The address of output row i + r at column j.
+fn out_row(kb: &mut Kb, p: &Ptrs, i: Value, j: Value, r: usize) -> Value {
+    let ir = kb.fb.ins().iadd_imm_s(i, r as i64);
+    let off = kb.fb.ins().imul(ir, p.s[4]);
+    let row = kb.fb.ins().iadd(p.out, off);
+    let jo = kb.fb.ins().imul(j, p.s[5]);
+    kb.fb.ins().iadd(row, jo)
+}
+
+/// Address and offset of a tile's output column `c` in `row` (an f32x4 of columns when `vector`).
+fn out_elem(kb: &mut Kb, p: &Ptrs, row: Value, c: usize, vector: bool) -> (Value, i32) {
+    if vector {
+        (row, (c * 16) as i32)
+    } else {
+        let off = kb.fb.ins().imul_imm_s(p.s[5], c as i64);
+        (kb.fb.ins().iadd(row, off), 0)
     }
 }
