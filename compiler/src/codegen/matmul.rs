@@ -538,14 +538,12 @@ fn tile(
     // latency: SmolLM2 fp32 decode 13.9 (fma) against 15.3 tok/s (mul + add), medians of 4.
     let split_fma = rows == 1 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("avx");
     let ctx = StepCtx { mm, rows, width, vector, integer, acc_ty, row_imm, a_zps, b_zps, b_stride: p.s[3], split_fma };
-    // The k loop carries the accumulators and the A / B pointers, advanced by one k step per
-    // iteration. (Unrolling k does not pay with Cranelift: it hoists every load of the unrolled
-    // body to the top and spills.)
+    // The k loop carries the accumulators and the A / B pointers, advanced by one k step each.
     let nacc = init.len();
     let mut state = init;
     state.extend(a_ptrs.iter().copied());
     state.push(b_col);
-    let (_, fin) = kb.fold_range(zero, p.pass.len, 1, &state, |kb, _, st| {
+    let one = |kb: &mut Kb, st: &[Value]| {
         let (acc, ptrs) = st.split_at(nacc);
         let mut out = step(kb, &ctx, acc, &ptrs[..np], ptrs[np]);
         for &a in &ptrs[..np] {
@@ -553,7 +551,14 @@ fn tile(
         }
         out.push(kb.fb.ins().iadd(ptrs[np], p.s[2]));
         out
+    };
+    // Multi-row f32x4 tiles take `f32_k_unroll` k steps per iteration (then single steps).
+    let unroll = if vector && rows > 1 { super::tiles::Tiles::for_target(kb.target).f32_k_unroll } else { 1 };
+    let (end, state) = kb.fold_range(zero, p.pass.len, unroll as i64, &state, |kb, _, st| {
+        (0..unroll).fold(st.to_vec(), |st, _| one(kb, &st))
     });
+    let (_, fin) =
+        if unroll > 1 { kb.fold_range(end, p.pass.len, 1, &state, |kb, _, st| one(kb, st)) } else { (end, state) };
     let accs = &fin[..nacc];
     let fused = p.pass.last && (mm.epi.act.is_some() || mm.epi.bias.is_some() || mm.epi.glu);
     for r in 0..rows {
