@@ -552,8 +552,8 @@ fn tile(
         out.push(kb.fb.ins().iadd(ptrs[np], p.s[2]));
         out
     };
-    // Multi-row f32x4 tiles take `f32_k_unroll` k steps per iteration (then single steps).
-    let unroll = if vector && rows > 1 { super::tiles::Tiles::for_target(kb.target).f32_k_unroll } else { 1 };
+    // Multi-row f32x4 tiles take `k_unroll` k steps per iteration (then single steps).
+    let unroll = if vector && rows > 1 { super::tiles::Tiles::for_target(kb.target).k_unroll } else { 1 };
     let (end, state) = kb.fold_range(zero, p.pass.len, unroll as i64, &state, |kb, _, st| {
         (0..unroll).fold(st.to_vec(), |st, _| one(kb, &st))
     });

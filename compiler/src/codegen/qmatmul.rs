@@ -592,7 +592,7 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
     let zero = kb.iconst(0);
     let end = kb.iconst(len as i64);
     let row_stride = (q.k * 4) as i32;
-    let (_, fin) = kb.fold_range(zero, end, 1, &state, |kb, _, st| {
+    let one = |kb: &mut Kb, st: &[Value]| -> Vec<Value> {
         let (acc, ptrs) = st.split_at(nacc);
         let (a, qp) = (ptrs[0], ptrs[1]);
         // The weights of this k step, dequantized.
@@ -646,7 +646,12 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
         out.push(kb.fb.ins().iadd_imm_s(a, 4));
         out.push(kb.fb.ins().iadd_imm_s(qp, pk.row_bytes() as i64));
         out
-    });
+    };
+    // Multi-row tiles take `k_unroll` k steps per loop iteration (x86: see `tiles`).
+    let unroll = super::tiles::Tiles::for_target(kb.target).k_unroll;
+    let unroll = if rows > 1 && len.is_multiple_of(unroll) { unroll } else { 1 };
+    let (_, fin) = kb
+        .fold_range(zero, end, unroll as i64, &state, |kb, _, st| (0..unroll).fold(st.to_vec(), |st, _| one(kb, &st)));
     let mut out: Vec<Value> = if factored {
         (0..nacc).map(|c| Fm::new(kb, types::F32X4).fma(fin[c], scale[c], st[c])).collect()
     } else {
