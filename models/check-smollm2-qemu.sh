@@ -7,6 +7,11 @@
 # of France?".
 #
 # Usage: models/check-smollm2-qemu.sh [N_NEW]   (needs models/make-smollm2.sh and scripts/setup-cross.sh)
+#   env: FLAGS (extra `edgec compile` flags for both builds, e.g. "--quantize w4a8"), X86_FLAGS and
+#        AARCH64_FLAGS (for one build only). With int8 activations give x86 fma (X86_FLAGS="--cpu
+#        x86-64-v3", as aarch64 always has): baseline x86's multiply-then-add rounds differently,
+#        an activation can then land on the other side of an int8 rounding boundary, and greedy
+#        SmolLM2 w4a8 parts from aarch64's text at the 8th token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n_new="${1:-8}"
@@ -24,8 +29,10 @@ PY
 declare -A out
 for arch in x86_64 aarch64; do
   obj="$work/smol-$arch.o"
+  extra=(${FLAGS:-})
+  if [[ $arch == aarch64 ]]; then extra+=(${AARCH64_FLAGS:-}); else extra+=(${X86_FLAGS:-}); fi
   target/release/edgec compile "$src/decoder_with_past.onnx" --target "$arch" --max-seq 64 --emit obj \
-    --weights-file --tokenizer none -o "$obj" | grep -E "^(target|code|time)"
+    --weights-file --tokenizer none "${extra[@]}" -o "$obj" | grep -E "^(target|code|time)"
   cc=gcc; run=()
   if [[ $arch == aarch64 ]]; then cc=aarch64-linux-gnu-gcc; run=(qemu-aarch64 -L /usr/aarch64-linux-gnu); fi
   "$cc" -std=c99 -O2 -Wall -Wextra -Werror -static -DMODEL_HEADER="\"$PWD/${obj%.o}.h\"" \
