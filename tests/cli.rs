@@ -95,6 +95,7 @@ fn compile_run_and_bench_an_artifact() {
         "4",
         "--max-seq",
         "128",
+        "--listing",
         "-o",
         art.to_str().unwrap(),
     ]);
@@ -104,6 +105,14 @@ fn compile_run_and_bench_an_artifact() {
     {
         assert!(out.contains(key), "missing {key:?} in:\n{out}");
     }
+    // --listing: every function's machine instructions under its name, the entry last.
+    let listing = std::fs::read_to_string(dir.join("gpt2.edgec.listing")).unwrap();
+    let functions = out.split("kernels in ").nth(1).and_then(|t| t.split(' ').next()).unwrap();
+    assert_eq!(listing.matches("\n=== ").count() + 1, functions.parse::<usize>().unwrap(), "{out}");
+    assert!(
+        listing.starts_with("=== ") && listing.contains("=== entry\n") && listing.contains("ret"),
+        "{listing:.300}"
+    );
     let inputs: Vec<String> = std::fs::read_dir(format!("{}/{m}/inputs", common::repo_root().display()))
         .unwrap()
         .map(|e| {

@@ -81,6 +81,10 @@ enum Command {
         /// profiling: run with EDGEC_PERF_MAP=OUTPUT.symbols under `perf record`).
         #[arg(long)]
         symbols: bool,
+        /// Also write OUTPUT.listing: every generated function's machine instructions as Cranelift
+        /// prints them (for reading kernels; `benches/tile_loops.sh` counts their loops).
+        #[arg(long)]
+        listing: bool,
         /// When pruned f32 matmul weights are stored block-sparse for the sparse kernel: `auto`
         /// (when that takes at most 0.8 of the dense bytes, where it measured faster: about 80 %
         /// unstructured sparsity; 2:4 stays dense), `off`, `always` (whenever some four-column row is
@@ -679,6 +683,11 @@ fn compile(
         std::fs::write(&p, &map).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         written.push((p, map.len()));
     }
+    if let Some(listing) = &c.listing {
+        let p = PathBuf::from(format!("{}.listing", out.display()));
+        std::fs::write(&p, listing).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        written.push((p, listing.len()));
+    }
     let s = &c.stats;
     println!(
         "target      {} ({})",
@@ -972,6 +981,7 @@ fn main() -> ExitCode {
             weights_file,
             prefix,
             symbols,
+            listing,
             sparse,
             tokenizer,
             optimize,
@@ -985,6 +995,7 @@ fn main() -> ExitCode {
                 max_batch: Some(max_batch),
                 bounds,
                 sparse,
+                listing,
             };
             let last = logits == "last";
             compile(

@@ -27,6 +27,8 @@ pub struct CompiledFunc {
     pub code: Vec<u8>,
     pub fixups: Vec<Fixup>,
     pub alignment: u32,
+    /// Cranelift's listing of the machine instructions (with `Options::listing`).
+    pub listing: Option<String>,
 }
 
 /// Concatenates the functions and patches every call between them. Returns the blob and each

@@ -56,6 +56,8 @@ pub struct Options {
     pub bounds: Vec<(String, u64)>,
     /// When pruned weights get the block-sparse matmul kernel.
     pub sparse: plan::SparseMode,
+    /// Keep Cranelift's listing of every function's machine instructions (`Compiled::listing`).
+    pub listing: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -86,6 +88,9 @@ pub struct Compiled {
     pub stats: Stats,
     /// Each function's (offset in CODE, size, name): the node it computes, for profilers.
     pub functions: Vec<(u64, u64, String)>,
+    /// With `Options::listing`: each function's machine instructions as Cranelift prints them
+    /// (after register allocation), under a `=== name` line.
+    pub listing: Option<String>,
 }
 
 impl Compiled {
@@ -340,7 +345,7 @@ pub fn compile_with_progress(
             shared.bodies[i].body = body;
             kb.finish();
         }
-        funcs.push(compile_func(&mut ctx, &target, &shared.bodies[i].name)?);
+        funcs.push(compile_func(&mut ctx, &target, &shared.bodies[i].name, opts.listing)?);
         i += 1;
     }
     let entry_index = funcs.len();
@@ -356,7 +361,7 @@ pub fn compile_with_progress(
         }
         kb.finish();
     }
-    funcs.push(compile_func(&mut ctx, &target, "entry")?);
+    funcs.push(compile_func(&mut ctx, &target, "entry", opts.listing)?);
     let mut names: Vec<String> = shared
         .bodies
         .iter()
@@ -409,13 +414,16 @@ pub fn compile_with_progress(
         kv_bytes: plan.kv.values().map(|s| s.bytes).sum(),
         compile_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
+    let listing = opts.listing.then(|| {
+        funcs.iter().zip(&names).map(|(f, n)| format!("=== {n}\n{}", f.listing.as_deref().unwrap_or(""))).collect()
+    });
     let functions = offsets
         .iter()
         .zip(&funcs)
         .zip(names)
         .map(|((&o, f), n)| (o, f.code.len() as u64, n.replace(['\n', ' '], "_")))
         .collect();
-    Ok(Compiled { target, meta, code, weights: plan.weights, stats, functions })
+    Ok(Compiled { target, meta, code, weights: plan.weights, stats, functions, listing })
 }
 
 /// Graph inputs that only shape the computation (axes, slice bounds, Trilu's k, ...): compiled code
@@ -582,8 +590,9 @@ fn emit_kernel(kb: &mut Kb, k: &Kernel) {
     }
 }
 
-fn compile_func(ctx: &mut Context, target: &Target, name: &str) -> Result<CompiledFunc> {
+fn compile_func(ctx: &mut Context, target: &Target, name: &str, listing: bool) -> Result<CompiledFunc> {
     let callee_of: Vec<u32> = ctx.func.params.user_named_funcs().values().map(|n| n.index).collect();
+    ctx.set_disasm(listing);
     let compiled = ctx
         .compile(&*target.isa, &mut ControlPlane::default())
         .map_err(|e| Error::Invalid(format!("code generation failed in `{name}`: {:?}", e.inner)))?;
@@ -600,7 +609,12 @@ fn compile_func(ctx: &mut Context, target: &Target, name: &str) -> Result<Compil
         };
         fixups.push(Fixup { at: r.offset, kind: r.kind, target, addend: r.addend });
     }
-    let f = CompiledFunc { code: compiled.code_buffer().to_vec(), fixups, alignment: compiled.buffer.alignment };
+    let f = CompiledFunc {
+        code: compiled.code_buffer().to_vec(),
+        fixups,
+        alignment: compiled.buffer.alignment,
+        listing: compiled.vcode.clone(),
+    };
     ctx.clear();
     Ok(f)
 }

@@ -3,7 +3,9 @@
 //! 16-column panels, are in `layout`). One place sizes them from the target's register file, so
 //! kernels stay shape-generic.
 //!
-//! Budgets (accumulators + B vectors + broadcast A must fit the vector registers):
+//! Budgets (accumulators + B vectors + broadcast A must fit the vector registers). Loop counts
+//! below are from `benches/tile_loops.sh` (the generated code's hot loop bodies), before from
+//! objdump of the previous code:
 //! - x86_64: 16 xmm, and FMA3 ties its result to a multiplicand, so Cranelift copies the broadcast
 //!   A per product. f32: 6 rows x 2 vectors (12 + 2 + 1); against 4 rows, `benches/kernels.sh`
 //!   shapes (min of 300 runs) 32x576 @ 576x1536 went from 1.86 to 1.74 ms and 128x1536 @
@@ -14,22 +16,24 @@
 //!   steps were no better. Weight-only tiles likewise (int4 versions of the same shapes, medians
 //!   of 5 alternating rounds 6-11 % lower, mins 1-4 %).
 //! - aarch64: 32 v registers; `fmla` (by element) accumulates in place. f32: 6 rows x 4 vectors
-//!   (24 + 4 + the A scalar), one tile per 16-column panel: a k step is 6 scalar loads, 4 vector
-//!   loads and 24 fmla (4 x 2: 4, 2 and 8), 38 instructions per 24 products against 18 per 8.
-//!   7 x 4 spills.
+//!   (24 + 4 + the A scalar), one tile per 16-column panel: 40 instructions per 24 fmla, no
+//!   spills (4 x 2 before: 20 per 8). 7 x 4 spills.
 //! - riscv64 with V: 32 v registers; `vfmacc.vf` takes A from an f register. f32: 6 x 4 as on
-//!   aarch64 (24 vfmacc, 4 vle32, 6 flw per k step, spill-free; 7 x 4 spills).
+//!   aarch64 (39-40 instructions per 24 vfmacc, no spills; 7 x 4 spills).
 //!
 //! Integer-dot tiles (int8 activations): rows of activations per unpacked chunk of weights.
 //! Per row they need 4 accumulators (16 columns) and the row's activation splats; the chunk's 8
-//! unpacked 4-bit vectors are shared. x86_64: 2 rows (pmaddubsw's i16 sums, 8 + 4 splats + 2
-//! weights); aarch64 with SDOT: 4 rows (16 + 8 splats and weights + mask, spill-free in the chunk
-//! loop); elsewhere the widening dot tree needs temporaries: 2 rows.
+//! unpacked 4-bit vectors are shared. aarch64 with SDOT: 4 rows, 70 instructions per 32 sdot and
+//! no spills (one row: 34 per 8). x86_64: 2 rows (pmaddubsw's i16 sums): 339 instructions per 72
+//! pmaddubsw/pmaddwd with 83 stack accesses (one row: 162 per 36, none), yet faster: min ms of 5
+//! alternating rounds, w4a8 versions of the `kernels.sh` shapes, 128x576 @ 576x1536 4.24 -> 3.72,
+//! 128x1536 @ 1536x576 4.95 -> 4.40, 32x576 @ 576x1536 1.08 -> 0.95, 32x1536 @ 1536x576 1.20 ->
+//! 1.06. Elsewhere the widening dot tree needs temporaries: 2 rows.
 //!
 //! Weight-only tiles (f32 activations, weights dequantized per k step): 4 rows by 8 columns on
 //! x86_64; by the whole 16-column panel on aarch64 and riscv64 (16 accumulators, 4 scales, 4
-//! dequantized vectors: spill-free, 45 instructions per 16 multiply-adds against 2 x 29 for two
-//! 8-column tiles; on x86_64 it spills).
+//! dequantized vectors): 44-46 instructions per 16 multiply-adds, no spills, against 2 x 29 for
+//! two 8-column tiles; on x86_64 it spills.
 
 use super::target::Target;
 use edgec_runtime::Arch;
