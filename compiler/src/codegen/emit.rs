@@ -217,6 +217,14 @@ impl<'a> Kb<'a> {
         self.for_steps(start, end, step, body);
     }
 
+    /// Rows [0, m) as blocks of `rows` (`body(i, rows)`), then the rest one at a time
+    /// (`body(i, 1)`): how every matmul kernel walks the rows of A against one column panel.
+    pub fn row_blocks(&mut self, m: Value, rows: usize, mut body: impl FnMut(&mut Self, Value, usize)) {
+        let zero = self.iconst(0);
+        let end = if rows > 1 { self.for_steps(zero, m, rows as i64, |kb, i| body(kb, i, rows)) } else { zero };
+        self.for_range(end, m, 1, |kb, i| body(kb, i, 1));
+    }
+
     /// Like `for_range` but also returns the first index not covered (`start + k*step`).
     pub fn for_steps(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) -> Value {
         self.fold_range(start, end, step, &[], |kb, i, _| {

@@ -330,14 +330,15 @@ fn columns(kb: &mut Kb, mm: &MatMulKernel, ptrs: &Ptrs, start: Value, n: Value, 
         // Wide panels: mr-row blocks as PANEL/nv tiles side by side; single rows (decode,
         // M = 1) as one 1 x PANEL tile, which reads whole cache lines of B per k step.
         start = kb.for_steps(start, n, 4 * PANEL as i64, |kb, j| {
-            let zero = kb.iconst(0);
-            let end = kb.for_steps(zero, m, mr as i64, |kb, i| {
+            kb.row_blocks(m, mr, |kb, i, rows| {
+                if rows == 1 {
+                    return tiles(kb, mm, ptrs, i, j, 1, PANEL, true);
+                }
                 for t in 0..PANEL / nv {
                     let jt = kb.fb.ins().iadd_imm_s(j, (t * 4 * nv) as i64);
-                    tiles(kb, mm, ptrs, i, jt, mr, nv, true);
+                    tiles(kb, mm, ptrs, i, jt, rows, nv, true);
                 }
-            });
-            kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, ptrs, i, j, 1, PANEL, true));
+            })
         });
         start = kb.for_steps(start, n, 4 * nv as i64, |kb, j| row_blocks(kb, mm, ptrs, j, m, mr, nv, true));
         start = kb.for_steps(start, n, 4, |kb, j| row_blocks(kb, mm, ptrs, j, m, mr, 1, true));
@@ -353,9 +354,7 @@ const PANEL: usize = 4;
 /// Every row of the column panel starting at `j`: blocks of `mr` rows, then single rows.
 #[allow(clippy::too_many_arguments)]
 fn row_blocks(kb: &mut Kb, mm: &MatMulKernel, p: &Ptrs, j: Value, m: Value, mr: usize, width: usize, vector: bool) {
-    let zero = kb.iconst(0);
-    let end = kb.for_steps(zero, m, mr as i64, |kb, i| tiles(kb, mm, p, i, j, mr, width, vector));
-    kb.for_range(end, m, 1, |kb, i| tiles(kb, mm, p, i, j, 1, width, vector));
+    kb.row_blocks(m, mr, |kb, i, rows| tiles(kb, mm, p, i, j, rows, width, vector));
 }
 
 /// The output tile at (i, j): one tile pass, or a SwiGLU tile's gate and up passes back to back.

@@ -55,51 +55,33 @@ fn panel(kb: &mut Kb, q: &Q, j: Value, m: Value, full: bool) {
     let up = (q.pk.panels() * q.pk.panel_bytes()) as i64;
     let pp_of = |kb: &mut Kb, st: Stage| if st == Stage::Up { kb.fb.ins().iadd_imm_s(pp, up) } else { pp };
     let stages = q.epi.stages();
-    let zero = kb.iconst(0);
-    if q.pk.int_dot {
-        // Blocks of rows share each unpacked chunk of weights (prompts), then single rows.
-        let rows = super::tiles::Tiles::for_target(kb.target).int_dot_rows;
-        let mut start = zero;
-        if rows > 1 {
-            start = kb.for_steps(zero, m, rows as i64, |kb, i| {
-                for &st in stages {
-                    let p = pp_of(kb, st);
-                    int_tile(kb, q, p, i, j, rows, full, st);
-                }
-            });
-        }
-        kb.for_range(start, m, 1, |kb, i| {
-            for &st in stages {
-                let p = pp_of(kb, st);
-                int_tile(kb, q, p, i, j, 1, full, st);
-            }
-        });
-        return;
-    }
-    if !kb.target.simd() {
-        kb.for_range(zero, m, 1, |kb, i| {
-            for &st in stages {
-                let p = pp_of(kb, st);
+    let shape = super::tiles::Tiles::for_target(kb.target);
+    // Blocks of rows share each chunk of weights (prompts), then single rows (decode): integer-dot
+    // tiles of `int_dot_rows`, float tiles of 4 rows, scalar code (no vectors) row by row.
+    let simd = kb.target.simd();
+    let rows = if q.pk.int_dot {
+        shape.int_dot_rows
+    } else if simd {
+        4
+    } else {
+        1
+    };
+    // Float prompt tiles span the whole panel where the registers hold it, else each half.
+    let halves: &[&[usize]] = if shape.nbits_cols == 16 { &[&[0, 1]] } else { &[&[0], &[1]] };
+    kb.row_blocks(m, rows, |kb, i, r| {
+        for &st in stages {
+            let p = pp_of(kb, st);
+            if q.pk.int_dot {
+                int_tile(kb, q, p, i, j, r, full, st);
+            } else if !simd {
                 scalar_tile(kb, q, p, i, j, full, st);
+            } else if r == 1 {
+                tile(kb, q, p, i, j, 1, &[0, 1], full, st);
+            } else {
+                for h in halves {
+                    tile(kb, q, p, i, j, r, h, full, st);
+                }
             }
-        });
-        return;
-    }
-    // Prompt tiles: 4 rows by the whole panel where the registers hold it, else by each half.
-    let halves: &[&[usize]] =
-        if super::tiles::Tiles::for_target(kb.target).nbits_cols == 16 { &[&[0, 1]] } else { &[&[0], &[1]] };
-    let end = kb.for_steps(zero, m, 4, |kb, i| {
-        for &st in stages {
-            let p = pp_of(kb, st);
-            for h in halves {
-                tile(kb, q, p, i, j, 4, h, full, st);
-            }
-        }
-    });
-    kb.for_range(end, m, 1, |kb, i| {
-        for &st in stages {
-            let p = pp_of(kb, st);
-            tile(kb, q, p, i, j, 1, &[0, 1], full, st);
         }
     });
 }

@@ -112,9 +112,7 @@ fn panel(kb: &mut Kb, c: &Ctx, p: Value, m: Value, cols: usize) {
     let gate = entries(kb, c, &c.sw.gate, 0, p);
     let up = c.sw.up.map(|u| entries(kb, c, &u, c.sw.up_offset(), p));
     let j = kb.fb.ins().ishl_imm_s(p, 2);
-    let zero = kb.iconst(0);
-    let end = kb.for_steps(zero, m, MR as i64, |kb, i| tile(kb, c, i, j, MR, cols, &gate, up.as_ref()));
-    kb.for_range(end, m, 1, |kb, i| tile(kb, c, i, j, 1, cols, &gate, up.as_ref()));
+    kb.row_blocks(m, MR, |kb, i, rows| tile(kb, c, i, j, rows, cols, &gate, up.as_ref()));
 }
 
 /// The tile of `rows` rows from `i` by the panel at column `j`.
