@@ -677,16 +677,18 @@ fn compile(
         "obj" => edgec::codegen::object::write(&c, &out, prefix, weights_file).map_err(|e| e.to_string())?,
         other => return Err(format!("--emit {other}: expected `artifact` or `obj`")),
     };
-    if symbols {
-        let p = PathBuf::from(format!("{}.symbols", out.display()));
-        let map = c.symbol_map();
-        std::fs::write(&p, &map).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-        written.push((p, map.len()));
-    }
-    if let Some(listing) = &c.listing {
-        let p = PathBuf::from(format!("{}.listing", out.display()));
-        std::fs::write(&p, listing).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-        written.push((p, listing.len()));
+    // Text files beside the output: OUTPUT.symbols, OUTPUT.listing.
+    use std::borrow::Cow;
+    let sidecars = [
+        ("symbols", symbols.then(|| Cow::Owned(c.symbol_map()))),
+        ("listing", c.listing.as_deref().map(Cow::Borrowed)),
+    ];
+    for (ext, text) in sidecars {
+        if let Some(text) = text {
+            let p = PathBuf::from(format!("{}.{ext}", out.display()));
+            std::fs::write(&p, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+            written.push((p, text.len()));
+        }
     }
     let s = &c.stats;
     println!(
