@@ -896,7 +896,7 @@ fn register_tiles_match_the_interpreter_on_every_target() {
         }
     }
     for arch in CrossArch::CROSS {
-        for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+        for features in [None, Some(arch.kernel_feature())] {
             let mut o = common::native::test_options(arch.name());
             o.features = features.map(str::to_string);
             let jobs: Vec<_> = cases

@@ -132,7 +132,7 @@ fn int8_activation_kernels_match_the_interpreter() {
         }
         // Baseline and with every feature (aarch64: SDOT with dotprod; riscv64: RVV).
         for arch in CrossArch::CROSS {
-            for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+            for features in [None, Some(arch.kernel_feature())] {
                 let inputs = vec![feeds[0].1.clone()];
                 let wants = vec![want[0].1.clone()];
                 let mut o = common::native::test_options(arch.name());
@@ -492,7 +492,7 @@ fn qdq_activations_run_on_the_integer_kernels() {
             common::compare(&native[0].1, &got[0].1, 0.0, tol).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
         }
         for arch in CrossArch::CROSS {
-            for features in [None, Some(if arch == CrossArch::Aarch64 { "+dotprod" } else { "+v" })] {
+            for features in [None, Some(arch.kernel_feature())] {
                 let inputs = vec![feeds[0].1.clone()];
                 let wants = vec![got[0].1.clone()];
                 let mut o = common::native::test_options(arch.name());

@@ -64,6 +64,15 @@ impl CrossArch {
         }
     }
 
+    /// The feature that switches the integer and vector kernels on: SDOT on aarch64, V on riscv64.
+    pub fn kernel_feature(self) -> &'static str {
+        match self {
+            CrossArch::Host => "",
+            CrossArch::Aarch64 => "+dotprod",
+            CrossArch::Riscv64 => "+v",
+        }
+    }
+
     /// The qemu `-cpu` value that enables every feature bit of the format.
     pub fn cpu_all_features(self) -> Option<&'static str> {
         match self {
