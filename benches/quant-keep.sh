@@ -19,6 +19,12 @@ OUT=data/quant
 mkdir -p "$OUT"
 cargo build --release -q
 FL="--keep layers.0.=int8 --keep layers.29.=int8"
+# llama.cpp's Q4_K_M rule (use_more_bits): v_proj and down_proj at more bits in the first and last
+# eighth of the blocks and every third block between (SmolLM2: blocks 0-2, 5, 8, ..., 26-29).
+MORE=""
+for i in 0 1 2 5 8 11 14 17 20 23 26 27 28 29; do
+    MORE+=" --keep layers.$i.self_attn.v_proj=int8 --keep layers.$i.mlp.down_proj=int8"
+done
 declare -A flags=(
     [fp32]=""
     [int4]="--quantize int4"
@@ -45,12 +51,17 @@ declare -A flags=(
     [gptq-d01-ao-lm8-fl8-auto2.7MB]="--quantize int4 --method gptq:damp=0.1:act-order --keep lm_head=int8 $FL --auto-keep 2.69MB --calibrate $T"
     [gptq-d01-ao-2048]="--quantize int4 --method gptq --calibrate $T --calib-tokens 2048"
     [gptq-d01-ao-lm8-fl8]="--quantize int4 --method gptq --keep lm_head=int8 $FL --calibrate $T"
+    [int4-lm8-v8]="--quantize int4 --keep lm_head=int8 --keep v_proj=int8"
+    [int4-sens]="--quantize int4 --keep-sensitive"
+    [gptq-sens]="--quantize int4 --method gptq --keep-sensitive --calibrate $T"
+    [int4-lm8-more8]="--quantize int4 --keep lm_head=int8$MORE"
     [gptq-lm8-fl8-4096]="--quantize int4 --method gptq:damp=0.01:row-order --keep lm_head=int8 $FL --calibrate $T --calib-tokens 4096"
 )
 order=(fp32 int4 int4-auto7 int4-firstlast8 int4-lmhead8 int4-lmhead32 int4-lm8-first14 int4-lm8-firstlast8
     int4-lm8-auto14 int4-lm8-auto2.7MB int4-lm8-fl8-auto14 int4-lm8-ends2 int4-lm8-fl8-auto2.7MB gptq-lm8 gptq-lm8-fl8
     gptq-lm8-fl8-auto14 gptq-lm8-fl8-auto2.7MB gptq-lm8-fl8-auto5.4MB gptq-lm8-fl8-4096 gptq-d01-lm8 gptq-ao-lm8
-    gptq-d01-ao-lm8 gptq-d01-ao gptq-d01-ao-lm8-fl8-auto2.7MB gptq-d01-ao-2048 gptq-d01-ao-lm8-fl8)
+    gptq-d01-ao-lm8 gptq-d01-ao gptq-d01-ao-lm8-fl8-auto2.7MB gptq-d01-ao-2048 gptq-d01-ao-lm8-fl8
+    int4-lm8-v8 int4-lm8-more8 int4-sens gptq-sens)
 rows=("$@")
 [[ ${#rows[@]} -gt 0 ]] || rows=("${order[@]}")
 compile() { # LABEL

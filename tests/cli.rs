@@ -242,6 +242,25 @@ fn keep_and_auto_keep_flags() {
     let (lm8, _) = weights(&["--keep", "lm_head=int8"]);
     let (lm32, _) = weights(&["--keep-fp32", "lm_head"]);
     assert!(bytes(&plain) < bytes(&lm8) && bytes(&lm8) < bytes(&lm32), "{plain}\n{lm8}\n{lm32}");
+    // --keep-sensitive: the tiny Llama has two blocks, so it keeps every layer, as `*=int8` does.
+    let (sens, _) = weights(&["--keep-sensitive"]);
+    let (all8, _) = weights(&["--keep", "*=int8"]);
+    assert!(
+        sens.contains("keep        sensitive at int8:channel: 15 layers: 1 outside the blocks, 14 in the end blocks (block 0: 7, block 1: 7), 0 value projections"),
+        "{sens}"
+    );
+    assert_eq!(bytes(&sens), bytes(&all8), "{sens}\n{all8}");
+    let (sens32, _) = weights(&["--keep-sensitive=fp32"]);
+    assert!(sens32.contains("sensitive at fp32") && bytes(&sens32) > bytes(&all8), "{sens32}");
+    for (args, msg) in [
+        (&["--keep-sensitive"][..], "--keep-sensitive needs --quantize"),
+        (&["--quantize", "int4", "--keep-sensitive=int3"], "--keep-sensitive"),
+    ] {
+        let mut a = vec!["compile", m, "-o", "/dev/null"];
+        a.extend(args);
+        let (ok, _, err) = edgec(&a);
+        assert!(!ok && err.contains(msg), "{args:?}: {err}");
+    }
     let c = calib.to_str().unwrap();
     let (out, report) = weights(&["--auto-keep", "3", "--calibrate", c, "--calib-tokens", "64", "--calib-seq", "16"]);
     assert!(out.contains("calibrate   64 tokens"), "{out}");

@@ -664,3 +664,36 @@ fn awq_scaling_lowers_int4_error() {
     assert!(awq < 0.8 * plain, "AWQ {awq:.4e} vs plain {plain:.4e}");
     assert!(clipped <= awq, "weighted ranges {clipped:.4e} vs AWQ scaling alone {awq:.4e}");
 }
+
+/// `--keep-sensitive` finds its layers from the graph: the value projections by structure (the
+/// same layers with attention fused or not; GPT-2's merged q/k/v projection whole), blocks by their
+/// names, the lm_head as the one linear layer outside them.
+#[test]
+fn sensitive_layers_are_found_by_structure() {
+    use edgec::passes::sensitive_layers::{find, Reason, SensitiveLayers};
+    let values = SensitiveLayers { head: false, end_blocks: 0, values: true };
+    for (model, value_name, blocks) in [("llama", "v_proj", 2), ("gpt2", "c_attn", 2), ("bert", "value", 2)] {
+        let path = common::repo_root().join(format!("models/tiny/{model}/model.onnx"));
+        let g = edgec::onnx::load_model(&path).unwrap();
+        let mut fused = g.clone();
+        PassManager::default_around_quantize().0.run(&mut fused, &mut |_, _, _| {}).unwrap();
+        assert!(fused.g.node_weights().any(|n| matches!(n.op, Op::Attention { .. })), "{model}: attention fused");
+        let mut unfused = g.clone();
+        PassManager::parse("const-fold,cse,dce").unwrap().run(&mut unfused, &mut |_, _, _| {}).unwrap();
+        let found = find(&fused, values);
+        assert_eq!(found.len(), blocks, "{model}: {found:?}");
+        assert!(found.iter().all(|(n, r)| n.contains(value_name) && *r == Reason::Value), "{model}: {found:?}");
+        assert_eq!(find(&unfused, values), found, "{model}: unfused attention");
+
+        // Everything in the first and last block (here: every block), and the head.
+        let all = find(&fused, SensitiveLayers::default());
+        let linear = edgec::calib::linear_layers(&fused);
+        let heads: Vec<_> = all.iter().filter(|(_, r)| *r == Reason::Head).collect();
+        assert_eq!(all.len(), linear.len(), "{model}: {all:?}");
+        assert!(heads.len() <= 1, "{model}: {heads:?}");
+    }
+    // The Llama's head is its lm_head; with no end blocks and no values, only it is kept.
+    let (g, _) = tiny_llama();
+    let head = find(&g, SensitiveLayers { head: true, end_blocks: 0, values: false });
+    assert!(head.len() == 1 && head[0].0.contains("lm_head") && head[0].1 == Reason::Head, "{head:?}");
+}

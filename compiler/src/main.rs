@@ -264,6 +264,18 @@ struct OptimizeArgs {
     /// layers at `w8a8`: plain `int8` layers run the slower weight-only kernel.
     #[arg(long = "keep", value_name = "PATTERN=PRECISION")]
     keep: Vec<String>,
+    /// Keep the layers 4-bit rounding hurts most at PRECISION (default int8), found from the graph
+    /// without calibration: the linear layers outside the numbered blocks (lm_head), the first
+    /// and last block, and every value projection. After --keep's rules (those win).
+    /// `--keep-sensitive=fp32` leaves them in f32.
+    #[arg(
+        long = "keep-sensitive",
+        value_name = "PRECISION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "int8"
+    )]
+    keep_sensitive: Option<String>,
     /// Keep the linear layers most sensitive to --quantize's rounding (relative output error on
     /// the --calibrate text) at PRECISION (default int8): the top N (`N`), or in rank order those
     /// whose extra bytes fit a budget (`2MB`, `500KB`); `BUDGET=PRECISION` for another precision.
@@ -305,6 +317,7 @@ impl OptimizeArgs {
                 (m, _, _) if m.starts_with("gptq") => Err("--method gptq needs --quantize".into()),
                 (_, Some(_), _) => Err("--auto-keep needs --quantize".into()),
                 (_, _, false) => Err("--keep needs --quantize".into()),
+                _ if self.keep_sensitive.is_some() => Err("--keep-sensitive needs --quantize".into()),
                 _ => Ok(None),
             };
         };
@@ -315,6 +328,7 @@ impl OptimizeArgs {
                 "--act-static needs int8 activations, which --quantize {q} does not have (w8a8, w4a8, SCHEME:a8)"
             ));
         }
+        self.keep_sensitive()?;
         let mut pass = Quantize::new(scheme, self.keep_fp32.clone());
         for k in &self.keep {
             pass.rules.push(k.parse::<Rule>().map_err(|e| format!("--keep {e}"))?);
@@ -343,6 +357,13 @@ impl OptimizeArgs {
         let budget = budget.parse().map_err(|e| format!("--auto-keep {e}"))?;
         let prec = edgec::passes::quantize::parse_precision(prec).map_err(|e| format!("--auto-keep {text}: {e}"))?;
         Ok(Some((budget, prec)))
+    }
+
+    /// `--keep-sensitive[=PRECISION]`: `None` without the flag, else the precision (`None`: f32).
+    #[allow(clippy::type_complexity)]
+    fn keep_sensitive(&self) -> Result<Option<Option<edgec::passes::quantize::Scheme>>, String> {
+        let Some(text) = &self.keep_sensitive else { return Ok(None) };
+        edgec::passes::quantize::parse_precision(text).map(Some).map_err(|e| format!("--keep-sensitive {e}"))
     }
 
     /// `--method gptq[:OPTIONS]`: GPTQ's options, `None` for another method.
@@ -618,6 +639,13 @@ fn compile(
     let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref(), !optimize.needs_calibration())?;
     let mut sensitivity_row = None;
     if let Some(mut pass) = quantize {
+        if let Some(precision) = optimize.keep_sensitive()? {
+            use edgec::passes::sensitive_layers as sensitive;
+            let chosen = sensitive::find(&g, sensitive::SensitiveLayers::default());
+            let text = precision.map_or("fp32".to_string(), |s| s.to_string());
+            println!("keep        sensitive at {text}: {}", sensitive::summary(&chosen));
+            pass.rules.extend(sensitive::keep_rules(&chosen, precision));
+        }
         if optimize.needs_calibration() {
             // Calibrate on the graph the quantize pass will see (after pruning).
             (pass, sensitivity_row) = calibrated_quantize(&mut g, pass, optimize, prune, tokenizer_bytes.as_deref())?;

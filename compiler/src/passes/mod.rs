@@ -22,6 +22,7 @@ pub mod prune_structured;
 pub mod qdq_activations;
 pub mod qdq_weights;
 pub mod quantize;
+pub mod sensitive_layers;
 pub mod sensitivity;
 pub mod shape_infer;
 pub mod smooth;
