@@ -243,7 +243,11 @@ fn keep_and_auto_keep_flags() {
     let (lm32, _) = weights(&["--keep-fp32", "lm_head"]);
     assert!(bytes(&plain) < bytes(&lm8) && bytes(&lm8) < bytes(&lm32), "{plain}\n{lm8}\n{lm32}");
     // --keep-sensitive: the tiny Llama has two blocks, so it keeps every layer, as `*=int8` does.
-    let (sens, _) = weights(&["--keep-sensitive"]);
+    let (sens, sens_report) = weights(&["--keep-sensitive"]);
+    let (k, q) =
+        (sens_report.find(r#""pass":"keep-sensitive""#).unwrap(), sens_report.find(r#""pass":"quantize""#).unwrap());
+    assert!(k < q && sens_report.contains(r#""kept":15"#), "{sens_report}");
+    assert!(sens_report.contains(r#"{"name":"/lm_head/MatMul","reason":"outside the blocks"}"#), "{sens_report}");
     let (all8, _) = weights(&["--keep", "*=int8"]);
     assert!(
         sens.contains("keep        sensitive at int8:channel: 15 layers: 1 outside the blocks, 14 in the end blocks (block 0: 7, block 1: 7), 0 value projections"),

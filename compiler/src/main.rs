@@ -637,7 +637,8 @@ fn compile(
     };
     pm.run(&mut g, &mut observe).map_err(|e| e.to_string())?;
     let prune_report = prune_step(&mut g, prune, tokenizer_bytes.as_deref(), !optimize.needs_calibration())?;
-    let mut sensitivity_row = None;
+    // The rows that explain the quantize pass's per-layer precisions, placed before its own row.
+    let mut quantize_rows = Vec::new();
     if let Some(mut pass) = quantize {
         if let Some(precision) = optimize.keep_sensitive()? {
             use edgec::passes::sensitive_layers as sensitive;
@@ -645,10 +646,13 @@ fn compile(
             let text = precision.map_or("fp32".to_string(), |s| s.to_string());
             println!("keep        sensitive at {text}: {}", sensitive::summary(&chosen));
             pass.rules.extend(sensitive::keep_rules(&chosen, precision));
+            quantize_rows.push(sensitive::to_json(&chosen, precision));
         }
         if optimize.needs_calibration() {
             // Calibrate on the graph the quantize pass will see (after pruning).
-            (pass, sensitivity_row) = calibrated_quantize(&mut g, pass, optimize, prune, tokenizer_bytes.as_deref())?;
+            let ranking;
+            (pass, ranking) = calibrated_quantize(&mut g, pass, optimize, prune, tokenizer_bytes.as_deref())?;
+            quantize_rows.extend(ranking);
         }
         opt_pm.push(Box::new(pass));
         opt_pm.push(edgec::passes::pass_by_name("dce").expect("dce exists"));
@@ -658,10 +662,8 @@ fn compile(
     if let Some(r) = prune_report {
         rows.insert(rows.len() - opt_pm.names().len() - late_pm.names().len(), r.to_json());
     }
-    if let Some(r) = sensitivity_row {
-        let at = rows.iter().position(|r| r.contains(r#""pass":"quantize""#)).unwrap_or(rows.len());
-        rows.insert(at, r);
-    }
+    let at = rows.iter().position(|r| r.contains(r#""pass":"quantize""#)).unwrap_or(rows.len());
+    rows.splice(at..at, quantize_rows);
     let t_import = t0.elapsed();
     // Code generation takes seconds on a real model: show how far it is.
     let bar = indicatif::ProgressBar::new(0).with_style(

@@ -76,6 +76,23 @@ pub fn keep_rules(chosen: &[(String, Reason)], precision: Option<Scheme>) -> Vec
     chosen.iter().map(|(name, _)| Rule { pattern: name.clone(), exact: true, precision }).collect()
 }
 
+/// The chosen layers as a row of `edgec compile --report`.
+pub fn to_json(chosen: &[(String, Reason)], precision: Option<Scheme>) -> String {
+    let keep = precision.map_or("fp32".to_string(), |s| s.to_string());
+    let layers: Vec<String> = chosen
+        .iter()
+        .map(|(name, r)| {
+            let reason = match r {
+                Reason::Head => "outside the blocks".to_string(),
+                Reason::EndBlock(b) => format!("end block {b}"),
+                Reason::Value => "value projection".to_string(),
+            };
+            format!(r#"{{"name":{name:?},"reason":"{reason}"}}"#)
+        })
+        .collect();
+    format!(r#"{{"pass":"keep-sensitive","keep":"{keep}","kept":{},"layers":[{}]}}"#, chosen.len(), layers.join(","))
+}
+
 /// One line for the compile log: how many layers for each reason.
 pub fn summary(chosen: &[(String, Reason)]) -> String {
     let mut blocks = BTreeMap::new();
