@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Int4 on SmolLM2-135M with sensitive layers at higher precision (README "Sensitive layers"): for
 # each row, compile with its flags, then held-out perplexity (first WINDOWS windows of 512 tokens of
-# data/models/eval/heldout.txt), KL divergence and top-1 agreement against the fp32 build, as a
-# Markdown table. Rows with --calibrate / --method gptq take 1-3 min each to compile (4096 tokens:
+# data/models/eval/heldout.txt; WINDOWS=0: all 29), KL divergence and top-1 agreement against the
+# fp32 build, as a Markdown table. Rows with --calibrate / --method gptq take 1-3 min each to compile (4096 tokens:
 # ~7 min). The gptq-lm8* rows were measured before GPTQ's defaults became act-order with damping
 # 0.1, so they name the old rounding (gptq:damp=0.01:row-order); gptq-d01-ao* rows are the default.
 # Artifacts and the fp32 perplexity are cached in data/quant: delete it after a compiler change.
@@ -72,7 +72,7 @@ compile() { # LABEL
         --report "$OUT/$1.json" -o "$f" > "$OUT/$1.compile.txt"
 }
 compile fp32
-fp32_ppl=$(cat "$OUT/fp32.ppl" 2>/dev/null || true)
+fp32_ppl=$(cat "$OUT/fp32-w$WINDOWS.ppl" 2>/dev/null || true)
 echo "| row | flags | artifact MB | perplexity | vs fp32 | KL (nats) | top-1 |"
 echo "|---|---|--:|--:|--:|--:|--:|"
 for r in fp32 "${rows[@]}"; do
@@ -85,7 +85,7 @@ for r in fp32 "${rows[@]}"; do
     ppl=$(awk '/^perplexity/ {print $2}' <<< "$out")
     kl=$(awk '/^mean KL/ {print $4}' <<< "$out")
     top1=$(awk '/^top-1/ {print $3}' <<< "$out")
-    [[ -n "$fp32_ppl" ]] || { fp32_ppl=$ppl; echo "$ppl" > "$OUT/fp32.ppl"; }
+    [[ -n "$fp32_ppl" ]] || { fp32_ppl=$ppl; echo "$ppl" > "$OUT/fp32-w$WINDOWS.ppl"; }
     awk -v r="$r" -v f="${flags[$r]}" -v s="$(stat -c %s "$OUT/$r.edgec")" -v p="$ppl" -v b="$fp32_ppl" \
         -v kl="${kl:--}" -v t="${top1:--}" \
         'BEGIN { printf "| %s | `%s` | %.1f | %.3f | %+.1f %% | %s | %s |\n", r, f, s/1e6, p, 100*(p/b-1), kl, t == "-" ? "-" : t " %" }'

@@ -254,6 +254,10 @@ fn keep_and_auto_keep_flags() {
         "{sens}"
     );
     assert_eq!(bytes(&sens), bytes(&all8), "{sens}\n{all8}");
+    // Under a scheme with int8 activations the default keeps them too (w8a8: integer-dot kernels).
+    let art = dir.join("w4a8.edgec");
+    let (ok, w4a8, err) = edgec(&["compile", m, "--quantize", "w4a8", "--keep-sensitive", "-o", art.to_str().unwrap()]);
+    assert!(ok && w4a8.contains("keep        sensitive at int8:channel:a8: 15 layers"), "{w4a8}{err}");
     let (sens32, _) = weights(&["--keep-sensitive=fp32"]);
     assert!(sens32.contains("sensitive at fp32") && bytes(&sens32) > bytes(&all8), "{sens32}");
     for (args, msg) in [

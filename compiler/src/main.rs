@@ -264,16 +264,16 @@ struct OptimizeArgs {
     /// layers at `w8a8`: plain `int8` layers run the slower weight-only kernel.
     #[arg(long = "keep", value_name = "PATTERN=PRECISION")]
     keep: Vec<String>,
-    /// Keep the layers 4-bit rounding hurts most at PRECISION (default int8), found from the graph
-    /// without calibration: the linear layers outside the numbered blocks (lm_head), the first
-    /// and last block, and every value projection. After --keep's rules (those win).
-    /// `--keep-sensitive=fp32` leaves them in f32.
+    /// Keep the layers 4-bit rounding hurts most at PRECISION (default int8; w8a8 under schemes
+    /// with int8 activations), found from the graph without calibration: the linear layers
+    /// outside the numbered blocks (lm_head), the first and last block, and every value
+    /// projection. After --keep's rules (those win). `--keep-sensitive=fp32` leaves them in f32.
     #[arg(
         long = "keep-sensitive",
         value_name = "PRECISION",
         num_args = 0..=1,
         require_equals = true,
-        default_missing_value = "int8"
+        default_missing_value = "auto"
     )]
     keep_sensitive: Option<String>,
     /// Keep the linear layers most sensitive to --quantize's rounding (relative output error on
@@ -328,7 +328,7 @@ impl OptimizeArgs {
                 "--act-static needs int8 activations, which --quantize {q} does not have (w8a8, w4a8, SCHEME:a8)"
             ));
         }
-        self.keep_sensitive()?;
+        self.keep_sensitive(scheme)?;
         let mut pass = Quantize::new(scheme, self.keep_fp32.clone());
         for k in &self.keep {
             pass.rules.push(k.parse::<Rule>().map_err(|e| format!("--keep {e}"))?);
@@ -360,9 +360,17 @@ impl OptimizeArgs {
     }
 
     /// `--keep-sensitive[=PRECISION]`: `None` without the flag, else the precision (`None`: f32).
+    /// Without a precision: int8 weights, with int8 activations when the main scheme has them
+    /// (`w8a8` under `w4a8`: the integer-dot kernel instead of the slower weight-only one).
     #[allow(clippy::type_complexity)]
-    fn keep_sensitive(&self) -> Result<Option<Option<edgec::passes::quantize::Scheme>>, String> {
+    fn keep_sensitive(
+        &self,
+        main: edgec::passes::quantize::Scheme,
+    ) -> Result<Option<Option<edgec::passes::quantize::Scheme>>, String> {
         let Some(text) = &self.keep_sensitive else { return Ok(None) };
+        if text == "auto" {
+            return Ok(Some(Some(edgec::passes::quantize::Scheme { bits: 8, group: None, asym: false, a8: main.a8 })));
+        }
         edgec::passes::quantize::parse_precision(text).map(Some).map_err(|e| format!("--keep-sensitive {e}"))
     }
 
@@ -640,7 +648,7 @@ fn compile(
     // The rows that explain the quantize pass's per-layer precisions, placed before its own row.
     let mut quantize_rows = Vec::new();
     if let Some(mut pass) = quantize {
-        if let Some(precision) = optimize.keep_sensitive()? {
+        if let Some(precision) = optimize.keep_sensitive(pass.scheme)? {
             use edgec::passes::sensitive_layers as sensitive;
             let chosen = sensitive::find(&g, sensitive::SensitiveLayers::default());
             let text = precision.map_or("fp32".to_string(), |s| s.to_string());
