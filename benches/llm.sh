@@ -6,7 +6,8 @@
 # as exported, with logits at every prompt position.
 #
 #   benches/llm.sh            env: NO_LLAMA=1 skips llama.cpp, REPEAT (default 3), QUANT (edgec
-#                             --quantize schemes timed too; default "int4 w4a8 w8a8", "" for none)
+#                             --quantize schemes timed too; default "int4 w4a8 w8a8", "" for none;
+#                             SCHEME+FLAG+FLAG adds compile flags, e.g. w4a8+--keep-sensitive)
 #
 # llama.cpp comes from PyPI llama-cpp-python (builds llama.cpp from source, ~8.5 min on 2 cores
 # the first time) in its own cached venv, data/bench/venv-llamacpp; the GGUF is the one
@@ -24,10 +25,11 @@ fi
 args=(--artifact "$art" --repeat "${REPEAT:-3}")
 # Quantized builds of the same decoder (QUANT="" skips them).
 for q in ${QUANT-int4 w4a8 w8a8}; do
-  qa=data/bench/smollm2-135m-${q//:/_}.edgec
+  qa=data/bench/smollm2-135m-$(tr -c 'A-Za-z0-9.\n' '_' <<< "$q").edgec
+  IFS=+ read -r -a flags <<< "$q"
   if [[ ! -f "$qa" || "$qa" -ot target/release/edgec ]]; then
     target/release/edgec compile data/models/smollm2-135m/decoder_with_past.onnx --target host --max-seq 512 \
-      --logits last --quantize "$q" -o "$qa"
+      --logits last --quantize "${flags[0]}" "${flags[@]:1}" -o "$qa"
   fi
   args+=(--edgec-extra "$q=$qa")
 done
