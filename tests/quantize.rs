@@ -72,7 +72,8 @@ fn quantization_error_is_bounded_and_ordered() {
 }
 
 /// One MatMulNBits with int8 activations per scheme, fed directly (so the activation rounding sees
-/// bit-identical inputs): the integer-dot kernels (host with pmaddubsw, x86_64 baseline, aarch64
+/// bit-identical inputs): the integer-dot kernels (host with pmaddubsw, for 8-bit weights too,
+/// x86_64 baseline, aarch64
 /// under qemu with and without SDOT, riscv64 with RVV) and the float fallback (riscv64 scalar)
 /// against the interpreter, tight. Dynamic rounding per row and block, and static activation
 /// scales (`--act-static`, QDQ pairs): int8 symmetric, int8 and uint8 with zero points (the
@@ -130,6 +131,13 @@ fn int8_activation_kernels_match_the_interpreter() {
             let got = edgec::codegen::run_model(&model, &feeds).unwrap();
             common::compare(&got[0].1, &want[0].1, 1e-5, 1e-5).unwrap_or_else(|e| panic!("{label} {target}: {e}"));
         }
+        // x86 with SSSE3 multiplies with pmaddubsw: 4-bit nibbles, and 8-bit weights unless one is
+        // -128 (the block minimum of asymmetric int8 is q = 0, stored -128).
+        let mut o = common::native::test_options("x86_64");
+        (o.features, o.listing) = (Some("+ssse3".into()), true);
+        let listing = edgec::codegen::compile(&q, &o).unwrap().listing.unwrap();
+        let sign_moved = !scheme.contains("asym") || scheme.starts_with("w4a8");
+        assert_eq!(listing.contains("pmaddubsw"), sign_moved, "{label}");
         // Baseline and with every feature (aarch64: SDOT with dotprod; riscv64: RVV).
         for arch in CrossArch::CROSS {
             for features in [None, Some(arch.kernel_feature())] {

@@ -49,6 +49,9 @@ pub struct NBitsPacking {
     /// the integer-dot form a nonzero activation zero point gives every record 16 more i32,
     /// `zero_a * sum over the block of (q - zero_w)` per column, subtracted from the dot products.
     pub act: Option<ActQuant>,
+    /// 8 bits: no stored weight (q - 128) is -128, so x86 can use pmaddubsw with each activation's
+    /// sign moved onto its weights (|w|, |x| <= 127 and 128: the i16 pair sums stay exact).
+    pub no_i8_min: bool,
 }
 
 /// Whether a MatMulNBits with int8 activations gets integer dot products (else its activations are

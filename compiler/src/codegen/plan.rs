@@ -121,7 +121,8 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let zp = bytes(3)?;
     layout.check(b.len(), scales.len(), zp.as_ref().map(|z| z.len())).map_err(|e| err(&e))?;
     let int_dot = attrs.int8_activations() && super::layout::int_dot_ok(bits, block_size, simd);
-    let pk = NBitsPacking { layout, asym: zp.is_some(), int_dot, act };
+    let no_i8_min = bits == 8 && !b.contains(&0);
+    let pk = NBitsPacking { layout, asym: zp.is_some(), int_dot, act, no_i8_min };
     if !glu {
         return Ok(Some((pk, pk.pack(&b, &scales, zp.as_deref()))));
     }

@@ -174,12 +174,18 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, full
     state.extend([pp, x_row, s_ptr]);
     let zero = kb.iconst(0);
     let nb = kb.iconst(pk.layout.blocks() as i64);
-    let pmaddubsw = pk.layout.bits == 4 && kb.target.arch == edgec_runtime::Arch::X86_64 && kb.target.has("ssse3");
+    let pmaddubsw = (pk.layout.bits == 4 || pk.no_i8_min)
+        && kb.target.arch == edgec_runtime::Arch::X86_64
+        && kb.target.has("ssse3");
     let sdot = kb.target.arch == edgec_runtime::Arch::Aarch64 && kb.target.has("dotprod");
-    // pmaddubsw sums stay in i16 for up to 4 chunks (|x| <= 127, w <= 15: 4 * 2 * 2 * 15 * 127 <
-    // 2^15), then widen once: a group of chunks is unrolled with i16 accumulators.
+    // 4-bit pmaddubsw sums stay in i16 for up to 4 chunks (|x| <= 128, w <= 15: 4 * 2 * 2 * 15 *
+    // 128 < 2^15), then widen once: a group of chunks is unrolled with i16 accumulators. 8-bit
+    // pair sums (up to 2 * 127 * 128) widen after every chunk.
     let chunks = bs / pk.chunk_k();
-    let group = if pmaddubsw { (1..=4).rev().find(|g| chunks.is_multiple_of(*g)).unwrap_or(1) } else { 1 };
+    let group = match (pmaddubsw, pk.layout.bits) {
+        (true, 4) => (1..=4).rev().find(|g| chunks.is_multiple_of(*g)).unwrap_or(1),
+        _ => 1,
+    };
     let (_, fin) = kb.fold_range(zero, nb, 1, &state, |kb, _, st| {
         let (rec, xp, sp) = (st[nacc], st[nacc + 1], st[nacc + 2]);
         let zi = kb.fb.ins().iconst(types::I32, 0);
@@ -194,7 +200,11 @@ fn int_tile(kb: &mut Kb, q: &Q, pp: Value, i: Value, j: Value, rows: usize, full
             let mut out: Vec<Value> = if pmaddubsw {
                 let mut sums: Vec<Value> = Vec::with_capacity(nacc);
                 for c in 0..group {
-                    let d = chunk_i16(kb, qp, xp, rows, rb);
+                    let d = if pk.layout.bits == 4 {
+                        chunk_i16(kb, qp, xp, rows, rb)
+                    } else {
+                        chunk_i16_s8(kb, qp, xp, rows, rb)
+                    };
                     sums = if c == 0 { d } else { sums.iter().zip(d).map(|(&a, b)| kb.fb.ins().iadd(a, b)).collect() };
                     qp = kb.fb.ins().iadd_imm_s(qp, 64);
                     xp = kb.fb.ins().iadd_imm_s(xp, pk.chunk_k() as i64);
@@ -303,6 +313,34 @@ fn chunk_i16(kb: &mut Kb, qp: Value, xp: Value, rows: usize, rb: i32) -> Vec<Val
             let p0 = kb.fb.ins().x86_pmaddubsw(xa, lo);
             let p1 = kb.fb.ins().x86_pmaddubsw(xb, hi);
             out[r * 4 + cg as usize] = Some(kb.fb.ins().iadd(p0, p1));
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// One 8-bit chunk (16 columns x 4 k steps at `qp`) for `rows` rows of activations with x86's
+/// pmaddubsw, which multiplies signed by unsigned bytes: |x| as the unsigned operand and the
+/// weights with x's sign, `(w ^ m) - m` with m = x < 0 (no weight is -128: `no_i8_min`), so the
+/// i16 pair sums (at most 2 * 127 * 128) are exact. Per row and group of 4 columns, i16x8.
+fn chunk_i16_s8(kb: &mut Kb, qp: Value, xp: Value, rows: usize, rb: i32) -> Vec<Value> {
+    let zero = kb.fb.ins().iconst(types::I32, 0);
+    let zero = kb.fb.ins().splat(types::I32X4, zero);
+    let zero = kb.fb.ins().bitcast(types::I8X16, vec_flags(), zero);
+    let xs: Vec<(Value, Value)> = (0..rows)
+        .map(|r| {
+            let x = splat_i32_bytes(kb, xp, r as i32 * rb);
+            let magnitude = kb.fb.ins().iabs(x);
+            let negative = kb.fb.ins().icmp(IntCC::SignedLessThan, x, zero);
+            (magnitude, negative)
+        })
+        .collect();
+    let mut out = vec![None; rows * 4];
+    for cg in 0..4 {
+        let w = kb.fb.ins().load(types::I8X16, mem_ro(), qp, 16 * cg);
+        for (r, &(magnitude, negative)) in xs.iter().enumerate() {
+            let flipped = kb.fb.ins().bxor(w, negative);
+            let signed = kb.fb.ins().isub(flipped, negative);
+            out[r * 4 + cg as usize] = Some(kb.fb.ins().x86_pmaddubsw(signed, magnitude));
         }
     }
     out.into_iter().map(Option::unwrap).collect()
