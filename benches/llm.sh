@@ -35,10 +35,18 @@ for q in ${QUANT-int4 w4a8 w8a8}; do
 done
 if [[ -z "${NO_LLAMA:-}" ]]; then
   venv=data/bench/venv-llamacpp
-  if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  # Built for this CPU (-march=native) but without AMX: on a Xeon with AMX (this VM's, 2026-12)
+  # llama.cpp's AMX kernels segfault on the first Q4_0 matmul (llama.cpp issue 20824); its
+  # AVX-512/VNNI kernels run instead. The flags are recorded so a venv built otherwise is rebuilt.
+  build_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null ||
+    [[ "$(cat "$venv/edgec-build-flags" 2>/dev/null)" != "$build_flags" ]]; then
+    rm -rf "$venv"
     python3 -m venv "$venv"
     echo "building llama-cpp-python (llama.cpp from source, several minutes) ..." >&2
-    "$venv/bin/pip" install -q "llama-cpp-python==0.3.36" "numpy==2.4.6"
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='$build_flags' -DCMAKE_CXX_FLAGS='$build_flags'" \
+      "$venv/bin/pip" install -q --no-cache-dir "llama-cpp-python==0.3.36" "numpy==2.4.6"
+    echo "$build_flags" > "$venv/edgec-build-flags"
   fi
   gguf=$(find data/models/download -name '*.gguf' | head -n 1)
   for q in F32 Q4_0; do
