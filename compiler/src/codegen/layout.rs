@@ -54,6 +54,11 @@ pub struct NBitsPacking {
     pub no_i8_min: bool,
 }
 
+/// Bytes ahead of the current k step that the weight-only 8-bit decode loop touches, so the next
+/// lines are already on their way when it gets there (Cranelift has no prefetch instruction: a
+/// plain load whose value is unused). The packed weights are padded by as much.
+pub const TOUCH_AHEAD: usize = 4096;
+
 /// Whether a MatMulNBits with int8 activations gets integer dot products (else its activations are
 /// rounded to int8 and back in f32 and the float kernel runs).
 pub fn int_dot_ok(bits: usize, block_size: usize, simd: bool) -> bool {

@@ -612,9 +612,16 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
     let zero = kb.iconst(0);
     let end = kb.iconst(len as i64);
     let row_stride = (q.k * 4) as i32;
+    // Decoding 8-bit weights streams them too slowly for the hardware prefetcher: touch the line
+    // TOUCH_AHEAD bytes on (a load that may trap, so it is not removed; the packing pads for it).
+    let touch = factored && pk.layout.bits == 8;
     let one = |kb: &mut Kb, st: &[Value]| -> Vec<Value> {
         let (acc, ptrs) = st.split_at(nacc);
         let (a, qp) = (ptrs[0], ptrs[1]);
+        if touch {
+            let ahead = super::layout::TOUCH_AHEAD as i32;
+            kb.fb.ins().load(types::I8, cranelift_codegen::ir::MemFlagsData::new(), qp, ahead);
+        }
         // The weights of this k step, dequantized.
         let mut w = Vec::new();
         let packed4 = (pk.layout.bits == 4).then(|| kb.fb.ins().uload8x8(mem(), qp, 0));
