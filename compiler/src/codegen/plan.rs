@@ -458,3 +458,37 @@ fn assign_offsets(buffers: &[(u64, usize, usize)]) -> (Vec<u64>, u64) {
 pub fn dim_symbols(d: &Dim) -> Vec<String> {
     d.symbols().map(str::to_string).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DType, GraphOutput, Tensor, TensorType, Value};
+    use crate::passes::{quantize::Quantize, Pass};
+
+    /// x[1, 40] @ W[40, 24], quantized to `scheme`: the packing of its B.
+    fn packed(scheme: &str) -> (super::super::layout::NBitsPacking, Vec<u8>) {
+        let mut g = Graph::new("t", 17);
+        let ty = TensorType::new(DType::F32, vec![Dim::fixed(1), Dim::fixed(40)]);
+        let x = g.add_node(Op::Input { index: 0 }, "x".into(), &[], vec![Value { name: "x".into(), ty }]);
+        g.inputs.push(x);
+        let w: Vec<f32> = (0..40 * 24).map(|i| (i % 7) as f32 - 3.0).collect();
+        let wc = g.add_const("w".into(), &Tensor::from_vec(vec![40, 24], w));
+        let y = Value { name: "y".into(), ty: TensorType::new(DType::F32, vec![Dim::fixed(1), Dim::fixed(24)]) };
+        let mm = g.add_node(Op::MatMul, "mm".into(), &[Some(ValueRef { node: x, slot: 0 }), Some(wc)], vec![y]);
+        g.outputs.push(GraphOutput { name: "y".into(), value: ValueRef { node: mm, slot: 0 } });
+        Quantize::new(scheme.parse().unwrap(), vec![]).run(&mut g).unwrap();
+        let nbits = g.g.node_indices().find(|&n| g.node(n).op.nbits().is_some()).unwrap();
+        let b = g.inputs_of(nbits)[1].unwrap();
+        nbits_operands(&g, b, true).unwrap().unwrap()
+    }
+
+    /// The 8-bit weight-only decode loop reads `TOUCH_AHEAD` bytes past its position: only those
+    /// weights carry the padding, and every other packing is exactly its panels.
+    #[test]
+    fn eight_bit_weight_only_packing_is_padded_for_the_touch_ahead() {
+        for (scheme, pad) in [("int8", super::super::layout::TOUCH_AHEAD), ("w8a8", 0), ("int4", 0), ("w4a8", 0)] {
+            let (pk, bytes) = packed(scheme);
+            assert_eq!(bytes.len(), pk.panels() * pk.panel_bytes() + pad, "{scheme}");
+        }
+    }
+}
