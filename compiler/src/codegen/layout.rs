@@ -99,6 +99,15 @@ impl NBitsPacking {
     pub fn act_correction_offset(&self) -> usize {
         PANEL_COLS * 4 * (1 + self.asym as usize)
     }
+    /// Bytes of padding after the packed weights: the weight-only 8-bit decode loop touches
+    /// `TOUCH_AHEAD` bytes past its position (`qmatmul::block`).
+    pub fn touch_pad(&self) -> usize {
+        if self.layout.bits == 8 && !self.int_dot {
+            TOUCH_AHEAD
+        } else {
+            0
+        }
+    }
     /// The zero point of a symmetric weight's stored values in the integer-dot form.
     pub fn implied_zero(&self) -> i32 {
         if self.layout.bits == 4 {

@@ -123,26 +123,24 @@ fn nbits_operands(g: &Graph, v: ValueRef, simd: bool) -> Result<Option<NBitsOper
     let int_dot = attrs.int8_activations() && super::layout::int_dot_ok(bits, block_size, simd);
     let no_i8_min = bits == 8 && !b.contains(&0);
     let pk = NBitsPacking { layout, asym: zp.is_some(), int_dot, act, no_i8_min };
-    // The 8-bit weight-only decode loop reads ahead of its weights (`TOUCH_AHEAD`).
-    let pad = if bits == 8 && !int_dot { super::layout::TOUCH_AHEAD } else { 0 };
-    if !glu {
-        let mut bytes = pk.pack(&b, &scales, zp.as_deref());
-        bytes.resize(bytes.len() + pad, 0);
-        return Ok(Some((pk, bytes)));
-    }
-    // SwiGLU: the gate and up halves packed one after the other, each in whole panels, so the
-    // kernel finds a gate panel's up panel at a fixed offset. B, scales and zero points are all
-    // per column: a half is a contiguous range of each.
-    if n % 2 != 0 {
-        return Err(err("glu needs an even N"));
-    }
-    let half = crate::ir::nbits::NBitsLayout::new(k, n / 2, bits, block_size).map_err(|e| err(&e))?;
-    let hp = NBitsPacking { layout: half, ..pk };
-    let (bl, sl, zl) = (half.b_len(), half.n * half.blocks(), half.n * half.zp_cols());
-    let mut bytes = hp.pack(&b[..bl], &scales[..sl], zp.as_ref().map(|z| &z[..zl]));
-    bytes.extend(hp.pack(&b[bl..], &scales[sl..], zp.as_ref().map(|z| &z[zl..])));
-    bytes.resize(bytes.len() + pad, 0);
-    Ok(Some((hp, bytes)))
+    let (pk, mut bytes) = if !glu {
+        (pk, pk.pack(&b, &scales, zp.as_deref()))
+    } else {
+        // SwiGLU: the gate and up halves packed one after the other, each in whole panels, so the
+        // kernel finds a gate panel's up panel at a fixed offset. B, scales and zero points are all
+        // per column: a half is a contiguous range of each.
+        if n % 2 != 0 {
+            return Err(err("glu needs an even N"));
+        }
+        let half = crate::ir::nbits::NBitsLayout::new(k, n / 2, bits, block_size).map_err(|e| err(&e))?;
+        let hp = NBitsPacking { layout: half, ..pk };
+        let (bl, sl, zl) = (half.b_len(), half.n * half.blocks(), half.n * half.zp_cols());
+        let mut bytes = hp.pack(&b[..bl], &scales[..sl], zp.as_ref().map(|z| &z[..zl]));
+        bytes.extend(hp.pack(&b[bl..], &scales[sl..], zp.as_ref().map(|z| &z[zl..])));
+        (hp, bytes)
+    };
+    bytes.resize(bytes.len() + pk.touch_pad(), 0);
+    Ok(Some((pk, bytes)))
 }
 
 /// A constant read only as the scales or zero points of MatMulNBits nodes whose B is constant:

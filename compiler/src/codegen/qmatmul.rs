@@ -613,8 +613,8 @@ fn block(kb: &mut Kb, q: &Q, st: &[Value], rows: usize, halves: &[usize], len: u
     let end = kb.iconst(len as i64);
     let row_stride = (q.k * 4) as i32;
     // Decoding 8-bit weights streams them too slowly for the hardware prefetcher: touch the line
-    // TOUCH_AHEAD bytes on (a load that may trap, so it is not removed; the packing pads for it).
-    let touch = factored && pk.layout.bits == 8;
+    // TOUCH_AHEAD bytes on (a load that may trap, so it is not removed; `touch_pad` pads for it).
+    let touch = factored && pk.touch_pad() > 0;
     let one = |kb: &mut Kb, st: &[Value]| -> Vec<Value> {
         let (acc, ptrs) = st.split_at(nacc);
         let (a, qp) = (ptrs[0], ptrs[1]);
