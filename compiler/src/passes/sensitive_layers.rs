@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::quantize::{Rule, Scheme};
-use crate::calib::linear_layers;
+use crate::calib::{linear_layers, Linear};
 use crate::ir::{BinaryOp, DType, Graph, Op, ValueRef};
 
 /// Which layers count as sensitive.
@@ -49,13 +49,13 @@ pub enum Reason {
 /// The chosen linear layers (MatMul node names) and why, in graph order.
 pub fn find(g: &Graph, which: SensitiveLayers) -> Vec<(String, Reason)> {
     let layers = linear_layers(g);
-    let block = |l: &crate::calib::Linear| {
+    let block = |l: &Linear| {
         let weight = g.const_of(l.weight).map(|c| c.name.as_str()).unwrap_or_default();
         block_index(&g.node(l.node).name).or_else(|| block_index(weight))
     };
     let blocks: Vec<Option<usize>> = layers.iter().map(block).collect();
     let last = blocks.iter().flatten().copied().max();
-    let values = if which.values { value_projections(g) } else { HashSet::new() };
+    let values = if which.values { value_projections(g, &layers) } else { HashSet::new() };
     let mut out = Vec::new();
     for (l, b) in layers.iter().zip(&blocks) {
         let reason = match (*b, last) {
@@ -104,11 +104,11 @@ pub fn summary(chosen: &[(String, Reason)]) -> String {
             Reason::Value => values += 1,
         }
     }
+    let in_blocks: usize = blocks.values().sum();
     let blocks: Vec<String> = blocks.iter().map(|(b, n)| format!("block {b}: {n}")).collect();
     format!(
-        "{} layers: {head} outside the blocks, {} in the end blocks ({}), {values} value projections",
+        "{} layers: {head} outside the blocks, {in_blocks} in the end blocks ({}), {values} value projections",
         chosen.len(),
-        chosen.iter().filter(|(_, r)| matches!(r, Reason::EndBlock(_))).count(),
         if blocks.is_empty() { "none numbered".to_string() } else { blocks.join(", ") }
     )
 }
@@ -132,8 +132,8 @@ pub fn block_index(name: &str) -> Option<usize> {
 /// perhaps through a Cast), up
 /// through f32 data-movement ops (the integer shape inputs are not followed), stopping at the
 /// first linear layer on each path.
-fn value_projections(g: &Graph) -> HashSet<petgraph::stable_graph::NodeIndex> {
-    let linear: HashSet<_> = linear_layers(g).into_iter().map(|l| l.node).collect();
+fn value_projections(g: &Graph, layers: &[Linear]) -> HashSet<petgraph::stable_graph::NodeIndex> {
+    let linear: HashSet<_> = layers.iter().map(|l| l.node).collect();
     // Exporters put a Cast (or Dropout, Identity) between the softmax and its MatMul.
     let from_softmax = |mut v: Option<ValueRef>| loop {
         let Some(at) = v else { return false };
