@@ -2,8 +2,8 @@
 # Int4 on SmolLM2-135M with sensitive layers at higher precision (README "Sensitive layers"): for
 # each row, compile with its flags, then held-out perplexity (first WINDOWS windows of 512 tokens of
 # data/models/eval/heldout.txt; WINDOWS=0: all 29), KL divergence and top-1 agreement against the
-# fp32 build, as a Markdown table. Rows with --calibrate / --method gptq take 1-3 min each to compile (4096 tokens:
-# ~7 min). The gptq-lm8* rows were measured before GPTQ's defaults became act-order with damping
+# fp32 build, as a Markdown table. Rows with --calibrate / --method gptq take 1-3 min each to
+# compile (4096 tokens: ~7 min). The gptq-lm8* rows were measured before GPTQ's defaults became act-order with damping
 # 0.1, so they name the old rounding (gptq:damp=0.01:row-order); gptq-d01-ao* rows are the default.
 # Artifacts and the fp32 perplexity are cached in data/quant: delete it after a compiler change.
 # README's row gptq-lm8-fl8-gauto14 (the scan ranking GPTQ's errors) was measured with
